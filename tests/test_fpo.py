@@ -1,0 +1,269 @@
+"""The math of fpo.py, pinned against values written out by hand from ../shared/FPO.md."""
+
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import fpo
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def nll_of_logit(x: float) -> float:
+    """-log sigmoid(x), written out."""
+    return math.log(1.0 + math.exp(-x))
+
+
+def t(*values):
+    return torch.tensor(values, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------------- the losses
+
+
+def test_fpo_loss_hand_computed():
+    # chosen reward 0.1*(-1.0 - -1.5) = 0.05, rejected 0.1*(-2.0 - -1.5) = -0.05
+    # constraint 0.5*(0.1*0.4 - 0.1*0.2) = 0.01  ->  logit 0.1 - 0.01 = 0.09
+    losses, chosen_rewards, rejected_rewards = fpo.fpo_loss(
+        t(-1.0), t(-2.0), t(-1.5), t(-1.5), t(0.2), t(0.4), beta=0.1, alpha=0.5
+    )
+    assert math.isclose(losses.item(), nll_of_logit(0.09), rel_tol=1e-12)
+    assert math.isclose(chosen_rewards.item(), 0.05, rel_tol=1e-12)
+    assert math.isclose(rejected_rewards.item(), -0.05, rel_tol=1e-12)
+
+
+def test_dpo_loss_hand_computed():
+    # 2 * ((-10 - -12) - (-20 - -19)) = 2 * (2 + 1) = 6
+    losses, chosen_rewards, rejected_rewards = fpo.dpo_loss(t(-10.0), t(-20.0), t(-12.0), t(-19.0), beta=2.0)
+    assert math.isclose(losses.item(), nll_of_logit(6.0), rel_tol=1e-12)
+    assert math.isclose(chosen_rewards.item(), 4.0) and math.isclose(rejected_rewards.item(), -2.0)
+
+
+def test_simpo_loss_hand_computed():
+    # 2*(-1.2) - 2*(-1.5) - 0.5 = 0.1: gamma is not multiplied by beta
+    losses, chosen_rewards, rejected_rewards = fpo.simpo_loss(t(-1.2), t(-1.5), beta=2.0, gamma=0.5)
+    assert math.isclose(losses.item(), nll_of_logit(0.1), rel_tol=1e-9)
+    assert math.isclose(chosen_rewards.item(), -2.4) and math.isclose(rejected_rewards.item(), -3.0)
+
+
+def test_tdpo_losses_hand_computed():
+    # DPO logit 0.1*((-10 - -11) - (-20 - -18)) = 0.3
+    args = (t(-10.0), t(-20.0), t(-11.0), t(-18.0), t(0.5), t(2.0))
+    tdpo1, _, _ = fpo.tdpo_loss(*args, beta=0.1, version=1)
+    tdpo2, _, _ = fpo.tdpo_loss(*args, beta=0.1, alpha=0.5, version=2)
+    assert math.isclose(tdpo1.item(), nll_of_logit(0.3 - 0.1 * (2.0 - 0.5)), rel_tol=1e-12)
+    assert math.isclose(tdpo2.item(), nll_of_logit(0.3 - 0.5 * (0.1 * 2.0 - 0.1 * 0.5)), rel_tol=1e-12)
+
+
+def test_rewards_are_detached_and_shapes_are_batch():
+    policy_chosen = t(-1.0, -2.0, -3.0).requires_grad_()
+    for losses, chosen_rewards, rejected_rewards in [
+        fpo.fpo_loss(policy_chosen, t(-1, -1, -1), t(0, 0, 0), t(0, 0, 0), t(0, 0, 0), t(0, 0, 0)),
+        fpo.dpo_loss(policy_chosen, t(-1, -1, -1), t(0, 0, 0), t(0, 0, 0)),
+        fpo.simpo_loss(policy_chosen, t(-1, -1, -1)),
+        fpo.tdpo_loss(policy_chosen, t(-1, -1, -1), t(0, 0, 0), t(0, 0, 0), t(0, 0, 0), t(0, 0, 0)),
+    ]:
+        assert losses.shape == chosen_rewards.shape == rejected_rewards.shape == (3,)
+        assert losses.requires_grad and not chosen_rewards.requires_grad and not rejected_rewards.requires_grad
+
+
+def test_fpo_with_alpha_zero_is_length_normalised_dpo_with_offline_margin():
+    gen = torch.Generator().manual_seed(0)
+    avg_logps = -torch.rand(4, 8, generator=gen, dtype=torch.float64)
+    mses = torch.rand(2, 8, generator=gen, dtype=torch.float64)
+    fpo_losses, _, _ = fpo.fpo_loss(*avg_logps, *mses, beta=0.7, alpha=0.0)
+    dpo_losses, _, _ = fpo.dpo_loss(*avg_logps, beta=0.7)  # DPO on averaged log-probs
+    torch.testing.assert_close(fpo_losses, dpo_losses, rtol=0, atol=1e-14)
+
+
+# ---------------------------------------------------------------------------------- gradients
+
+
+def gradient_of(loss_fn, index_of_term, *values, **kwargs):
+    """d(sum of losses)/d(argument index_of_term), or zeros if it gets no gradient."""
+    inputs = [t(*v).requires_grad_() for v in values]
+    losses, _, _ = loss_fn(*inputs, **kwargs)
+    losses.sum().backward()
+    grad = inputs[index_of_term].grad
+    return torch.zeros_like(inputs[index_of_term]) if grad is None else grad
+
+
+def test_stop_gradient_on_the_chosen_feature_term():
+    values = ([-1.0, -1.2], [-2.0, -1.1], [-1.5, -1.3], [-1.5, -1.0], [0.2, 0.7], [0.4, 0.1])
+    assert torch.all(gradient_of(fpo.fpo_loss, 4, *values) == 0)  # chosen D(y_w): none
+    rejected_grad = gradient_of(fpo.fpo_loss, 5, *values)
+    assert torch.all(rejected_grad > 0)  # raising D(y_l) raises the loss: training pulls it down
+
+
+def test_tdpo_chosen_kl_gradient_only_in_version_1():
+    values = ([-10.0], [-20.0], [-11.0], [-18.0], [0.5], [2.0])
+    assert torch.all(gradient_of(fpo.tdpo_loss, 4, *values, version=2) == 0)
+    assert torch.all(gradient_of(fpo.tdpo_loss, 4, *values, version=1) < 0)  # -beta*(-KL_w) in the logit
+    assert torch.all(gradient_of(fpo.tdpo_loss, 5, *values, version=2) > 0)
+
+
+def test_fpo_gradient_matches_finite_differences():
+    values = [t(-1.0, -0.7), t(-2.0, -0.9), t(-1.5, -1.0), t(-1.5, -0.4), t(0.2, 0.3), t(0.4, 0.1)]
+    for i in (0, 1, 5):
+
+        def f(x, i=i):
+            args = list(values)
+            args[i] = x
+            return fpo.fpo_loss(*args, beta=0.3, alpha=0.5)[0].sum()
+
+        assert torch.autograd.gradcheck(f, (values[i].clone().requires_grad_(),))
+
+
+# ---------------------------------------------------------------------------------- features
+
+
+def test_feature_mse_union_of_different_top_k_sets():
+    policy = t(3.0, 2.0, 1.0, 0.0, 0.0)[None]
+    reference = t(0.0, 0.0, 0.5, 5.0, 4.0)[None]
+    # top-2: policy {0, 1}, reference {3, 4}; feature 2 (diff 0.25) is in neither
+    expected = (3.0**2 + 2.0**2 + 5.0**2 + 4.0**2) / 2
+    assert math.isclose(fpo.feature_mse(policy, reference, k=2).item(), expected)
+    # k = 3 adds feature 2 from the policy side, still divided by k
+    assert math.isclose(fpo.feature_mse(policy, reference, k=3).item(), (54.0 + 0.25) / 3)
+
+
+def test_feature_mse_is_differentiable_in_the_policy():
+    policy = t(3.0, 2.0, 1.0, 0.0).requires_grad_()
+    fpo.feature_mse(policy[None], t(1.0, 0.0, 0.0, 0.0)[None], k=1).sum().backward()
+    # union {0}: d/dp0 (p0 - 1)^2 / 1 = 2 * 2 = 4, nothing else selected
+    torch.testing.assert_close(policy.grad, t(4.0, 0.0, 0.0, 0.0))
+
+
+def test_pooled_features_ignore_prompt_and_padding():
+    codes = torch.arange(2 * 4 * 3, dtype=torch.float64).view(2, 4, 3)
+    mask = torch.tensor([[0, 1, 1, 0], [0, 0, 0, 1]])
+    pooled = fpo.pooled_features(codes, mask)
+    torch.testing.assert_close(pooled[0], (codes[0, 1] + codes[0, 2]) / 2)
+    torch.testing.assert_close(pooled[1], codes[1, 3])
+    changed = codes.clone()
+    changed[0, 0] += 100.0
+    changed[0, 3] += 100.0
+    torch.testing.assert_close(fpo.pooled_features(changed, mask), pooled)
+
+
+# ---------------------------------------------------------------------------------- log-probs, KL
+
+
+def test_sequence_logps_hand_computed_and_shifted():
+    # vocab 2; position t's logits predict token t+1
+    logits = torch.tensor([[[0.0, math.log(3.0)], [math.log(4.0), 0.0], [5.0, 5.0]]])  # (1, 3, 2)
+    input_ids = torch.tensor([[0, 1, 0]])
+    mask = torch.tensor([[0, 1, 1]])  # tokens 1 and 2 are the response
+    sum_logps, n_tokens = fpo.sequence_logps(logits, input_ids, mask)
+    # token 1 = id 1 under softmax([0, log 3]) = 3/4; token 2 = id 0 under softmax([log 4, 0]) = 4/5
+    assert math.isclose(sum_logps.item(), math.log(0.75) + math.log(0.8), rel_tol=1e-6)
+    assert n_tokens.item() == 2
+
+
+def test_sequence_logps_ignore_prompt_and_padding():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 5, generator=gen)
+    input_ids = torch.randint(0, 5, (2, 6), generator=gen)
+    mask = torch.tensor([[0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]])
+    before = fpo.sequence_logps(logits, input_ids, mask)
+    changed_ids, changed_logits = input_ids.clone(), logits.clone()
+    changed_ids[0, [0, 1, 4, 5]] = (changed_ids[0, [0, 1, 4, 5]] + 1) % 5  # prompt and padding tokens
+    changed_logits[0, [3, 4, 5]] += torch.randn(3, 5, generator=gen)  # logits that predict padding
+    after = fpo.sequence_logps(changed_logits, changed_ids, mask)
+    torch.testing.assert_close(after, before)
+
+
+def test_sequence_kl_zero_for_identical_and_hand_computed():
+    logits = torch.randn(2, 5, 7, generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 5)
+    assert torch.allclose(fpo.sequence_kl(logits, logits, mask), torch.zeros(2), atol=1e-6)
+    policy = torch.tensor([[[0.0, 0.0], [9.0, 9.0]]])  # position 0: (1/2, 1/2)
+    reference = torch.tensor([[[math.log(3.0), 0.0], [1.0, 0.0]]])  # position 0: (3/4, 1/4)
+    kl = fpo.sequence_kl(policy, reference, torch.tensor([[0, 1]]))
+    expected = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    assert math.isclose(kl.item(), expected, rel_tol=1e-5)
+
+
+def test_all_padding_response_is_finite_everywhere():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 6, generator=gen, requires_grad=True)
+    input_ids = torch.randint(0, 6, (2, 4), generator=gen)
+    mask = torch.tensor([[0, 0, 0, 0], [0, 1, 1, 1]])
+    sum_logps, n_tokens = fpo.sequence_logps(logits, input_ids, mask)
+    avg = sum_logps / n_tokens
+    pooled = fpo.pooled_features(torch.relu(torch.randn(2, 4, 9, generator=gen)), mask)
+    mse = fpo.feature_mse(pooled, torch.zeros_like(pooled), k=3)
+    kl = fpo.sequence_kl(logits, logits.detach() + 1.0, mask)
+    losses, _, _ = fpo.fpo_loss(avg[:1], avg[1:], avg[:1].detach(), avg[1:].detach(), mse[:1], mse[1:])
+    (losses.sum() + kl.sum()).backward()
+    for value in (sum_logps, n_tokens, avg, pooled, mse, kl, losses, logits.grad):
+        assert torch.isfinite(value).all()
+    assert n_tokens[0] == 1 and sum_logps[0] == 0 and torch.all(pooled[0] == 0)
+
+
+# ---------------------------------------------------------------------------------- cache
+
+
+def test_reference_cache_round_trip_is_exact():
+    gen = torch.Generator().manual_seed(0)
+    d_model, d_sae, n_rows, T = 4, 10, 5, 6
+    encoder = torch.randn(d_model, d_sae, generator=gen)
+    hidden = torch.randn(n_rows, T, d_model, generator=gen)
+    logits = torch.randn(n_rows, T, 7, generator=gen)
+    input_ids = torch.randint(0, 7, (n_rows, T), generator=gen)
+    mask = (torch.rand(n_rows, T, generator=gen) > 0.4).long()
+    mask[:, 0] = 0
+    mask[2] = 0  # an empty response
+
+    def encode(h):
+        return torch.relu(h @ encoder - 0.5)
+
+    # rows arrive out of order, in two batches
+    order = torch.tensor([3, 0, 4, 1, 2])
+    batches = [
+        (order[:2], input_ids[order[:2]], mask[order[:2]]),
+        (order[2:], input_ids[order[2:]], mask[order[2:]]),
+    ]
+    def reference_fn(ids):
+        rows = [int((input_ids == ids[i]).all(-1).nonzero()[0]) for i in range(len(ids))]
+        return logits[rows], hidden[rows]
+
+    cache = fpo.build_reference_cache(reference_fn, encode, batches, n_rows=n_rows, d_sae=d_sae)
+    sum_logps, n_tokens = fpo.sequence_logps(logits, input_ids, mask)
+    torch.testing.assert_close(cache["avg_logps"], sum_logps / n_tokens)
+    dense = fpo.reference_pooled_features(cache, torch.arange(n_rows))
+    torch.testing.assert_close(dense, fpo.pooled_features(encode(hidden), mask))
+    assert cache["feature_indices"].numel() < n_rows * d_sae  # stored sparsely
+
+
+def test_fingerprint_changes_with_any_part():
+    state = {"w": torch.ones(3), "b": torch.zeros(2)}
+    base = fpo.fingerprint(state, torch.arange(5), {"beta": 0.1})
+    assert base == fpo.fingerprint({"b": torch.zeros(2), "w": torch.ones(3)}, torch.arange(5), {"beta": 0.1})
+    assert base != fpo.fingerprint({"w": torch.ones(3) * 1.0001, "b": torch.zeros(2)}, torch.arange(5), {"beta": 0.1})
+    assert base != fpo.fingerprint(state, torch.arange(6), {"beta": 0.1})
+    assert base != fpo.fingerprint(state, torch.arange(5), {"beta": 0.2})
+
+
+def test_fpo_py_runs_alone_in_an_empty_directory(tmp_path):
+    shutil.copy(ROOT / "fpo.py", tmp_path / "fpo.py")
+    script = (
+        "import sys, torch, fpo\n"
+        "x = torch.tensor([-1.0]); print(fpo.fpo_loss(x, x - 1, x, x, x * 0, x * 0)[0].item())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout) > 0
+
+
+def test_fpo_py_imports_only_torch_and_the_standard_library():
+    imported = set()
+    for line in (ROOT / "fpo.py").read_text().splitlines():
+        words = line.split()
+        if words[:1] in (["import"], ["from"]) and not line.startswith(" "):
+            imported.add(words[1].split(".")[0])
+    assert imported <= {"torch", "hashlib", "json", "typing"}, imported
