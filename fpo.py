@@ -235,7 +235,7 @@ def fingerprint(*parts) -> str:
         if isinstance(obj, torch.Tensor):
             t = obj.detach().cpu().contiguous()
             digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
         elif isinstance(obj, dict):
             for key in sorted(obj, key=str):
                 digest.update(str(key).encode())

@@ -1,0 +1,271 @@
+import math
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sae as sae_module
+from model import GPT, GPTConfig
+from sae import (
+    JumpReLUSAE,
+    SparseAutoencoder,
+    TrainingInterrupted,
+    ce_loss_recovered,
+    dead_fraction,
+    density_histogram,
+    evaluate_sae,
+    firing_counts,
+    fraction_variance_unexplained,
+    harvest_activations,
+    initialize_sae,
+    l0,
+    load_jumprelu_npz,
+    load_sae,
+    top_activating_contexts,
+    train_sae,
+)
+
+
+def planted_activations(n=20_000, n_atoms=64, dim=32, active=3, noise=0.01, seed=0):
+    """Sparse non-negative combinations of a known unit-norm dictionary, plus small noise."""
+    g = torch.Generator().manual_seed(seed)
+    atoms = F.normalize(torch.randn(n_atoms, dim, generator=g), dim=1)  # (n_atoms, dim)
+    which = torch.rand(n, n_atoms, generator=g).topk(active, dim=1).indices  # (n, active)
+    weights = 0.5 + torch.rand(n, active, generator=g)  # (n, active)
+    codes = torch.zeros(n, n_atoms).scatter(1, which, weights)  # (n, n_atoms)
+    return codes @ atoms + noise * torch.randn(n, dim, generator=g), atoms
+
+
+@pytest.fixture(scope="module")
+def planted():
+    x, atoms = planted_activations()
+    trained = train_sae(x, 128, 4, steps=600, batch_size=256, lr=4e-3, dead_tokens=5_000, aux_k=32, log_every=10_000)
+    return x, atoms, trained
+
+
+def test_planted_dictionary_is_recovered(planted):
+    x, atoms, trained = planted
+    cosines = atoms @ trained.W_dec.detach().T  # (n_atoms, d_sae), both unit norm
+    assert cosines.max(dim=1).values.mean() >= 0.9
+
+
+def test_decoder_rows_stay_unit_norm(planted):
+    _, _, trained = planted
+    torch.testing.assert_close(trained.W_dec.detach().norm(dim=1), torch.ones(128))
+
+
+def test_remove_parallel_grads_leaves_grad_orthogonal_to_each_row():
+    x, _ = planted_activations(n=512)
+    model = initialize_sae(x, 64, 4, seed=0)
+    x_hat, _ = model(x)
+    F.mse_loss(x_hat, x).backward()
+    assert (model.W_dec.grad * model.W_dec).sum(dim=1).abs().max() > 1e-4  # something to remove
+    model.remove_parallel_grads()
+    assert (model.W_dec.grad * model.W_dec).sum(dim=1).abs().max() < 1e-7
+
+
+def test_encode_is_topk_nonnegative_and_forward_has_no_side_effects(planted):
+    x, _, trained = planted
+    before = {name: t.clone() for name, t in trained.state_dict().items()}
+    x_hat, codes = trained(x[:100])
+    assert codes.min() >= 0 and ((codes != 0).sum(dim=1) <= 4).all()
+    torch.testing.assert_close(x_hat, trained.decode(trained.encode(x[:100])))
+    for name, t in trained.state_dict().items():
+        assert torch.equal(t, before[name])
+
+
+def test_encode_takes_raw_scale_inputs():
+    x, _ = planted_activations(n=10_000)
+    raw = 1000.0 * x + 50.0  # far from unit scale, with an offset
+    trained = train_sae(raw, 128, 4, steps=300, batch_size=256, lr=4e-3, log_every=10_000)
+    assert trained.input_scale.item() == pytest.approx(math.sqrt(32 / raw.pow(2).sum(1).mean().item()), rel=1e-5)
+    x_hat, _ = trained(raw)
+    assert fraction_variance_unexplained(raw, x_hat) < 0.1
+
+
+def test_auxk_revives_latents_dead_at_initialisation(monkeypatch):
+    x, _ = planted_activations(n=10_000)
+    original_initialize = sae_module.initialize_sae
+
+    def initialize_with_silenced_latents(*args, **kwargs):
+        # Latents 16.. get encoder columns 50x too small: they never win TopK against the others, so
+        # only AuxK can give them a gradient.
+        model = original_initialize(*args, **kwargs)
+        with torch.no_grad():
+            model.W_enc[:, 16:] *= 0.02
+        return model
+
+    monkeypatch.setattr(sae_module, "initialize_sae", initialize_with_silenced_latents)
+
+    def alive_after_training(aux_k):
+        trained = train_sae(x, 64, 4, steps=300, batch_size=256, lr=4e-3, dead_tokens=1_000, aux_k=aux_k,
+                            log_every=10_000)
+        return (firing_counts(trained.encode(x)) > 0).sum().item()
+
+    without_auxk, with_auxk = alive_after_training(aux_k=0), alive_after_training(aux_k=16)
+    assert without_auxk <= 32
+    assert with_auxk >= 56
+
+
+def test_training_is_deterministic_and_resumes_bit_identically(monkeypatch, tmp_path):
+    x, _ = planted_activations(n=5_000)
+    settings = dict(steps=60, batch_size=128, lr=4e-3, dead_tokens=500, aux_k=16, seed=3, log_every=10_000)
+    uninterrupted = train_sae(x, 64, 4, **settings)
+    assert all(torch.equal(a, b) for a, b in zip(uninterrupted.state_dict().values(),
+                                                  train_sae(x, 64, 4, **settings).state_dict().values()))
+
+    original_batch_indices = sae_module.batch_indices
+
+    def ctrl_c_during_step_25(n, batch_size, seed, step):
+        if step == 25:
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, deferred to the end of the step
+        return original_batch_indices(n, batch_size, seed, step)
+
+    monkeypatch.setattr(sae_module, "batch_indices", ctrl_c_during_step_25)
+    with pytest.raises(TrainingInterrupted) as interrupted:
+        train_sae(x, 64, 4, **settings)
+    monkeypatch.undo()
+    assert interrupted.value.state["step"] == 26
+    torch.save(interrupted.value.state, tmp_path / "state.pt")  # the state survives a save/load
+    state = torch.load(tmp_path / "state.pt")
+
+    resumed = train_sae(x, 64, 4, **settings, resume=state)
+    for name, tensor in uninterrupted.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+    with pytest.raises(ValueError, match="resume state"):
+        train_sae(x, 64, 4, **{**settings, "lr": 1e-3}, resume=state)
+
+
+def test_save_load_round_trip_gives_identical_codes(planted, tmp_path):
+    x, _, trained = planted
+    torch.save({"kind": "sae", **trained.checkpoint(), "metrics": {}}, tmp_path / "sae.pt")  # extra keys are fine
+    loaded = load_sae(torch.load(tmp_path / "sae.pt"))
+    assert isinstance(loaded, SparseAutoencoder) and loaded.config == trained.config
+    assert torch.equal(loaded.encode(x[:500]), trained.encode(x[:500]))
+    with pytest.raises(ValueError, match="unknown SAE kind"):
+        load_sae({"sae_config": {**trained.config, "kind": "l1"}, "state_dict": trained.state_dict()})
+
+
+# ----------------------------------------------------------------------------- JumpReLU
+
+
+def gemma_scope_arrays(d_model=6, d_sae=10, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"W_enc": rng.normal(size=(d_model, d_sae)).astype(np.float32),
+            "W_dec": rng.normal(size=(d_sae, d_model)).astype(np.float32),
+            "threshold": rng.uniform(0.0, 1.0, size=d_sae).astype(np.float32),
+            "b_enc": rng.normal(size=d_sae).astype(np.float32),
+            "b_dec": rng.normal(size=d_model).astype(np.float32)}
+
+
+def test_jumprelu_npz_matches_hand_computation(tmp_path):
+    arrays = gemma_scope_arrays()
+    np.savez(tmp_path / "params.npz", **arrays)
+    model = load_jumprelu_npz(tmp_path / "params.npz")
+    x = np.random.default_rng(1).normal(size=(7, 6)).astype(np.float32)
+
+    pre = x @ arrays["W_enc"] + arrays["b_enc"]  # Gemma Scope: no b_dec subtracted
+    expected_codes = np.where(pre > arrays["threshold"], np.maximum(pre, 0), 0)
+    expected_x_hat = expected_codes @ arrays["W_dec"] + arrays["b_dec"]
+    x_hat, codes = model(torch.from_numpy(x))
+    np.testing.assert_allclose(codes.detach().numpy(), expected_codes, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(x_hat.detach().numpy(), expected_x_hat, rtol=1e-5, atol=1e-5)
+    assert 0 < (expected_codes > 0).sum() < expected_codes.size  # the threshold did something
+
+    reloaded = load_sae(model.checkpoint())
+    assert isinstance(reloaded, JumpReLUSAE)
+    assert torch.equal(reloaded.encode(torch.from_numpy(x)), codes)
+
+
+def test_jumprelu_npz_errors_name_the_problem(tmp_path):
+    arrays = gemma_scope_arrays()
+    np.savez(tmp_path / "missing.npz", **{k: v for k, v in arrays.items() if k != "threshold"})
+    with pytest.raises(ValueError, match="missing arrays \\['threshold'\\]"):
+        load_jumprelu_npz(tmp_path / "missing.npz")
+    np.savez(tmp_path / "bad_shape.npz", **{**arrays, "b_dec": np.zeros(5, np.float32)})
+    with pytest.raises(ValueError, match="b_dec has shape \\(5,\\), expected \\(6,\\)"):
+        load_jumprelu_npz(tmp_path / "bad_shape.npz")
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_fvu_l0_and_dead_fraction_on_constructed_inputs():
+    x = torch.randn(100, 8)
+    assert fraction_variance_unexplained(x, x) == 0.0
+    assert fraction_variance_unexplained(x, x.mean(dim=0).expand_as(x)) == pytest.approx(1.0)
+    codes = torch.tensor([[0.0, 1.0, 2.0, 0.0], [3.0, 0.0, 0.0, 0.0]])  # 2 and 1 non-zeros
+    assert l0(codes) == 1.5
+    assert firing_counts(codes).tolist() == [1, 1, 1, 0]
+    assert dead_fraction(torch.tensor([0, 5, 0, 1])) == 0.5
+
+
+def test_density_histogram_text():
+    text = density_histogram(torch.tensor([0, 1, 50, 500]), n_tokens=1000)
+    lines = text.splitlines()
+    assert lines[0].startswith("log10 density over 1,000 tokens")
+    bins = {line[:14].strip(): int(line[14:23]) for line in lines[1:]}
+    # log10 densities: -3.0, -1.30, -0.30 and one latent that never fired
+    assert bins == {"[-3.0, -2.5)": 1, "[-2.5, -2.0)": 0, "[-2.0, -1.5)": 0, "[-1.5, -1.0)": 1,
+                    "[-1.0, -0.5)": 0, "[-0.5, 0.0)": 1, "never fired": 1}
+    assert lines[1].endswith("#" * 40)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt():
+    """A 2-layer GPT trained for a moment on a counting pattern, so the residual stream matters."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    g = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        ids = (torch.randint(32, (16, 1), generator=g) + torch.arange(16)) % 32  # (16, 16)
+        logits, _ = model(ids)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, 32), ids[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model
+
+
+def counting_batches(n_batches, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(32, (8, 1), generator=g) + torch.arange(16)) % 32 for _ in range(n_batches)]
+
+
+class IdentitySAE(nn.Module):
+    def forward(self, h):
+        return h, h
+
+
+def test_ce_loss_recovered_is_one_for_an_identity_patch(tiny_gpt):
+    ce = ce_loss_recovered(tiny_gpt, IdentitySAE(), counting_batches(3), layer=-1)
+    assert ce["ce_sae"] == ce["ce_clean"]
+    assert ce["ce_zero_ablation"] > ce["ce_clean"] + 0.5  # the learned pattern really is in the stream
+    assert ce["recovered"] == pytest.approx(1.0)
+
+
+def test_harvest_train_evaluate_and_report_on_a_tiny_gpt(tiny_gpt, capsys):
+    tiny_gpt.train()
+    batches = counting_batches(40)
+    padding_mask = torch.ones(8, 16, dtype=torch.bool)
+    padding_mask[:, 12:] = False
+    activations = harvest_activations(tiny_gpt, [(ids, padding_mask) for ids in batches], layer=-1, max_tokens=3_000)
+    assert activations.shape == (3_000, 32) and activations.device.type == "cpu"
+    assert tiny_gpt.training  # mode restored
+    _, hidden = tiny_gpt(batches[0], hidden_layer=-1)
+    torch.testing.assert_close(activations[:12], hidden[0, :12].detach())  # row 0, masked-in positions
+
+    trained = train_sae(activations, 64, 4, steps=200, batch_size=256, lr=4e-3, log_every=100)
+    held_out = counting_batches(4, seed=2)
+    metrics = evaluate_sae(tiny_gpt, trained, iter(held_out), -1, train_activations=activations)
+    assert metrics["fvu"] < 0.2 and metrics["recovered"] > 0.8 and metrics["l0"] <= 4
+    assert metrics["dead_fraction_source"] == "training" and metrics["dead_fraction_tokens"] == 3_000
+    assert "sae step 200/200" in capsys.readouterr().out
+
+    report = top_activating_contexts(tiny_gpt, trained, held_out, -1, latents=[0, 1], decode_fn=lambda ids: " ".join(map(str, ids)), n_examples=3, context=2)
+    assert report.splitlines()[0].startswith("latent 0:")
