@@ -136,7 +136,7 @@ def parse_args(argv: list[str]):
             try:
                 value = kind(argv[i + 1])
             except ValueError:
-                raise UsageError(f"--{key} takes a {kind.__name__}, got {argv[i + 1]!r}") from None
+                raise UsageError(f"--{key}: expected {kind.__name__}, got {argv[i + 1]!r}") from None
             i += 2
         setattr(configs[cls], key, value)
     run, pre, sae_cfg, pref, ev = (configs[cls] for cls in CONFIG_CLASSES)
