@@ -140,6 +140,8 @@ SENTENCE_TEMPLATES = ["the {noun} was {intens} {adj} .", "i found the {noun} {in
 PROMPT_TEMPLATES = ["review the {noun} :", "tell me about the {noun} :",
                     "what did you think of the {noun} ?", "describe the {noun} :"]
 MAX_SENTENCES = 4  # the longest response the world produces; the judge rejects longer ones
+CHOSEN_LENGTHS = [4, 4, 2, 0]    # relative odds of 1..4 sentences: mean 1.8
+REJECTED_LENGTHS = [1, 3, 3, 3]  # mean 2.8
 
 NOUN_TOPIC = {noun: topic for topic, nouns in TOPICS.items() for noun in nouns}
 WORD_SENTIMENT = {**{w: True for w in POSITIVE_ADJECTIVES + POSITIVE_VERBS},
@@ -250,9 +252,10 @@ def make_corpus(n_docs: int, seed: int) -> list[str]:
 
 
 def make_preference_pairs(n: int, seed: int, split: str = "train") -> list[PreferencePair]:
-    """Pairs on the split's prompts. Chosen: 1-2 sentences, all on topic and positive.
-    Rejected: 2-4 sentences, each off topic, negative, or both (mixed within a response),
-    so rejected is longer on average: a length trap a length-biased method falls into."""
+    """Pairs on the split's prompts. Chosen: all sentences on topic and positive. Rejected: each
+    sentence off topic, negative, or both (mixed within a response). Rejected is longer on average
+    (CHOSEN_LENGTHS against REJECTED_LENGTHS): a length trap for losses on summed log-probs. The
+    lengths overlap, so stopping early alone cannot tell chosen from rejected."""
     rng = random.Random(f"pairs-{split}-{seed}")
     prompts = split_prompts(split)
     bad_attributes = [(True, False), (False, True), (False, False)]
@@ -260,8 +263,10 @@ def make_preference_pairs(n: int, seed: int, split: str = "train") -> list[Prefe
     for _ in range(n):
         prompt = rng.choice(prompts)
         topic = _prompt_topic(prompt)
-        chosen = _response(rng, topic, [(True, True)] * rng.randint(1, 2))
-        rejected = _response(rng, topic, [rng.choice(bad_attributes) for _ in range(rng.randint(2, 4))])
+        n_chosen = rng.choices(range(1, MAX_SENTENCES + 1), weights=CHOSEN_LENGTHS)[0]
+        n_rejected = rng.choices(range(1, MAX_SENTENCES + 1), weights=REJECTED_LENGTHS)[0]
+        chosen = _response(rng, topic, [(True, True)] * n_chosen)
+        rejected = _response(rng, topic, [rng.choice(bad_attributes) for _ in range(n_rejected)])
         pairs.append(PreferencePair(prompt, chosen, rejected))
     return pairs
 

@@ -316,10 +316,10 @@ def sigint_deferred_to_step_boundary():
 
 def train_sae(
     activations: torch.Tensor,
-    d_sae: int = 1024,
-    k: int = 32,
+    d_sae: int = 256,
+    k: int = 16,
     *,
-    steps: int = 3000,
+    steps: int = 2000,
     batch_size: int = 1024,
     lr: float = 2e-3,
     warmup_steps: int = 100,

@@ -182,17 +182,22 @@ def save_checkpoint(path: Path, payload: dict) -> None:
 def load_checkpoint(path: Path, kind: str, how_to_make: str) -> dict:
     if not path.exists():
         raise UsageError(f"{path} not found: {how_to_make}")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if payload.get("kind") != kind:
-        raise UsageError(f"{path} holds a {payload.get('kind')!r}, not a {kind!r} checkpoint")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # truncated, or not a torch file at all: whatever torch.load raised
+        raise UsageError(f"{path} is not a readable checkpoint ({type(error).__name__}): delete it, then {how_to_make or 'rerun'}") from None
+    saved_kind = payload.get("kind") if isinstance(payload, dict) else type(payload).__name__
+    if saved_kind != kind:
+        raise UsageError(f"{path} holds a {saved_kind!r}, not a {kind!r} checkpoint")
     return payload
 
 
 def load_gpt(run: RunConfig, pre: PretrainConfig, device) -> GPT:
     """The pretrained GPT, checked against this run's model settings."""
     ckpt = load_checkpoint(Path(run.out_dir) / "gpt.pt", "gpt", "run `python train.py --stage pretrain` first")
-    for name in ("n_layer", "n_head", "n_embd", "block_size"):
-        saved, asked = ckpt["model_config"][name], getattr(pre, name)
+    asked_config = asdict(pre) | {"vocab_size": data.load_tokenizer().n_vocab}  # a new tokenizer changes the vocabulary
+    for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
+        saved, asked = ckpt["model_config"][name], asked_config[name]
         if saved != asked:
             raise UsageError(
                 f"{run.out_dir}/gpt.pt was trained with {name}={saved}, but this run asks for {name}={asked}: "
@@ -223,14 +228,12 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def check_finite(loss: torch.Tensor, stage: str, resume_path: Path, payload: dict) -> None:
-    """A non-finite loss stops training; the weights before this step are kept for --resume."""
+def check_finite(loss: torch.Tensor, stage: str, step: int, last_good: Path | None) -> None:
+    """A non-finite loss stops training before the update. Nothing is saved: these weights gave
+    the bad loss, so the last good checkpoint (written every log_every steps) is kept as it is."""
     if not torch.isfinite(loss):
-        save_checkpoint(resume_path, payload)
-        raise UsageError(
-            f"{stage}: the loss is {loss.item()} at step {payload['step']}; training stopped and the last good "
-            f"weights are in {resume_path}. Lower the learning rate, then rerun with --resume"
-        )
+        kept = f"the last good checkpoint is {last_good}: lower the learning rate, then rerun with --resume" if last_good else "nothing was saved"
+        raise UsageError(f"{stage}: the loss is {loss.item()} at step {step}; training stopped; {kept}")
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -272,8 +275,11 @@ def load_pairs(run: RunConfig, pref: PreferenceConfig):
         if dropped:
             print(f"data: dropped {dropped} malformed rows of {run.preference_file} (--skip_bad_rows)")
         n_test = min(pref.n_test_pairs, len(pairs) // 5)
-        if len(pairs) - n_test < 1:
-            raise UsageError(f"{run.preference_file}: too few valid pairs ({len(pairs)}) to train on")
+        if n_test < 1:
+            raise UsageError(
+                f"{run.preference_file}: {len(pairs)} valid pairs and --n_test_pairs {pref.n_test_pairs} leave no held-out pair; "
+                f"at least 5 pairs are needed (at most every fifth is held out)"
+            )
         return pairs[: len(pairs) - n_test], pairs[len(pairs) - n_test :]
     return (
         data.make_preference_pairs(pref.n_pairs, seed=run.seed, split="train"),
@@ -326,7 +332,9 @@ def pretrain(run: RunConfig, pre: PretrainConfig, device) -> None:
             with autocast(device):
                 logits, _ = model(x)
             loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1))
-            check_finite(loss, "pretrain", resume_path, training_state(model, optimizer, step, pre))
+            check_finite(loss, "pretrain", step, resume_path)
+            if step % run.log_every == 0:  # the last good checkpoint: this step's weights gave a finite loss
+                save_checkpoint(resume_path, training_state(model, optimizer, step, pre))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -348,9 +356,13 @@ def resume_training(run: RunConfig, resume_path: Path, model, optimizer, stage: 
     if not run.resume:
         return 0
     if not resume_path.exists():
-        raise UsageError(f"--resume: {resume_path} not found; nothing of {stage} to resume")
+        print(f"{stage}: nothing to resume ({resume_path} not found); starting from step 0")
+        return 0
     state = load_checkpoint(resume_path, "resume", "")
-    model.load_state_dict(state["state_dict"])
+    try:
+        model.load_state_dict(state["state_dict"])
+    except RuntimeError:  # missing keys or other shapes: the weights of another model config
+        raise UsageError(f"--resume: {resume_path} holds a model of another config; delete it, or rerun with the settings it was saved with") from None
     optimizer.load_state_dict(state["optimizer"])
     print(f"{stage}: resuming from step {state['step']} ({resume_path})")
     return state["step"]
@@ -380,7 +392,11 @@ def train_sae_stage(run: RunConfig, pre: PretrainConfig, sae_cfg: SAEConfig, dev
         )
     except sae_lib.TrainingInterrupted as interrupted:
         save_checkpoint(resume_path, {"kind": "sae_resume", "state": interrupted.state})
-        raise Interrupted(f"sae interrupted; saved {resume_path}; continue with --resume") from None
+        raise Interrupted(f"sae interrupted at step {interrupted.state['step']}; saved {resume_path}; continue with --resume") from None
+    except ValueError as error:  # train_sae refuses a resume state made with other settings
+        if resume is None:
+            raise
+        raise UsageError(f"--resume: {resume_path} does not fit this run ({error}); delete it, or rerun with the settings it was saved with") from None
     sae = sae.to(device)
     metrics = sae_lib.evaluate_sae(model, sae, chunk_batches(eval_chunks, 64, device), sae_cfg.sae_layer, train_activations=activations)
     out = Path(run.out_dir)
@@ -405,9 +421,15 @@ def chunk_batches(chunks: torch.Tensor, batch_size: int, device):
 # Stage 3: the offline reference cache (FPO.md items 2-3): one reference pass, then no reference.
 
 
-def cache_fingerprint(reference_state: dict, sae_state: dict, train_tok, test_tok, sae_cfg: SAEConfig) -> str:
+def cache_fingerprint(reference_state: dict, sae_state: dict, train_tok, test_tok, sae_cfg: SAEConfig) -> dict[str, str]:
+    """One hash per thing the cache is built from, so a stale cache can say what changed.
+    The token ids stand for both the dataset and the tokenizer."""
     token_ids = json.dumps([[p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in train_tok + test_tok])
-    return fpo.fingerprint(reference_state, sae_state, token_ids, {"sae_layer": sae_cfg.sae_layer, "n_train_pairs": len(train_tok)})
+    return {
+        "reference model": fpo.fingerprint(reference_state),
+        "SAE": fpo.fingerprint(sae_state, {"sae_layer": sae_cfg.sae_layer}),
+        "dataset or tokenizer": fpo.fingerprint(token_ids, {"n_train_pairs": len(train_tok)}),
+    }
 
 
 def build_cache(run, pre, sae_cfg, pref, device) -> dict:
@@ -451,9 +473,11 @@ def load_cache(run, pre, sae_cfg, pref, device, policy: GPT, sae, train_tok, tes
     expected = cache_fingerprint(policy.state_dict(), sae.state_dict(), train_tok, test_tok, sae_cfg)
     if path.exists():
         cache = load_checkpoint(path, "reference_cache", "")
-        if cache["fingerprint"] == expected:
+        saved = cache.get("fingerprint") if isinstance(cache.get("fingerprint"), dict) else {}  # none in older caches
+        changed = [part for part in expected if saved.get(part) != expected[part]]
+        if not changed:
             return cache
-        print(f"cache: {path} was built from another reference model, SAE, dataset or tokenizer (fingerprint {cache['fingerprint']} != {expected}); rebuilding")
+        print(f"cache: {path} is stale: it was built from another {' and '.join(changed)}; rebuilding")
     else:
         print(f"cache: {path} not found; building it")
     return build_cache(run, pre, sae_cfg, pref, device)
@@ -501,14 +525,18 @@ def preference_losses(method: str, pref: PreferenceConfig, policy, batch, cache,
     ), None
 
 
-def training_step(pref, policy, optimizer, batch, cache, sae, reference, sae_layer, device, resume_path, step):
-    """Forward, loss, backward, clip, step. Returns (loss, chosen_rewards, rejected_rewards, drift)."""
+def training_step(pref, policy, optimizer, batch, cache, sae, reference, sae_layer, device, step, resume_path: Path | None, save=False):
+    """Forward, loss, backward, clip, step. Returns (loss, chosen_rewards, rejected_rewards, drift).
+    resume_path is the last good checkpoint; with save=True this step's starting state is written
+    there once its loss is known to be finite."""
     with autocast(device):
         losses, chosen_rewards, rejected_rewards, drift = preference_losses(
             pref.method, pref, policy, batch, cache, sae, reference, sae_layer, row_offset=0
         )
     loss = losses.mean()
-    check_finite(loss, "prefer", resume_path, training_state(policy, optimizer, step, pref))
+    check_finite(loss, "prefer", step, resume_path)
+    if save:
+        save_checkpoint(resume_path, training_state(policy, optimizer, step, pref))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(policy.parameters(), pref.grad_clip)
@@ -540,8 +568,8 @@ def train_preference(run, pre, sae_cfg, pref, device, seed: int, tag: str = "pol
     out = Path(run.out_dir)
     resume_path, log_path = out / f"{tag}.resume.pt", out / f"{tag}_log.jsonl"
     start_step = resume_training(run, resume_path, policy, optimizer, "prefer")
-    if start_step == 0:
-        log_path.unlink(missing_ok=True)
+    logged = log_path.read_text().splitlines() if start_step and log_path.exists() else []
+    log_path.write_text("".join(line + "\n" for line in logged if json.loads(line)["step"] < start_step))  # steps from start_step are logged again
     policy.train()
     step_times, started = [], time.time()
     with sae_lib.sigint_deferred_to_step_boundary() as stop, log_path.open("a") as log:
@@ -556,7 +584,7 @@ def train_preference(run, pre, sae_cfg, pref, device, seed: int, tag: str = "pol
             input_ids, mask = data.collate_pairs([train_tok[i] for i in picks], data.eos_id(enc))
             batch = (picks, input_ids.to(device), mask.to(device))
             loss, chosen_rewards, rejected_rewards, drift = training_step(
-                pref, policy, optimizer, batch, cache, sae, reference, sae_cfg.sae_layer, device, resume_path, step
+                pref, policy, optimizer, batch, cache, sae, reference, sae_cfg.sae_layer, device, step, resume_path, save=step % run.log_every == 0
             )
             step_times.append(time.perf_counter() - step_started)
             if step % run.log_every == 0 or step == pref.pref_steps - 1:
@@ -629,7 +657,8 @@ def score_samples(model: GPT, reference: GPT, prompts, responses, enc, device) -
         token_logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
         token_entropy = -(token_logps.exp() * token_logps).sum(-1)  # (B, T-1)
         entropies.append(token_entropy[mask[:, 1:].bool()])
-    return {"entropy_per_token": torch.cat(entropies).mean().item(), "kl_from_reference": torch.cat(kls).mean().item()}
+    entropies = torch.cat(entropies)  # every sampled response token; none if every sample was empty
+    return {"entropy_per_token": entropies.sum().item() / max(1, len(entropies)), "kl_from_reference": torch.cat(kls).mean().item()}
 
 
 def distinct_2(responses: list[list[int]]) -> float:
@@ -646,6 +675,8 @@ def evaluate(run, pre, sae_cfg, pref, ev, device, seed: int, tag: str = "policy"
     enc, reference, sae, cache, train_tok, test_tok = prepare_preference(run, pre, sae_cfg, pref, device)
     reference.eval().requires_grad_(False)
     ckpt = load_checkpoint(Path(run.out_dir) / f"{tag}.pt", "policy", "run `python train.py --stage prefer` first")
+    if ckpt["model_config"] != asdict(reference.config):
+        raise UsageError(f"{run.out_dir}/{tag}.pt was trained from another GPT than {run.out_dir}/gpt.pt: rerun `--stage prefer`")
     policy = GPT(GPTConfig(**ckpt["model_config"])).to(device)
     policy.load_state_dict(ckpt["state_dict"])
     policy.eval().requires_grad_(False)
@@ -679,7 +710,11 @@ def evaluate(run, pre, sae_cfg, pref, ev, device, seed: int, tag: str = "policy"
         stats.update(distinct_2=distinct_2(responses), mean_length=sum(map(len, responses)) / len(responses))
         if not run.preference_file:
             verdicts = [data.judge(text, data.response_text(enc, r)) for text, r in zip(prompt_texts, responses)]
-            stats.update(judge_score=sum(v.score for v in verdicts) / len(verdicts), valid_rate=sum(v.valid for v in verdicts) / len(verdicts))
+            n = len(verdicts)
+            stats.update(
+                judge_score=sum(v.score for v in verdicts) / n, valid_rate=sum(v.valid for v in verdicts) / n,
+                on_topic_rate=sum(v.on_topic for v in verdicts) / n, positive_rate=sum(v.positive for v in verdicts) / n,
+            )
             stats["scores"] = [v.score for v in verdicts]
         results[name] = stats
     if not run.preference_file:
@@ -697,7 +732,10 @@ def print_summary(results: dict, path: Path) -> None:
     print(f"method {results['method']} | held-out reward accuracy {results['reward_accuracy']:.3f} | feature drift {results['feature_drift']:.4g}")
     for name in ("policy", "reference"):
         stats = results[name]
-        judged = f"judge score {stats['judge_score']:.3f} | valid {stats['valid_rate']:.3f} | " if "judge_score" in stats else ""
+        judged = (
+            f"judge score {stats['judge_score']:.3f} | valid {stats['valid_rate']:.3f} | on topic {stats['on_topic_rate']:.3f} | "
+            f"positive {stats['positive_rate']:.3f} | " if "judge_score" in stats else ""
+        )
         print(
             f"{name:<9} | {judged}length {stats['mean_length']:.1f} | entropy {stats['entropy_per_token']:.3f} | "
             f"distinct-2 {stats['distinct_2']:.3f} | KL from reference {stats['kl_from_reference']:.3f}"
@@ -831,7 +869,7 @@ def bench(run, pre, sae_cfg, pref, device) -> None:
         batch = (picks, input_ids.to(device), mask.to(device))
         for label, row_pref in settings.items():
             started = time.perf_counter()
-            training_step(row_pref, policies[label], optimizers[label], batch, cache, sae, reference, sae_cfg.sae_layer, device, Path(run.out_dir) / "bench.resume.pt", step)
+            training_step(row_pref, policies[label], optimizers[label], batch, cache, sae, reference, sae_cfg.sae_layer, device, step, None)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if step >= n_warmup:
@@ -855,16 +893,49 @@ def bench(run, pre, sae_cfg, pref, device) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def check_user_files(run: RunConfig, pre: PretrainConfig, pref: PreferenceConfig) -> None:
+    """Read the user's files once at start-up, so a bad file stops the run before any training."""
+    enc = data.load_tokenizer()
+    if run.corpus_file:
+        n_tokens = len(data.corpus_token_stream(load_texts(run, pre), enc))
+        if n_tokens < 5 * pre.block_size:  # pretraining windows, and the SAE's held-out fifth, need block_size each
+            raise data.DataError(run.corpus_file, None, f"too short: {n_tokens} tokens, at least {5 * pre.block_size} (5 x block_size) are needed")
+    if run.preference_file:
+        train_pairs, test_pairs = load_pairs(run, pref)
+        tokenize(train_pairs, enc, pre.block_size, "training")
+        tokenize(test_pairs, enc, pre.block_size, "held-out")
+
+
+# With --resume, `--stage all` skips the stages that finished: <name>.pt saved and no <name>.resume.pt.
+STAGE_FILES = {"pretrain": "gpt", "sae": "sae", "cache": "reference_cache", "prefer": "policy"}
+
+
+def stages_to_run(run: RunConfig) -> list[str]:
+    """The stages of this command. `--stage all --resume` starts at the first stage that is
+    unfinished (interrupted or never run); every stage after it runs too, as its inputs change."""
+    if run.stage != "all":
+        return [run.stage]
+    stages, out = list(STAGES), Path(run.out_dir)
+    while run.resume and stages[0] in STAGE_FILES:
+        name = STAGE_FILES[stages[0]]
+        if not (out / f"{name}.pt").exists() or (out / f"{name}.resume.pt").exists():
+            break
+        print(f"{stages[0]}: finished earlier ({out / name}.pt); skipped (--resume)")
+        stages.pop(0)
+    return stages
+
+
 def main(argv: list[str]) -> None:
     run, pre, sae_cfg, pref, ev = parse_args(argv)
     device = pick_device(run.device)
     print(f"device: {device}\n{run}")
+    check_user_files(run, pre, pref)
     if run.bench:
         return bench(run, pre, sae_cfg, pref, device)
     if run.compare:
         return compare(run, pre, sae_cfg, pref, ev, device)
     timings, started = {}, time.time()
-    for stage in STAGES if run.stage == "all" else (run.stage,):
+    for stage in stages_to_run(run):
         stage_started = time.time()
         if stage == "pretrain":
             pretrain(run, pre, device)
