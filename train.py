@@ -36,7 +36,7 @@ from model import GPT, GPTConfig
 
 @dataclass
 class RunConfig:
-    stage: str = "all"  # all, pretrain, sae, cache, prefer, eval
+    stage: str = "all"  # all (pretrain, sae, cache, prefer, eval, in order), one of those, or features
     out_dir: str = "out"  # where every checkpoint, cache, log and result goes
     seed: int = 1337  # one seed for data, init, batch order and sampling
     device: str = "auto"  # auto (cuda, then mps, then cpu), cuda, mps or cpu
@@ -49,16 +49,17 @@ class RunConfig:
     bench: bool = False  # time training steps of each method on identical batches
     bench_steps: int = 20  # timed steps per method in --bench
     log_every: int = 50  # steps between progress lines, in every training stage
+    latents: str = ""  # --stage features: comma-separated SAE latents to show; empty: the 8 FPO constrains most
 
 
 @dataclass
 class PretrainConfig:
-    n_layer: int = 4  # transformer blocks
+    n_layer: int = 2  # transformer blocks
     n_head: int = 4  # attention heads
     n_embd: int = 128  # residual stream width (the SAE's input width)
     block_size: int = 64  # context length in tokens
     n_docs: int = 20000  # toy-world pretraining documents
-    pretrain_steps: int = 1500  # optimizer steps
+    pretrain_steps: int = 800  # optimizer steps
     pretrain_batch_size: int = 32  # sequences per step
     pretrain_lr: float = 2e-3  # peak AdamW learning rate (cosine decay after warm-up)
 
@@ -66,13 +67,13 @@ class PretrainConfig:
 @dataclass
 class SAEConfig:
     sae_layer: int = -1  # block whose output the SAE reads; -1: the last, before the final norm (as the paper)
-    d_sae: int = 1024  # SAE latents
+    d_sae: int = 256  # SAE latents
     sae_k: int = 16  # SAE TopK: latents active per token
     sae_tokens: int = 300_000  # residual-stream vectors harvested for SAE training
     sae_eval_tokens: int = 100_000  # held-out vectors for the SAE metrics
-    sae_steps: int = 3000  # SAE optimizer steps
-    sae_batch_size: int = 2048  # vectors per SAE step
-    sae_lr: float = 1e-3  # SAE Adam learning rate
+    sae_steps: int = 2000  # SAE optimizer steps
+    sae_batch_size: int = 1024  # vectors per SAE step
+    sae_lr: float = 2e-3  # SAE Adam learning rate
 
 
 @dataclass
@@ -86,7 +87,7 @@ class PreferenceConfig:
     gamma: float = 0.5  # SimPO target margin
     pref_steps: int = 150  # optimizer steps
     pref_batch_size: int = 16  # pairs per step
-    pref_lr: float = 1e-4  # AdamW learning rate (constant after warm-up)
+    pref_lr: float = 7e-5  # AdamW learning rate (constant after warm-up)
     warmup_steps: int = 10  # linear warm-up steps
     grad_clip: float = 1.0  # max gradient norm
 
@@ -94,8 +95,8 @@ class PreferenceConfig:
 @dataclass
 class EvalConfig:
     n_eval_prompts: int = 300  # held-out prompts sampled from policy and reference
-    temperature: float = 1.0  # sampling temperature
-    top_k: int = 0  # sample among the top-k tokens; 0: the whole vocabulary
+    temperature: float = 0.7  # sampling temperature
+    top_k: int = 20  # sample among the top-k tokens; 0: the whole vocabulary
     max_new_tokens: int = 48  # response length cap when sampling
 
 
@@ -140,8 +141,8 @@ def parse_args(argv: list[str]):
             i += 2
         setattr(configs[cls], key, value)
     run, pre, sae_cfg, pref, ev = (configs[cls] for cls in CONFIG_CLASSES)
-    if run.stage not in ("all",) + STAGES:
-        raise UsageError(f"--stage must be one of all, {', '.join(STAGES)}; got {run.stage!r}")
+    if run.stage not in ("all", "features") + STAGES:
+        raise UsageError(f"--stage must be one of all, {', '.join(STAGES)}, features; got {run.stage!r}")
     if pref.method not in METHODS:
         raise UsageError(f"--method must be one of {', '.join(METHODS)}; got {pref.method!r}")
     return run, pre, sae_cfg, pref, ev
@@ -747,6 +748,35 @@ def print_summary(results: dict, path: Path) -> None:
     print(f"results: {path}")
 
 
+def most_constrained_latents(cache: dict, fpo_k: int, n: int) -> list[int]:
+    """The latents most often among the reference's top-fpo_k pooled features (half of the union
+    I(y) in D(y)), counted over every cached response."""
+    counts = Counter()
+    offsets, indices, values = cache["feature_offsets"], cache["feature_indices"], cache["feature_values"]
+    for start, end in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
+        top = values[start:end].topk(min(fpo_k, end - start)).indices
+        counts.update(indices[start:end][top].tolist())
+    return [latent for latent, _ in counts.most_common(n)]
+
+
+def feature_report(run, pre, sae_cfg, pref, device) -> None:
+    """What the SAE latents mean: for each, the held-out response tokens that activate it most."""
+    print("\n== features ==")
+    enc, model, sae, cache, _, test_tok = prepare_preference(run, pre, sae_cfg, pref, device)
+    if run.latents:
+        latents = [int(latent) for latent in run.latents.split(",")]
+        if not all(0 <= latent < sae.d_sae for latent in latents):
+            raise UsageError(f"--latents must lie in 0..{sae.d_sae - 1}; got {run.latents}")
+    else:
+        latents = most_constrained_latents(cache, pref.fpo_k, n=8)
+        print(f"features: the {len(latents)} latents most often in the reference's top-{pref.fpo_k} pooled features")
+    batches = ((input_ids, mask) for _, input_ids, mask in pair_batches(test_tok, 64, enc, device))
+    report = sae_lib.top_activating_contexts(model, sae, batches, sae_cfg.sae_layer, latents, enc.decode)
+    path = Path(run.out_dir) / "features.txt"
+    path.write_text(report + "\n")
+    print(f"{report}\nfeatures: wrote {path}")
+
+
 # ----------------------------------------------------------------------------------------------
 # --compare and --bench: FPO against its baselines on the same data, seeds and hardware.
 
@@ -945,6 +975,8 @@ def main(argv: list[str]) -> None:
             build_cache(run, pre, sae_cfg, pref, device)
         elif stage == "prefer":
             train_preference(run, pre, sae_cfg, pref, device, seed=run.seed)
+        elif stage == "features":
+            feature_report(run, pre, sae_cfg, pref, device)
         else:
             results = evaluate(run, pre, sae_cfg, pref, ev, device, seed=run.seed)
             results["config"] = {cls.__name__: asdict(cfg) for cls, cfg in zip(CONFIG_CLASSES, (run, pre, sae_cfg, pref, ev))}
