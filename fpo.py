@@ -313,8 +313,11 @@ def reference_pooled_features(cache: dict, row_ids: torch.Tensor) -> torch.Tenso
         pooled_ref(y) per row. Shape: (R, d_sae).
     """
     offsets = cache["feature_offsets"]
+    starts, lengths = offsets[row_ids], offsets[row_ids + 1] - offsets[row_ids]  # (R,), (R,)
+    # One scatter for the whole batch: entry j of row r sits at offsets[row_ids[r]] + j.
+    row = torch.repeat_interleave(torch.arange(len(row_ids)), lengths)  # (nnz,)
+    within = torch.arange(int(lengths.sum())) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    entry = starts[row] + within  # (nnz,)
     dense = torch.zeros(len(row_ids), cache["d_sae"])
-    for i, row in enumerate(row_ids.tolist()):
-        start, end = offsets[row].item(), offsets[row + 1].item()
-        dense[i, cache["feature_indices"][start:end].long()] = cache["feature_values"][start:end]
+    dense[row, cache["feature_indices"][entry].long()] = cache["feature_values"][entry]
     return dense
