@@ -611,15 +611,15 @@ def train_preference(run, pre, sae_cfg, pref, device, seed: int, tag: str = "pol
                 pref, policy, optimizer, batch, cache, sae, reference, sae_cfg.sae_layer, device, step, resume_path, save=step % run.log_every == 0
             )
             step_times.append(time.perf_counter() - step_started)
+            if drift is None:  # other methods: measure the same drift, outside the timed step
+                drift = measure_drift(policy, sae, cache, batch, sae_cfg.sae_layer, pref.fpo_k, row_offset=0)
+            record = {
+                "step": step, "loss": loss.item(), "margin": (chosen_rewards - rejected_rewards).mean().item(),
+                "accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
+                "feature_drift": drift.mean().item(), "ms_per_step": 1000 * step_times[-1],
+            }
+            log.write(json.dumps(record) + "\n")  # every step; the terminal gets every log_every-th
             if step % run.log_every == 0 or step == pref.pref_steps - 1:
-                if drift is None:  # other methods: measure the same drift, outside the timed step
-                    drift = measure_drift(policy, sae, cache, batch, sae_cfg.sae_layer, pref.fpo_k, row_offset=0)
-                record = {
-                    "step": step, "loss": loss.item(), "margin": (chosen_rewards - rejected_rewards).mean().item(),
-                    "accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
-                    "feature_drift": drift.mean().item(), "ms_per_step": 1000 * step_times[-1],
-                }
-                log.write(json.dumps(record) + "\n")
                 log.flush()
                 print(log_line("prefer", step, pref.pref_steps, started, **{k: v for k, v in record.items() if k != "step"}), flush=True)
     save_checkpoint(out / f"{tag}.pt", {"kind": "policy", "model_config": asdict(policy.config), "config": asdict(pref), "state_dict": policy.state_dict()})
@@ -890,13 +890,17 @@ def compare_table(rows: list[dict], n_seeds: int) -> str:
 
 
 def text_chart(label: str, log_path: Path, width: int = 60) -> str:
-    """The reward margin and feature drift over training steps, as two rows of block characters."""
+    """The reward margin and feature drift over training, one row of block characters each: the
+    steps are split into at most `width` equal spans, and each character is its span's mean."""
     records = [json.loads(line) for line in log_path.read_text().splitlines()]
-    lines = [f"{label}: {len(records)} logged steps"]
+    lines = [f"{label}: {len(records)} steps"]
     for key in ("margin", "feature_drift"):
-        values = [r[key] for r in records][-width:]
-        low, high = min(values), max(values)
-        bars = "".join(" ▁▂▃▄▅▆▇█"[round(8 * (v - low) / (high - low)) if high > low else 4] for v in values)
+        values = [r[key] for r in records]
+        n_spans = min(width, len(values))
+        spans = [values[i * len(values) // n_spans : (i + 1) * len(values) // n_spans] for i in range(n_spans)]
+        means = [sum(span) / len(span) for span in spans]
+        low, high = min(means), max(means)
+        bars = "".join(" ▁▂▃▄▅▆▇█"[round(8 * (m - low) / (high - low)) if high > low else 4] for m in means)
         lines.append(f"  {key:<13} {low:>9.4g} {bars} {high:.4g}")
     return "\n".join(lines)
 
