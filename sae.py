@@ -382,8 +382,11 @@ def train_sae(
                 fvu = normalized_mse(x, x_hat)
                 dead = tokens_since_fired >= dead_tokens  # (d_sae,)
                 aux = auxk_loss(pre, dead, (x - x_hat).detach(), sae.W_dec, sae.input_scale, aux_k)
+                loss = fvu + aux_coef * aux
+                if not torch.isfinite(loss):  # stop before the update: the weights so far stay finite
+                    raise FloatingPointError(f"the loss is {loss.item()} at step {step}")
                 optimizer.zero_grad(set_to_none=True)
-                (fvu + aux_coef * aux).backward()
+                loss.backward()
                 sae.remove_parallel_grads()
                 optimizer.step()
                 sae.normalize_decoder()

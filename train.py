@@ -403,6 +403,8 @@ def train_sae_stage(run: RunConfig, pre: PretrainConfig, sae_cfg: SAEConfig, dev
             activations, sae_cfg.d_sae, sae_cfg.sae_k, steps=sae_cfg.sae_steps, batch_size=sae_cfg.sae_batch_size,
             lr=sae_cfg.sae_lr, seed=run.seed, log_every=run.log_every * 5, resume=resume,
         )
+    except FloatingPointError as error:
+        raise UsageError(f"sae: {error}; training stopped; nothing was saved: lower --sae_lr") from None
     except sae_lib.TrainingInterrupted as interrupted:
         save_checkpoint(resume_path, {"kind": "sae_resume", "state": interrupted.state})
         raise Interrupted(f"sae interrupted at step {interrupted.state['step']}; saved {resume_path}; continue with --resume") from None
@@ -459,10 +461,11 @@ def build_cache(run, pre, sae_cfg, pref, device) -> dict:
     started = time.time()
 
     def batches():
-        for index, input_ids, mask in pair_batches(everything, 64, enc, device):
+        for batch_number, (index, input_ids, mask) in enumerate(pair_batches(everything, 64, enc, device)):
             rows = torch.cat([2 * index, 2 * index + 1])  # chosen rows, then rejected rows
             yield rows, input_ids, mask
-            print(f"cache: {index[-1] + 1}/{len(everything)} pairs | {time.time() - started:.1f}s", flush=True)
+            if batch_number % 20 == 0 or index[-1] + 1 == len(everything):
+                print(f"cache: {index[-1] + 1}/{len(everything)} pairs | {time.time() - started:.1f}s", flush=True)
 
     with autocast(device):
         cache = fpo.build_reference_cache(

@@ -389,3 +389,10 @@ def test_cli_missing_device_exits_2_without_traceback():
     result = run_cli("--device", "cuda")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == "error: --device cuda was asked for, but this machine has no cuda device"
+
+
+def test_non_finite_sae_loss_stops_with_the_step_and_writes_no_sae(tiny_run, tmp_path):
+    out_dir = copy_outputs(tiny_run, tmp_path, "gpt.pt")
+    with pytest.raises(train.UsageError, match=r"^sae: the loss is (nan|inf) at step \d+; training stopped; nothing was saved"):
+        train.main(TINY + ["--out_dir", str(out_dir), "--stage", "sae", "--sae_lr", "1e30"])
+    assert not (out_dir / "sae.pt").exists()
