@@ -5,7 +5,9 @@ import json
 import math
 
 import pytest
+import torch
 
+import data
 import train
 from conftest import TINY
 from model import GPT
@@ -64,6 +66,24 @@ def test_preference_training_holds_no_reference_model(tiny_run, monkeypatch):
         pref.method = method
         train.train_preference(run, pre, sae_cfg, pref, train.pick_device("cpu"), seed=0, tag=f"count_{method}")
         assert live_gpts == [expected, expected], method
+
+
+def test_frozen_sae_and_reference_get_no_gradient(tiny_run):
+    _, argv = tiny_run
+    run, pre, sae_cfg, pref, _ = train.parse_args(argv)
+    device = train.pick_device("cpu")
+    enc, policy, sae, cache, train_tok, _ = train.prepare_preference(run, pre, sae_cfg, pref, device)
+    reference = train.load_gpt(run, pre, device).eval().requires_grad_(False)
+    frozen_before = [p.clone() for p in [*sae.parameters(), *reference.parameters()]]
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    input_ids, mask = data.collate_pairs(train_tok[:4], data.eos_id(enc))
+    for method in ("fpo", "tdpo2"):  # the SAE is in FPO's graph, the reference in TDPO's
+        pref.method = method
+        train.training_step(pref, policy, optimizer, (torch.arange(4), input_ids, mask), cache, sae, reference, sae_cfg.sae_layer, device, 0, None)
+        assert all(p.grad is not None for p in policy.parameters())
+    assert all(p.grad is None for p in [*sae.parameters(), *reference.parameters()])
+    for before, after in zip(frozen_before, [*sae.parameters(), *reference.parameters()]):
+        assert torch.equal(before, after)
 
 
 def test_compare_writes_a_finite_row_for_every_method(tiny_run):
