@@ -32,7 +32,7 @@ import torch.nn.functional as F
 def sequence_logps(
     logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probabilities of the response tokens, and how many there are (FPO.md "Notation", avg_logp).
+    """Summed log-probabilities of the response tokens, and how many there are (avg_logp(y), paper Sec. 3).
 
     Logits at position t predict the token at t+1, so logits[:, :-1] are scored against
     input_ids[:, 1:] and masked by response_mask[:, 1:]. Prompt and padding positions (mask 0)
@@ -54,7 +54,7 @@ def sequence_logps(
 
 
 def pooled_features(codes: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Mean SAE code over the response tokens: pooled(y) of FPO.md item 3 (paper Sec. 3, feature-level constraint).
+    """Mean SAE code over the response tokens: pooled(y) (paper Sec. 3, feature-level constraint).
 
     Args:
         codes: SAE codes of each position's residual stream. Shape: (B, T, F).
@@ -69,7 +69,7 @@ def pooled_features(codes: torch.Tensor, response_mask: torch.Tensor) -> torch.T
 
 
 def feature_mse(policy_pooled: torch.Tensor, reference_pooled: torch.Tensor, k: int) -> torch.Tensor:
-    """D(y): squared differences over the union of both sides' top-k features, divided by k (FPO.md item 3; paper Sec. 3).
+    """D(y): squared differences over the union of both sides' top-k features, divided by k (paper Sec. 3).
 
     The union holds between k and 2k features; dividing by k (not by its size) follows the paper.
 
@@ -90,7 +90,7 @@ def feature_mse(policy_pooled: torch.Tensor, reference_pooled: torch.Tensor, k: 
 
 
 def sequence_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """SeqKL(y) of TDPO (FPO.md "Baselines"): sum over response tokens of KL(pi_ref(.|prefix) || pi_theta(.|prefix)).
+    """SeqKL(y) of TDPO (Zeng et al. 2024; FPO paper Sec. 2): sum over response tokens of KL(pi_ref(.|prefix) || pi_theta(.|prefix)).
 
     Shifted like `sequence_logps`: the distributions at positions [:, :-1] are the ones that
     generate the response tokens marked by response_mask[:, 1:]. Full vocabulary, log-space.
@@ -123,7 +123,7 @@ def fpo_loss(
     beta: float = 0.1,
     alpha: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The FPO loss (FPO.md "FPO loss"; paper Sec. 3, final objective).
+    """The FPO loss (paper Sec. 3, the final objective; README "The equations").
 
     Args:
         policy_chosen_avg_logps: avg_logp_theta(y_w). Shape: (B,).
@@ -221,7 +221,7 @@ def tdpo_loss(
 
 
 # ----------------------------------------------------------------------------------------------
-# The offline reference cache: one pass of the frozen reference, before training (FPO.md item 2-3).
+# The offline reference cache: one pass of the frozen reference, before training (paper Sec. 3, offline reference).
 
 
 def fingerprint(*parts) -> str:
@@ -263,7 +263,7 @@ def build_reference_cache(
     """One reference pass: each response's average log-prob and its pooled SAE codes, stored sparsely.
 
     The pooled reference codes are non-negative and non-zero only on features some response token
-    activated, so the (index, value) list of all non-zeros reproduces them exactly (FPO.md item 3).
+    activated, so the (index, value) list of all non-zeros reproduces them exactly.
 
     Args:
         reference_fn: token ids (R, T) -> (logits (R, T, V), residual stream (R, T, d_model)) of the

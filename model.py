@@ -6,7 +6,7 @@ The model is a standard pre-norm decoder-only transformer:
     h_l = h_{l-1} + attn(ln(h_{l-1}));  h_l = h_l + mlp(ln(h_l))     for l = 1..n_layer
     logits = lm_head(ln_f(h_L))
 
-FPO reads the residual stream h_L after the last block, before the final norm (FPO.md, item 3);
+FPO reads the residual stream h_L after the last block, before the final norm, as the paper does;
 `forward(..., hidden_layer=...)` returns it, and `hidden_patch` replaces it (to splice in an SAE
 reconstruction when measuring the SAE). No hooks: the stream is passed around explicitly.
 """

@@ -1,4 +1,4 @@
-"""Sparse autoencoders on a GPT's residual stream, the feature space FPO constrains (FPO.md, item 3).
+"""Sparse autoencoders on a GPT's residual stream, the feature space FPO constrains.
 
 - `SparseAutoencoder`: a TopK SAE (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"),
   trained here by `train_sae` on activations collected by `harvest_activations`.

@@ -433,7 +433,7 @@ def chunk_batches(chunks: torch.Tensor, batch_size: int, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# Stage 3: the offline reference cache (FPO.md items 2-3): one reference pass, then no reference.
+# Stage 3: the offline reference cache: one reference pass, then no reference model at all.
 
 
 def cache_fingerprint(reference_state: dict, sae_state: dict, train_tok, test_tok, sae_cfg: SAEConfig) -> dict[str, str]:

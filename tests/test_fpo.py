@@ -1,4 +1,4 @@
-"""The math of fpo.py, pinned against values written out by hand from ../shared/FPO.md."""
+"""The math of fpo.py, pinned against values written out by hand from the equations (README "The equations")."""
 
 import math
 import shutil
