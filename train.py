@@ -727,7 +727,7 @@ def evaluate(run, pre, sae_cfg, pref, ev, device, seed: int, tag: str = "policy"
         prompt_texts = [pair.prompt for pair in data.load_preferences(run.preference_file, run.skip_bad_rows)[0]][-len(test_tok) :]
     else:
         prompt_texts = data.make_prompts(ev.n_eval_prompts, seed=run.seed, split="test")
-    prompts = [p.prompt_ids for p in data.tokenize_pairs([data.PreferencePair(t, ".", ".") for t in prompt_texts], enc, pre.block_size)[0]]
+    prompts = [data.encode(enc, text)[-(pre.block_size // 2) :] for text in prompt_texts]  # keep half the context to respond
     reference_samples = {} if reference_samples is None else reference_samples
     if "responses" not in reference_samples:
         reference_samples["responses"] = sample_responses(reference, prompts, enc, ev, seed, device)
