@@ -822,7 +822,7 @@ TABLE_COLUMNS = {  # column: (results key path, digits)
     "judge score": (("policy", "judge_score"), 3),
     "valid": (("policy", "valid_rate"), 3),
     "reward acc": (("reward_accuracy",), 3),
-    "KL(pi||ref)": (("policy", "kl_from_reference"), 2),
+    "KL from ref": (("policy", "kl_from_reference"), 2),
     "entropy": (("policy", "entropy_per_token"), 3),
     "distinct-2": (("policy", "distinct_2"), 3),
     "length": (("policy", "mean_length"), 1),
