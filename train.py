@@ -489,7 +489,7 @@ def load_cache(run, pre, sae_cfg, pref, device, policy: GPT, sae, train_tok, tes
     expected = cache_fingerprint(policy.state_dict(), sae.state_dict(), train_tok, test_tok, sae_cfg)
     if path.exists():
         cache = load_checkpoint(path, "reference_cache", "")
-        saved = cache.get("fingerprint") if isinstance(cache.get("fingerprint"), dict) else {}  # none in older caches
+        saved = cache.get("fingerprint") if isinstance(cache.get("fingerprint"), dict) else {}  # none in a cache from another version
         changed = [part for part in expected if saved.get(part) != expected[part]]
         if not changed:
             return cache
