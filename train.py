@@ -447,27 +447,20 @@ def cache_fingerprint(reference_state: dict, sae_state: dict, train_tok, test_to
     }
 
 
-def build_cache(run, pre, sae_cfg, pref, device) -> dict:
+def build_cache(run, sae_cfg, enc, reference: GPT, sae, train_tok, test_tok, device) -> dict:
     """Build and save the cache of every training and held-out response; rows: pair i's chosen is
-    row 2i, its rejected row 2i+1; training pairs first, then held-out pairs."""
+    row 2i, its rejected row 2i+1 (`cache_rows`); training pairs first, then held-out pairs."""
     print("\n== cache ==")
-    enc = data.load_tokenizer()
-    reference = load_gpt(run, pre, device).eval().requires_grad_(False)
-    sae = load_sae(run, reference, device).eval().requires_grad_(False)
-    train_pairs, test_pairs = load_pairs(run, pref)
-    train_tok = tokenize(train_pairs, enc, pre.block_size, "training")
-    test_tok = tokenize(test_pairs, enc, pre.block_size, "held-out")
     everything = train_tok + test_tok
     started = time.time()
 
     def batches():
         for batch_number, (index, input_ids, mask) in enumerate(pair_batches(everything, 64, enc, device)):
-            rows = torch.cat([2 * index, 2 * index + 1])  # chosen rows, then rejected rows
-            yield rows, input_ids, mask
+            yield cache_rows(index, row_offset=0), input_ids, mask
             if batch_number % 20 == 0 or index[-1] + 1 == len(everything):
                 print(f"cache: {index[-1] + 1}/{len(everything)} pairs | {time.time() - started:.1f}s", flush=True)
 
-    with autocast(device):
+    with sae_lib.eval_mode(reference), autocast(device):
         cache = fpo.build_reference_cache(
             lambda ids: reference(ids, hidden_layer=sae_cfg.sae_layer), sae.encode, batches(), n_rows=2 * len(everything), d_sae=sae.d_sae
         )
@@ -482,7 +475,13 @@ def build_cache(run, pre, sae_cfg, pref, device) -> dict:
     return cache
 
 
-def load_cache(run, pre, sae_cfg, pref, device, policy: GPT, sae, train_tok, test_tok) -> dict:
+def cache_rows(index: torch.Tensor, row_offset: int) -> torch.Tensor:
+    """The cache rows of a batch of pairs, chosen rows then rejected rows: (B,) -> (2B,).
+    row_offset is len(train pairs) for held-out pairs, which follow the training pairs."""
+    return torch.cat([2 * (index + row_offset), 2 * (index + row_offset) + 1])
+
+
+def load_cache(run, sae_cfg, enc, policy: GPT, sae, train_tok, test_tok, device) -> dict:
     """The reference cache, rebuilt if its fingerprint doesn't match the data, SAE and the initial
     policy weights (which are the reference's: the policy starts as a copy of the reference)."""
     path = Path(run.out_dir) / "reference_cache.pt"
@@ -496,11 +495,20 @@ def load_cache(run, pre, sae_cfg, pref, device, policy: GPT, sae, train_tok, tes
         print(f"cache: {path} is stale: it was built from another {' and '.join(changed)}; rebuilding")
     else:
         print(f"cache: {path} not found; building it")
-    return build_cache(run, pre, sae_cfg, pref, device)
+    return build_cache(run, sae_cfg, enc, policy, sae, train_tok, test_tok, device)
 
 
 # ----------------------------------------------------------------------------------------------
 # Stage 4: preference training. One loop for every method; the losses are fpo.py's pure functions.
+
+
+def feature_drift(sae, hidden: torch.Tensor, mask: torch.Tensor, cache: dict, rows: torch.Tensor, fpo_k: int) -> torch.Tensor:
+    """D(y) of each row: the policy's pooled codes against the cached reference's.
+
+    hidden (R, T, d_model), mask (R, T), rows (R,) -> (R,)."""
+    policy_pooled = pooled_response_codes(sae, hidden, mask)  # (R, d_sae)
+    reference_pooled = fpo.reference_pooled_features(cache, rows).to(policy_pooled.device)  # (R, d_sae)
+    return fpo.feature_mse(policy_pooled, reference_pooled, fpo_k)
 
 
 def pooled_response_codes(sae, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -521,7 +529,7 @@ def preference_losses(method: str, pref: PreferenceConfig, policy, batch, cache,
     """
     index, input_ids, mask = batch
     B = len(index)
-    rows = torch.cat([2 * (index + row_offset), 2 * (index + row_offset) + 1])
+    rows = cache_rows(index, row_offset)
     logits, hidden = policy(input_ids, hidden_layer=sae_layer if method == "fpo" else None)
     sum_logps, n_tokens = fpo.sequence_logps(logits, input_ids, mask)  # (2B,), (2B,)
     avg_logps = sum_logps / n_tokens
@@ -529,9 +537,7 @@ def preference_losses(method: str, pref: PreferenceConfig, policy, batch, cache,
         return *fpo.simpo_loss(avg_logps[:B], avg_logps[B:], beta=pref.beta, gamma=pref.gamma), None
     reference_avg_logps = cache["avg_logps"][rows].to(avg_logps.device)  # (2B,)
     if method == "fpo":
-        policy_pooled = pooled_response_codes(sae, hidden, mask)  # (2B, d_sae)
-        reference_pooled = fpo.reference_pooled_features(cache, rows).to(policy_pooled.device)  # (2B, d_sae)
-        drift = fpo.feature_mse(policy_pooled, reference_pooled, pref.fpo_k)  # (2B,)
+        drift = feature_drift(sae, hidden, mask, cache, rows, pref.fpo_k)  # (2B,)
         losses, chosen_rewards, rejected_rewards = fpo.fpo_loss(
             avg_logps[:B], avg_logps[B:], reference_avg_logps[:B], reference_avg_logps[B:], drift[:B], drift[B:], beta=pref.beta, alpha=pref.alpha
         )
@@ -570,17 +576,24 @@ def training_step(pref, policy, optimizer, batch, cache, sae, reference, sae_lay
     return loss, chosen_rewards, rejected_rewards, drift
 
 
+def load_preference_inputs(run, pre, sae_cfg, pref, device):
+    """The tokenizer, a GPT holding the pretrained (reference) weights, the frozen SAE, and the
+    tokenized training and held-out pairs: what the cache stage and preference training read."""
+    enc = data.load_tokenizer()
+    model = load_gpt(run, pre, device)
+    sae = load_sae(run, model, device).eval().requires_grad_(False)
+    train_pairs, test_pairs = load_pairs(run, pref)
+    train_tok = tokenize(train_pairs, enc, pre.block_size, "training")
+    test_tok = tokenize(test_pairs, enc, pre.block_size, "held-out")
+    return enc, model, sae, train_tok, test_tok
+
+
 def prepare_preference(run, pre, sae_cfg, pref, device):
     """What every preference-training method shares: data, the policy (a copy of the reference
     weights), the frozen SAE and the reference cache. The reference model itself is loaded only
     for the methods that need it online (dpo, tdpo1, tdpo2)."""
-    enc = data.load_tokenizer()
-    policy = load_gpt(run, pre, device)
-    sae = load_sae(run, policy, device).eval().requires_grad_(False)
-    train_pairs, test_pairs = load_pairs(run, pref)
-    train_tok = tokenize(train_pairs, enc, pre.block_size, "training")
-    test_tok = tokenize(test_pairs, enc, pre.block_size, "held-out")
-    cache = load_cache(run, pre, sae_cfg, pref, device, policy, sae, train_tok, test_tok)
+    enc, policy, sae, train_tok, test_tok = load_preference_inputs(run, pre, sae_cfg, pref, device)
+    cache = load_cache(run, sae_cfg, enc, policy, sae, train_tok, test_tok, device)
     return enc, policy, sae, cache, train_tok, test_tok
 
 
@@ -635,10 +648,8 @@ def train_preference(run, pre, sae_cfg, pref, device, seed: int, tag: str = "pol
 def measure_drift(policy, sae, cache, batch, sae_layer: int, fpo_k: int, row_offset: int) -> torch.Tensor:
     """D(y) of every response in a batch, for logging and evaluation. Shape: (2B,)."""
     index, input_ids, mask = batch
-    rows = torch.cat([2 * (index + row_offset), 2 * (index + row_offset) + 1])
     _, hidden = policy(input_ids, hidden_layer=sae_layer)
-    policy_pooled = pooled_response_codes(sae, hidden, mask)
-    return fpo.feature_mse(policy_pooled, fpo.reference_pooled_features(cache, rows).to(policy_pooled.device), fpo_k)
+    return feature_drift(sae, hidden, mask, cache, cache_rows(index, row_offset), fpo_k)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -712,10 +723,12 @@ def evaluate(run, pre, sae_cfg, pref, ev, device, seed: int, tag: str = "policy"
     accuracies, drifts = [], []
     for batch in pair_batches(test_tok, 64, enc, device):
         with autocast(device):
-            _, chosen_rewards, rejected_rewards, _ = preference_losses(
+            _, chosen_rewards, rejected_rewards, drift = preference_losses(
                 method, pref, policy, batch, cache, sae, reference, sae_cfg.sae_layer, row_offset=len(train_tok)
             )
-            drifts.append(measure_drift(policy, sae, cache, batch, sae_cfg.sae_layer, pref.fpo_k, row_offset=len(train_tok)))
+            if drift is None:  # FPO computed it for its loss; the other methods measure it here
+                drift = measure_drift(policy, sae, cache, batch, sae_cfg.sae_layer, pref.fpo_k, row_offset=len(train_tok))
+            drifts.append(drift)
         accuracies.append((chosen_rewards > rejected_rewards).float())
     results = {
         "method": method, "seed": seed,
@@ -724,7 +737,7 @@ def evaluate(run, pre, sae_cfg, pref, ev, device, seed: int, tag: str = "policy"
     }
 
     if run.preference_file:  # the judge knows only the toy world: sample the held-out prompts, no scores
-        prompt_texts = [pair.prompt for pair in data.load_preferences(run.preference_file, run.skip_bad_rows)[0]][-len(test_tok) :]
+        prompt_texts = [enc.decode(pair.prompt_ids) for pair in test_tok]
     else:
         prompt_texts = data.make_prompts(ev.n_eval_prompts, seed=run.seed, split="test")
     prompts = [data.encode(enc, text)[-(pre.block_size // 2) :] for text in prompt_texts]  # keep half the context to respond
@@ -1002,7 +1015,7 @@ def main(argv: list[str]) -> None:
         elif stage == "sae":
             train_sae_stage(run, pre, sae_cfg, device)
         elif stage == "cache":
-            build_cache(run, pre, sae_cfg, pref, device)
+            build_cache(run, sae_cfg, *load_preference_inputs(run, pre, sae_cfg, pref, device), device)
         elif stage == "prefer":
             train_preference(run, pre, sae_cfg, pref, device, seed=run.seed)
         elif stage == "features":
