@@ -400,6 +400,19 @@ def _parse_preference_line(raw: bytes) -> PreferencePair:
     return PreferencePair(row["prompt"], row["chosen"], row["rejected"])
 
 
+def split_preference_file(path, skip_bad_rows: bool, n_test_pairs: int) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """(train pairs, held-out pairs) of a JSONL file: its last n_test_pairs rows, at most a fifth,
+    are held out."""
+    pairs, dropped = load_preferences(path, skip_bad_rows=skip_bad_rows)
+    if dropped:
+        print(f"data: dropped {dropped} malformed rows of {path} (--skip_bad_rows)")
+    n_test = min(n_test_pairs, len(pairs) // 5)
+    if n_test < 1:
+        raise DataError(path, None, f"{len(pairs)} valid pairs and --n_test_pairs {n_test_pairs} leave no held-out pair; "
+                                    f"at least 5 pairs are needed (at most every fifth is held out)")
+    return pairs[: len(pairs) - n_test], pairs[len(pairs) - n_test:]
+
+
 def load_preferences(path, skip_bad_rows: bool = False) -> tuple[list[PreferencePair], int]:
     """Preference pairs from JSONL: one {"prompt", "chosen", "rejected"} object of strings per
     line; blank lines are ignored. Returns (pairs, n_dropped). A bad row raises DataError, or
@@ -487,6 +500,22 @@ def collate_pairs(tokenized: list[TokenizedPair], eos_id: int) -> tuple[torch.Te
                              [p.rejected_ids for p in tokenized], eos_id)
 
 
+def pair_batch(tokenized: list[TokenizedPair], index: torch.Tensor, row_offset: int, eos_id: int, device):
+    """Pairs `index` as one batch: (cache rows (2B,), input_ids (2B, T), response_mask (2B, T)),
+    chosen rows first, on `device`. Pair i's chosen response is row 2i of the reference cache, its
+    rejected 2i+1; held-out pairs follow the training pairs there, so their row_offset is
+    len(train pairs)."""
+    input_ids, mask = collate_pairs([tokenized[i] for i in index], eos_id)
+    rows = torch.cat([2 * (index + row_offset), 2 * (index + row_offset) + 1])
+    return rows.to(device), input_ids.to(device), mask.to(device)
+
+
+def every_pair(tokenized: list[TokenizedPair], batch_size: int, row_offset: int, eos_id: int, device):
+    """Every pair once, in order, as pair_batch batches."""
+    for start in range(0, len(tokenized), batch_size):
+        yield pair_batch(tokenized, torch.arange(start, min(start + batch_size, len(tokenized))), row_offset, eos_id, device)
+
+
 def response_text(enc: tiktoken.Encoding, response_ids: list[int]) -> str:
     """The text of a sampled response: its tokens decoded, without the EOS that ends it."""
     return enc.decode([t for t in response_ids if t != eos_id(enc)])
@@ -502,14 +531,24 @@ def corpus_token_stream(docs: list[str], enc: tiktoken.Encoding) -> torch.Tensor
     return torch.tensor(ids, dtype=torch.long)
 
 
-def sample_lm_batch(tokens: torch.Tensor, batch_size: int, block_size: int,
-                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows for next-token prediction.
+def contiguous_chunks(tokens: torch.Tensor, block_size: int, max_tokens: int) -> torch.Tensor:
+    """The token stream cut into (N, block_size) rows, at most max_tokens tokens in all."""
+    n_rows = min(len(tokens), max_tokens) // block_size
+    return tokens[: n_rows * block_size].view(n_rows, block_size)
 
-    tokens: the token stream, (N,)
+
+def chunk_batches(chunks: torch.Tensor, batch_size: int, device):
+    """Rows of `chunks` (N, T), batch_size at a time, on `device`."""
+    for start in range(0, len(chunks), batch_size):
+        yield chunks[start : start + batch_size].to(device)
+
+
+def lm_windows(tokens: torch.Tensor, starts: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of the token stream for next-token prediction.
+
+    tokens: the token stream, (N,); starts: where each window begins, (B,), each < N - block_size.
     Returns x (B, T) and y (B, T), y being x shifted one token left.
     """
-    starts = torch.randint(0, len(tokens) - block_size, (batch_size,), generator=generator)
     x = torch.stack([tokens[s:s + block_size] for s in starts.tolist()])          # (B, T)
     y = torch.stack([tokens[s + 1:s + 1 + block_size] for s in starts.tolist()])  # (B, T)
     return x, y

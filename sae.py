@@ -12,8 +12,6 @@ Quality metrics (FVU, L0, CE loss recovered, dead latents, density histogram) ar
 import contextlib
 import copy
 import math
-import signal
-import threading
 import time
 from typing import Callable, Iterable
 
@@ -21,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from runtime import Interrupted, batch_indices, learning_rate, stop_at_step_boundary
 
 
 def topk_relu(pre: torch.Tensor, k: int) -> torch.Tensor:
@@ -271,49 +271,6 @@ def initialize_sae(activations: torch.Tensor, d_sae: int, k: int, seed: int) -> 
     return sae
 
 
-def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
-    """Rows of step `step`'s batch, a pure function of (seed, step), so resuming needs no RNG state. Shape: (B,)."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    return torch.randint(n, (batch_size,), generator=generator)
-
-
-def learning_rate(step: int, steps: int, lr: float, warmup_steps: int) -> float:
-    """Linear warm-up over warmup_steps, constant, then linear decay to 0 over the last 20% of steps."""
-    decay_start = int(0.8 * steps)
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    if step >= decay_start:
-        return lr * (steps - step) / (steps - decay_start)
-    return lr
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during `train_sae`. `state` resumes the run exactly: train_sae(..., resume=err.state).
-
-    A KeyboardInterrupt, so code that does not handle it still stops as on any Ctrl-C.
-    """
-
-    def __init__(self, state: dict):
-        super().__init__(f"SAE training interrupted after {state['step']} steps; "
-                         f"resume with train_sae(..., resume=<this exception>.state)")
-        self.state = state
-
-
-@contextlib.contextmanager
-def sigint_deferred_to_step_boundary():
-    """While active, Ctrl-C only sets the yielded Event; the loop checks it between steps, so an
-    interrupt never lands halfway through an update (off the main thread, Python delivers no SIGINT)."""
-    requested = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield requested
-        return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: requested.set())
-    try:
-        yield requested
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def train_sae(
     activations: torch.Tensor,
     d_sae: int = 256,
@@ -330,24 +287,24 @@ def train_sae(
     log_every: int = 500,
     resume: dict | None = None,
 ) -> SparseAutoencoder:
-    """Train a TopK SAE on raw activations with Adam; on Ctrl-C raise TrainingInterrupted(state).
+    """Train a TopK SAE on raw activations with Adam; on Ctrl-C raise Interrupted("sae", step, state).
 
     Each step: loss = FVU(x, x_hat) + aux_coef * AuxK, with AuxK over the top aux_k latents that have
     not fired for dead_tokens tokens; then remove_parallel_grads, Adam step, normalize_decoder, and
     the dead-latent counters. Batches are sampled with replacement by batch_indices(seed, step).
-    Resuming from a TrainingInterrupted's state with the same arguments ends with exactly the SAE
+    Resuming from that state with the same arguments ends with exactly the SAE
     an uninterrupted run gives (bit-identical on the CPU).
 
     Args:
         activations: raw residual-stream vectors; training runs on their device. Shape: (N, d_model).
         d_sae: number of latents.
         k: latents active per token.
-        steps, batch_size, lr, warmup_steps: the optimisation (lr schedule in `learning_rate`).
+        steps, batch_size, lr, warmup_steps: the optimisation (learning_rate's "linear_tail" schedule).
         seed: fixes the initialisation and every batch.
         aux_k, aux_coef: AuxK's dead latents per token and loss weight (1/32 as in Gao et al.).
         dead_tokens: a latent that has not fired for this many training tokens counts as dead.
         log_every: steps between progress lines.
-        resume: a TrainingInterrupted's state, to continue that run.
+        resume: an Interrupted's state, to continue that run.
     """
     settings = dict(n_activations=len(activations), d_model=activations.shape[1], d_sae=d_sae, k=k,
                     steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, seed=seed,
@@ -368,13 +325,13 @@ def train_sae(
         completed = resume["step"]
 
     start_time, fvu_sum, aux_sum, logged_steps = time.time(), 0.0, 0.0, 0
-    with sigint_deferred_to_step_boundary() as interrupt_requested:
+    with stop_at_step_boundary() as interrupt_requested:
         try:
             for step in range(completed, steps):
                 if interrupt_requested.is_set():
                     raise KeyboardInterrupt
                 for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(step, steps, lr, warmup_steps)
+                    group["lr"] = learning_rate(step, lr, warmup_steps, steps, "linear_tail")
                 x = activations[batch_indices(len(activations), batch_size, seed, step).to(device)]  # (B, d_model)
                 pre = sae.pre_activations(x)  # (B, d_sae)
                 codes = topk_relu(pre, k)  # (B, d_sae)
@@ -403,7 +360,7 @@ def train_sae(
             state = {"settings": settings, "step": completed, "sae": copy.deepcopy(sae.checkpoint()),
                      "optimizer_state": copy.deepcopy(optimizer.state_dict()),
                      "tokens_since_fired": tokens_since_fired.clone()}
-            raise TrainingInterrupted(state) from None
+            raise Interrupted("sae", completed, state) from None
     return sae
 
 

@@ -1,8 +1,20 @@
-"""Shared fixtures: a tiny pipeline config that runs end to end in seconds on the CPU."""
+"""Shared fixtures and helpers: a tiny pipeline config that runs end to end in seconds on the CPU.
+
+Tests that train a tiny pipeline, start a subprocess or train a planted SAE are marked `slow`:
+`python -m pytest -q -m "not slow"` is the quick edit loop, `python -m pytest -q` runs everything.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 import train
+
+REPO = Path(train.__file__).parent
 
 # Every stage, shrunk: a 1-block 32-wide GPT, a 128-latent SAE, a few hundred pairs.
 TINY = [
@@ -23,3 +35,31 @@ def tiny_run(tmp_path_factory):
     argv = TINY + ["--out_dir", str(out_dir)]
     train.main(argv)
     return out_dir, argv
+
+
+def numbers_of(results: dict) -> dict:
+    """The numeric leaves of a results dict, for exact comparison."""
+    flat = {}
+    for key, value in results.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in numbers_of(value).items()})
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[key] = value
+    return flat
+
+
+def results_of(out_dir: Path) -> dict:
+    return numbers_of(json.loads((out_dir / "results.json").read_text()))
+
+
+def copy_outputs(tiny_run, tmp_path: Path, *names: str) -> Path:
+    """A fresh out_dir holding copies of some of the tiny run's outputs (the tiny run stays untouched)."""
+    out_dir, _ = tiny_run
+    for name in names:
+        shutil.copy(out_dir / name, tmp_path / name)
+    return tmp_path
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """`python train.py ARGS` in a subprocess: its exit code and output."""
+    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import fpo
@@ -249,6 +250,7 @@ def test_fingerprint_changes_with_any_part():
     assert base != fpo.fingerprint(state, torch.arange(5), {"beta": 0.2})
 
 
+@pytest.mark.slow
 def test_fpo_py_runs_alone_in_an_empty_directory(tmp_path):
     shutil.copy(ROOT / "fpo.py", tmp_path / "fpo.py")
     script = (

@@ -10,7 +10,6 @@ import os
 import random
 import re
 import runpy
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,32 +20,22 @@ import pytest
 import torch
 
 import data
+import evaluate
 import fpo
 import sae as sae_lib
 import train
-from conftest import TINY
+from runtime import Interrupted, load_checkpoint, resume_training, save_checkpoint, save_resume, training_state
+from conftest import REPO, TINY, copy_outputs, numbers_of, run_cli
 from model import GPT, GPTConfig
-from test_pipeline import numbers_of
 
-REPO = Path(train.__file__).parent
+CPU = torch.device("cpu")
+
 GOOD_ROW = {"prompt": "review the soup :", "chosen": " the soup was great .", "rejected": " the soup was awful ."}
-STAGE_FUNCTIONS = ("pretrain", "train_sae_stage", "build_cache", "train_preference", "evaluate")
+STAGE_FUNCTIONS = ((train, "pretrain"), (train, "train_sae_stage"), (train, "build_cache"), (train, "train_preference"), (evaluate, "evaluate"))
 
 
 def jsonl(*rows) -> bytes:
     return b"".join((row if isinstance(row, bytes) else json.dumps(row).encode()) + b"\n" for row in rows)
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
-
-
-def copy_outputs(tiny_run, tmp_path: Path, *names: str) -> Path:
-    """A fresh out_dir holding copies of some of the tiny run's outputs (the tiny run stays untouched)."""
-    out_dir, _ = tiny_run
-    for name in names:
-        shutil.copy(out_dir / name, tmp_path / name)
-    return tmp_path
 
 
 def run_main_as_script(monkeypatch, capsys, *args: str) -> tuple[int, str]:
@@ -60,8 +49,8 @@ def run_main_as_script(monkeypatch, capsys, *args: str) -> tuple[int, str]:
 @pytest.fixture
 def no_training(monkeypatch):
     """Every stage fails the test if it starts: faults must be found before any training."""
-    for name in STAGE_FUNCTIONS:
-        monkeypatch.setattr(train, name, lambda *args, _name=name, **kwargs: pytest.fail(f"{_name} ran"))
+    for module, name in STAGE_FUNCTIONS:
+        monkeypatch.setattr(module, name, lambda *args, _name=name, **kwargs: pytest.fail(f"{_name} ran"))
 
 
 # ---- bad preference and corpus files -------------------------------------------------------
@@ -104,6 +93,7 @@ def test_bad_corpus_file_exits_2_with_one_line_before_any_training(tmp_path, mon
     assert not (tmp_path / "out").exists()  # the first training step would have saved a checkpoint there
 
 
+@pytest.mark.slow
 def test_cli_bad_preference_file_exits_2_without_traceback(tmp_path):
     path = tmp_path / "prefs.jsonl"
     path.write_bytes(jsonl(GOOD_ROW, GOOD_ROW, b"{not json}"))
@@ -114,6 +104,7 @@ def test_cli_bad_preference_file_exits_2_without_traceback(tmp_path):
     assert "== pretrain ==" not in result.stdout and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_skip_bad_rows_drops_counts_and_goes_on(tiny_run, tmp_path, capsys):
     out_dir = copy_outputs(tiny_run, tmp_path, "gpt.pt", "sae.pt")
     good = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in data.make_preference_pairs(20, seed=0)]
@@ -129,7 +120,7 @@ def test_skip_bad_rows_drops_counts_and_goes_on(tiny_run, tmp_path, capsys):
 def test_too_few_pairs_to_hold_any_out_is_refused_at_start(tmp_path, no_training):
     path = tmp_path / "prefs.jsonl"
     path.write_bytes(jsonl(GOOD_ROW, GOOD_ROW, GOOD_ROW))
-    with pytest.raises(train.UsageError, match=r"prefs\.jsonl: 3 valid pairs .* leave no held-out pair"):
+    with pytest.raises(data.DataError, match=r"prefs\.jsonl: 3 valid pairs .* leave no held-out pair"):
         train.main(TINY + ["--out_dir", str(tmp_path / "out"), "--preference_file", str(path)])
 
 
@@ -166,54 +157,68 @@ def test_all_padding_response_gives_finite_losses_and_metrics():
     tokenized, _ = data.tokenize_pairs(data.make_preference_pairs(2, seed=0), enc, 24)
     input_ids, mask = data.collate_pairs(tokenized, eos)
     mask[0] = False  # the first chosen response: all padding
-    batch = (torch.arange(2), input_ids, mask)
-    rows = torch.cat([2 * batch[0], 2 * batch[0] + 1])
-    cache = fpo.build_reference_cache(lambda ids: policy(ids, hidden_layer=-1), sae.encode, [(rows, input_ids, mask)], n_rows=4, d_sae=32)
+    rows = torch.tensor([0, 2, 1, 3])
+    batch = (rows, input_ids, mask)
+    cache = fpo.build_reference_cache(lambda ids: policy(ids, hidden_layer=-1), sae.encode, [batch], n_rows=4, d_sae=32)
     assert torch.isfinite(cache["avg_logps"]).all()
+    inputs = train.PreferenceInputs(enc, sae, tokenized, [], cache, {})
     for method in train.METHODS:
         pref = train.PreferenceConfig(method=method, fpo_k=4)
-        losses, chosen, rejected, _ = train.preference_losses(method, pref, policy, batch, cache, sae, policy, -1, row_offset=0)
+        losses, chosen, rejected, _ = train.preference_losses(pref, -1, policy, batch, inputs, policy)
         assert all(torch.isfinite(t).all() for t in (losses, chosen, rejected)), method
-    assert torch.isfinite(train.measure_drift(policy, sae, cache, batch, -1, 4, row_offset=0)).all()
+    assert torch.isfinite(train.measure_drift(pref, -1, policy, batch, inputs)).all()
     prompts = [t.prompt_ids for t in tokenized]
-    stats = train.score_samples(policy, policy, prompts, [[], []], enc, torch.device("cpu"))  # two empty samples
+    stats = evaluate.score_samples(policy, policy, prompts, [[], []], enc, torch.device("cpu"))  # two empty samples
     assert all(math.isfinite(value) for value in stats.values())
 
 
 # ---- mismatched artifacts ------------------------------------------------------------------
 
 
-def test_sae_of_another_width_is_refused_at_load(tiny_run, tmp_path):
-    out_dir = copy_outputs(tiny_run, tmp_path, "sae.pt")
-    run, _, _, _, _ = train.parse_args(TINY + ["--out_dir", str(out_dir)])
-    narrow = GPT(GPTConfig(vocab_size=data.load_tokenizer().n_vocab, block_size=48, n_layer=1, n_head=2, n_embd=16))
-    with pytest.raises(train.UsageError, match=r"sae\.pt reads 32-wide vectors but the GPT's residual stream is 16 wide: rerun `--stage sae`"):
-        train.load_sae(run, narrow, torch.device("cpu"))
+@pytest.mark.slow
+def test_sae_of_another_gpt_or_layer_is_refused_at_load(tiny_run, tmp_path):
+    out_dir = copy_outputs(tiny_run, tmp_path, "gpt.pt", "sae.pt")
+    cfg = train.parse_args(TINY + ["--out_dir", str(out_dir)])
+    _, gpt_fingerprint = train.load_gpt(cfg, CPU)
+    train.load_trained_sae(cfg, gpt_fingerprint, CPU)  # the right one loads
+    with pytest.raises(train.UsageError, match=r"sae\.pt was made from another GPT than this run's: rerun `--stage sae`"):
+        train.load_trained_sae(cfg, "another", CPU)
+    sae_of_layer_1 = load_checkpoint(out_dir / "sae.pt", "sae", "")
+    sae_of_layer_1["made_from"]["layer"] = 1
+    torch.save(sae_of_layer_1, out_dir / "sae.pt")
+    with pytest.raises(train.UsageError, match=r"sae\.pt was made from another layer than this run's"):
+        train.load_trained_sae(cfg, gpt_fingerprint, CPU)
 
 
+@pytest.mark.slow
 def test_checkpoints_of_another_config_or_unreadable_are_refused_at_load(tiny_run, tmp_path):
     out_dir = copy_outputs(tiny_run, tmp_path, "gpt.pt")
-    run, pre, _, _, _ = train.parse_args(TINY + ["--out_dir", str(out_dir), "--n_embd", "64"])
     with pytest.raises(train.UsageError, match=r"gpt\.pt was trained with n_embd=32, but this run asks for n_embd=64"):
-        train.load_gpt(run, pre, torch.device("cpu"))
+        train.load_gpt(train.parse_args(TINY + ["--out_dir", str(out_dir), "--n_embd", "64"]), CPU)
     # a resume file of another model
+    cfg = train.parse_args(TINY + ["--out_dir", str(out_dir), "--resume"])
     wide = GPT(GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=8))
-    optimizer = torch.optim.AdamW(wide.parameters())
-    train.save_checkpoint(out_dir / "gpt.resume.pt", train.training_state(wide, optimizer, 3, pre))
-    run, pre, _, _, _ = train.parse_args(TINY + ["--out_dir", str(out_dir), "--resume"])
-    model = train.load_gpt(run, pre, torch.device("cpu"))
+    settings = train.stage_settings(cfg, "pretrain")
+    save_resume(out_dir / "gpt.resume.pt", settings, 3, training_state(wide, torch.optim.AdamW(wide.parameters())))
+    model, _ = train.load_gpt(cfg, CPU)
     with pytest.raises(train.UsageError, match=r"gpt\.resume\.pt holds a model of another config"):
-        train.resume_training(run, out_dir / "gpt.resume.pt", model, torch.optim.AdamW(model.parameters()), "pretrain")
+        resume_training(out_dir / "gpt.resume.pt", "pretrain", settings, model, torch.optim.AdamW(model.parameters()))
+    # a hand-made checkpoint without the format's keys
+    torch.save({"kind": "gpt", "state_dict": {}}, out_dir / "gpt.pt")
+    with pytest.raises(train.UsageError, match=r"gpt\.pt lacks config, made_from \(made by another version\?\): delete it"):
+        train.load_gpt(cfg, CPU)
     # a truncated checkpoint
+    copy_outputs(tiny_run, tmp_path, "gpt.pt")
     (out_dir / "gpt.pt").write_bytes((out_dir / "gpt.pt").read_bytes()[:1000])
     with pytest.raises(train.UsageError, match=r"gpt\.pt is not a readable checkpoint .*delete it, then run `python train.py --stage pretrain`"):
-        train.load_gpt(run, pre, torch.device("cpu"))
+        train.load_gpt(cfg, CPU)
 
 
+@pytest.mark.slow
 def test_policy_from_another_gpt_is_refused_at_eval(tiny_run, tmp_path):
     out_dir = copy_outputs(tiny_run, tmp_path, "gpt.pt", "sae.pt", "reference_cache.pt")
     other = GPT(GPTConfig(vocab_size=data.load_tokenizer().n_vocab, block_size=48, n_layer=2, n_head=2, n_embd=32))
-    train.save_checkpoint(out_dir / "policy.pt", {"kind": "policy", "model_config": asdict(other.config), "config": {}, "state_dict": other.state_dict()})
+    save_checkpoint(out_dir / "policy.pt", "policy", {}, {}, model_config=asdict(other.config), state_dict=other.state_dict())
     with pytest.raises(train.UsageError, match=r"policy\.pt was trained from another GPT than .*gpt\.pt: rerun `--stage prefer`"):
         train.main(TINY + ["--out_dir", str(out_dir), "--stage", "eval"])
 
@@ -226,31 +231,38 @@ def perturb(path: Path) -> None:
 
 
 @pytest.mark.parametrize("change, reason", [
-    ("gpt", "another reference model"),
+    ("reference", "another reference model"),
     ("sae", "another SAE"),
     ("dataset", "another dataset or tokenizer"),
     ("tokenizer", "another dataset or tokenizer"),
 ])
+@pytest.mark.slow
 def test_stale_reference_cache_is_rebuilt_with_the_reason(tiny_run, tmp_path, monkeypatch, capsys, change, reason):
     out_dir = copy_outputs(tiny_run, tmp_path, "gpt.pt", "sae.pt", "reference_cache.pt")
     argv = TINY + ["--out_dir", str(out_dir)]
-    if change in ("gpt", "sae"):
-        perturb(out_dir / f"{change}.pt")
+    if change == "sae":
+        perturb(out_dir / "sae.pt")
+    elif change == "reference":  # a cache from another GPT (whose SAE this run would refuse anyway)
+        cache = torch.load(out_dir / "reference_cache.pt", weights_only=False)
+        cache["made_from"]["reference model"] = "another"
+        torch.save(cache, out_dir / "reference_cache.pt")
     elif change == "dataset":
         argv += ["--n_pairs", "150"]
     else:  # another tokenizer: other ids for the same text
         monkeypatch.setattr(data, "encode", lambda enc, text: enc.encode_ordinary(text.upper()))
     monkeypatch.setattr(train, "build_cache", lambda *args: "rebuilt")
-    assert train.prepare_preference(*train.parse_args(argv)[:4], torch.device("cpu"))[3] == "rebuilt"
+    cfg = train.parse_args(argv)
+    assert train.load_preference_inputs(cfg, *train.load_gpt(cfg, CPU), CPU).cache == "rebuilt"
     assert f"cache: {out_dir / 'reference_cache.pt'} is stale: it was built from {reason}; rebuilding" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_rebuilt_cache_matches_and_is_reused(tiny_run, tmp_path, capsys):
     out_dir = copy_outputs(tiny_run, tmp_path, "gpt.pt", "sae.pt", "reference_cache.pt")
-    configs = train.parse_args(TINY + ["--out_dir", str(out_dir), "--n_pairs", "100"])[:4]
-    train.prepare_preference(*configs, torch.device("cpu"))
+    cfg = train.parse_args(TINY + ["--out_dir", str(out_dir), "--n_pairs", "100"])
+    train.load_preference_inputs(cfg, *train.load_gpt(cfg, CPU), CPU)
     assert "rebuilding" in capsys.readouterr().out
-    train.prepare_preference(*configs, torch.device("cpu"))
+    train.load_preference_inputs(cfg, *train.load_gpt(cfg, CPU), CPU)
     assert "cache:" not in capsys.readouterr().out
 
 
@@ -261,19 +273,23 @@ def test_a_rebuilt_cache_matches_and_is_reused(tiny_run, tmp_path, capsys):
     ("pretrain", "--pretrain_lr", "gpt.resume.pt"),
     ("prefer", "--pref_lr", "policy.resume.pt"),
 ])
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_run, tmp_path, stage, lr_flag, resume_file):
     out_dir = copy_outputs(tiny_run, tmp_path, "gpt.pt", "sae.pt", "reference_cache.pt")
     argv = TINY + ["--out_dir", str(out_dir), "--stage", stage, "--log_every", "1", "--pretrain_steps", "4", "--pref_steps", "4"]
     with pytest.raises(train.UsageError) as error:
         train.main(argv + [lr_flag, "1e30"])
-    match = re.search(rf"{stage}: the loss is (nan|inf|-inf) at step (\d+); training stopped; the last good checkpoint is (\S+):", str(error.value))
+    match = re.search(rf"{stage}: the loss is (nan|inf|-inf) at step (\d+); training stopped; likely cause: [^;]*{lr_flag}[^;]*; the last good checkpoint is (\S+) ", str(error.value))
     assert match, str(error.value)
+    assert "(--resume continues it only with the same settings)" in str(error.value)
     assert match.group(3) == str(out_dir / resume_file)
     state = torch.load(out_dir / resume_file, weights_only=False)
     assert state["step"] < int(match.group(2))  # written before the step whose loss was not finite
-    assert all(torch.isfinite(t).all() for t in state["state_dict"].values())
-    # it loads: --resume with a sane learning rate finishes the stage
-    train.main(argv + ["--resume"])
+    assert all(torch.isfinite(t).all() for t in state["state"]["state_dict"].values())
+    # --resume refuses the saner learning rate (it would mix two runs into one); a fresh start finishes
+    with pytest.raises(train.UsageError, match=rf"--resume: \S+{resume_file} was saved with {lr_flag} 1e\+30 \(now "):
+        train.main(argv + ["--resume"])
+    train.main(argv)
     assert not (out_dir / resume_file).exists()
     if stage == "prefer":  # the steps redone after the last good checkpoint are logged once
         assert [json.loads(line)["step"] for line in (out_dir / "policy_log.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
@@ -282,6 +298,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
 # ---- interruption and resume ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_prefer_then_resume_ends_with_the_uninterrupted_results(tiny_run, tmp_path):
     """A real SIGINT to `python train.py` at a random step; `--resume` then skips the finished
     stages, continues preference training and evaluates: the same numbers as the tiny run."""
@@ -322,12 +339,13 @@ def interrupt_at(step_to_stop: int):
     return wrap
 
 
+@pytest.mark.slow
 def test_pretrain_interrupted_and_resumed_gives_identical_weights(tmp_path, monkeypatch):
     argv = TINY + ["--stage", "pretrain", "--pretrain_steps", "8"]
     train.main(argv + ["--out_dir", str(tmp_path / "straight")])
     stop = random.randint(0, 5)
-    monkeypatch.setattr(train, "step_generator", interrupt_at(stop)(train.step_generator))
-    with pytest.raises(train.Interrupted, match=f"pretrain interrupted at step {stop + 1}"):
+    monkeypatch.setattr(train, "batch_indices", interrupt_at(stop)(train.batch_indices))
+    with pytest.raises(Interrupted, match=f"pretrain interrupted at step {stop + 1}"):
         train.main(argv + ["--out_dir", str(tmp_path / "stopped")])
     monkeypatch.undo()
     assert not (tmp_path / "stopped" / "gpt.pt").exists()
@@ -337,12 +355,13 @@ def test_pretrain_interrupted_and_resumed_gives_identical_weights(tmp_path, monk
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)
 
 
+@pytest.mark.slow
 def test_sae_interrupted_and_resumed_gives_the_same_sae(tiny_run, tmp_path, monkeypatch):
     out_dir = copy_outputs(tiny_run, tmp_path, "gpt.pt")
     argv = TINY + ["--out_dir", str(out_dir), "--stage", "sae"]
     stop = random.randint(0, 57)
     monkeypatch.setattr(sae_lib, "batch_indices", interrupt_at(stop)(sae_lib.batch_indices))
-    with pytest.raises(train.Interrupted, match=f"sae interrupted at step {stop + 1}"):
+    with pytest.raises(Interrupted, match=f"sae interrupted at step {stop + 1}"):
         train.main(argv)
     monkeypatch.undo()
     assert (out_dir / "sae.resume.pt").exists() and not (out_dir / "sae.pt").exists()
@@ -355,17 +374,18 @@ def test_sae_interrupted_and_resumed_gives_the_same_sae(tiny_run, tmp_path, monk
 
 def test_a_crash_mid_write_leaves_the_good_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "gpt.pt"
-    train.save_checkpoint(path, {"kind": "gpt", "version": "good"})
+    save_checkpoint(path, "gpt", {}, {}, version="good")
 
     def crash_halfway(payload, file):
         Path(file).write_bytes(b"\x80half a checkpoi")
-        raise OSError("disk full")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")  # torch's full-disk error
 
     monkeypatch.setattr(torch, "save", crash_halfway)
-    with pytest.raises(OSError):
-        train.save_checkpoint(path, {"kind": "gpt", "version": "new"})
+    with pytest.raises(train.UsageError, match=r"could not write .*gpt\.pt .*: free some space or pick another --out_dir"):
+        save_checkpoint(path, "gpt", {}, {}, version="new")
     monkeypatch.undo()
-    assert train.load_checkpoint(path, "gpt", "")["version"] == "good"
+    assert load_checkpoint(path, "gpt", "")["version"] == "good"
+    assert [p.name for p in tmp_path.iterdir()] == ["gpt.pt"]  # no .tmp left behind
 
 
 # ---- devices -------------------------------------------------------------------------------
@@ -380,10 +400,9 @@ def test_device_is_picked_automatically_and_can_be_overridden(monkeypatch, cuda,
     for missing in {"cuda", "mps"} - {name for name, ok in (("cuda", cuda), ("mps", mps)) if ok}:
         with pytest.raises(train.UsageError, match=f"--device {missing} was asked for, but this machine has no {missing} device"):
             train.pick_device(missing)
-    with pytest.raises(train.UsageError, match="--device must be auto, cuda, mps or cpu; got 'tpu'"):
-        train.pick_device("tpu")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
 def test_cli_missing_device_exits_2_without_traceback():
     result = run_cli("--device", "cuda")
@@ -391,8 +410,9 @@ def test_cli_missing_device_exits_2_without_traceback():
     assert result.stderr.strip() == "error: --device cuda was asked for, but this machine has no cuda device"
 
 
+@pytest.mark.slow
 def test_non_finite_sae_loss_stops_with_the_step_and_writes_no_sae(tiny_run, tmp_path):
     out_dir = copy_outputs(tiny_run, tmp_path, "gpt.pt")
-    with pytest.raises(train.UsageError, match=r"^sae: the loss is (nan|inf) at step \d+; training stopped; nothing was saved"):
+    with pytest.raises(train.UsageError, match=r"^sae: the loss is (nan|inf) at step \d+; training stopped; likely cause: --sae_lr too high; nothing was saved"):
         train.main(TINY + ["--out_dir", str(out_dir), "--stage", "sae", "--sae_lr", "1e30"])
     assert not (out_dir / "sae.pt").exists()

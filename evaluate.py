@@ -1,0 +1,387 @@
+"""Evaluation and the evidence: what the policy learned, and FPO against its baselines.
+
+- `evaluate`: the eval stage of train.py: judge win rate, validity, reward accuracy, feature drift,
+  KL, entropy and diversity on held-out prompts and pairs; `feature_report`: the features stage.
+- `compare` (`python train.py --compare`): every method of COMPARE_ROWS for --seeds seeds, same
+  data and hardware, one table.
+- `bench` (`python train.py --bench`): step times on identical batches and each training loop's
+  peak memory.
+"""
+
+import dataclasses
+import json
+import multiprocessing
+import re
+import resource
+import statistics
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+import data
+import fpo
+import train
+from runtime import UsageError, autocast, batch_indices, check_made_from, load_checkpoint, step_generator, synchronize
+from model import GPT, GPTConfig
+from sae import top_activating_contexts
+
+# ----------------------------------------------------------------------------------------------
+# The eval stage: held-out prompts and pairs.
+
+
+@torch.no_grad()
+def sample_responses(model: GPT, prompts: list[list[int]], enc, ev: train.EvalConfig, seed: int, device) -> list[list[int]]:
+    """One sampled response per prompt: token ids up to and including the first EOS (none if the
+    sample ran out of room). Prompts of equal length are batched together; the random stream
+    depends only on the seed and the prompt length, so policy and reference see the same draws."""
+    eos = data.eos_id(enc)
+    responses = [None] * len(prompts)
+    by_length: dict[int, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(i)
+    for length, members in sorted(by_length.items()):
+        idx = torch.tensor([[eos] + prompts[i] for i in members], device=device)
+        new_tokens = min(ev.max_new_tokens, model.config.block_size - idx.shape[1])
+        with autocast(device):
+            out = model.generate(idx, new_tokens, ev.temperature, ev.top_k or None, eos, step_generator(seed, length, device)).tolist()
+        for i, row in zip(members, out):
+            response = row[idx.shape[1] :]
+            responses[i] = response[: response.index(eos) + 1] if eos in response else response
+    return responses
+
+
+@torch.no_grad()
+def score_samples(model: GPT, reference: GPT, prompts, responses, enc, device) -> dict:
+    """Per-token entropy of the model, and KL(model || reference) estimated on the model's own
+    samples as the mean of log pi(y) - log pi_ref(y)."""
+    eos = data.eos_id(enc)
+    entropies, kls = [], []
+    for start in range(0, len(prompts), 64):
+        input_ids, mask = data.collate_responses(prompts[start : start + 64], responses[start : start + 64], eos)
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        logits, _ = model(input_ids)
+        reference_logits, _ = reference(input_ids)
+        logps, _ = fpo.sequence_logps(logits, input_ids, mask)
+        reference_logps, _ = fpo.sequence_logps(reference_logits, input_ids, mask)
+        kls.append(logps - reference_logps)
+        token_logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
+        token_entropy = -(token_logps.exp() * token_logps).sum(-1)  # (B, T-1)
+        entropies.append(token_entropy[mask[:, 1:].bool()])
+    entropies = torch.cat(entropies)  # every sampled response token; none if every sample was empty
+    return {"entropy_per_token": entropies.sum().item() / max(1, len(entropies)), "kl_from_reference": torch.cat(kls).mean().item()}
+
+
+def distinct_2(responses: list[list[int]]) -> float:
+    """Unique token bigrams over all bigrams of the samples: 1 = no repetition across samples."""
+    bigrams = [tuple(r[i : i + 2]) for r in responses for i in range(len(r) - 1)]
+    return len(set(bigrams)) / max(1, len(bigrams))
+
+
+def evaluate(cfg: train.Config, device, seed: int, tag: str = "policy", reference_samples: dict | None = None) -> dict:
+    """Judge win rate, judge score and validity on held-out prompts; reward accuracy and feature
+    drift on held-out pairs; KL, entropy, distinct-2 and length of the samples. The reference's
+    samples depend only on the seed: pass the same dict to reuse them across methods. The policy's
+    own training settings (saved in <tag>.pt) decide its loss terms, and are recorded."""
+    print(f"\n== eval: {tag} ==")
+    reference, gpt_fingerprint = train.load_gpt(cfg, device)
+    reference.eval().requires_grad_(False)
+    inputs = train.load_preference_inputs(cfg, reference, gpt_fingerprint, device)
+    path = Path(cfg.run.out_dir) / f"{tag}.pt"
+    ckpt = load_checkpoint(path, "policy", "run `python train.py --stage prefer` first")
+    if ckpt["model_config"] != asdict(reference.config):
+        raise UsageError(f"{path} was trained from another GPT than {cfg.run.out_dir}/gpt.pt: rerun `--stage prefer`")
+    check_made_from(path, ckpt, inputs.made_from, "rerun `--stage prefer`")
+    trained = train.PreferenceConfig(**{key: value for key, value in ckpt["config"].items() if key in train.PreferenceConfig.__dataclass_fields__})
+    policy = GPT(GPTConfig(**ckpt["model_config"])).to(device)
+    policy.load_state_dict(ckpt["state_dict"])
+    policy.eval().requires_grad_(False)
+
+    accuracies, drifts = [], []
+    for batch in data.every_pair(inputs.test_pairs, 64, len(inputs.train_pairs), data.eos_id(inputs.enc), device):
+        with autocast(device):
+            _, chosen_rewards, rejected_rewards, drift = train.preference_losses(trained, cfg.sae.sae_layer, policy, batch, inputs, reference)
+            if drift is None:  # FPO computed it for its loss; the other methods measure it here
+                drift = train.measure_drift(trained, cfg.sae.sae_layer, policy, batch, inputs)
+            drifts.append(drift)
+        accuracies.append((chosen_rewards > rejected_rewards).float())
+    results = {"method": trained.method, "seed": seed, "reward_accuracy": torch.cat(accuracies).mean().item(), "feature_drift": torch.cat(drifts).mean().item()}
+
+    enc, has_judge = inputs.enc, not cfg.run.preference_file  # the judge knows only the toy world
+    prompt_texts = data.make_prompts(cfg.eval.n_eval_prompts, seed=cfg.run.seed, split="test") if has_judge else [enc.decode(p.prompt_ids) for p in inputs.test_pairs]
+    prompts = [data.encode(enc, text)[-(cfg.pretrain.block_size // 2) :] for text in prompt_texts]  # keep half the context to respond
+    reference_samples = {} if reference_samples is None else reference_samples
+    if "responses" not in reference_samples:
+        reference_samples["responses"] = sample_responses(reference, prompts, enc, cfg.eval, seed, device)
+    policy_responses = sample_responses(policy, prompts, enc, cfg.eval, seed, device)
+    for name, model, responses in (("policy", policy, policy_responses), ("reference", reference, reference_samples["responses"])):
+        stats = score_samples(model, reference, prompts, responses, enc, device)
+        stats.update(distinct_2=distinct_2(responses), mean_length=sum(map(len, responses)) / len(responses))
+        if has_judge:
+            verdicts = [data.judge(text, data.response_text(enc, r)) for text, r in zip(prompt_texts, responses)]
+            n = len(verdicts)
+            stats.update(
+                judge_score=sum(v.score for v in verdicts) / n, valid_rate=sum(v.valid for v in verdicts) / n,
+                on_topic_rate=sum(v.on_topic for v in verdicts) / n, positive_rate=sum(v.positive for v in verdicts) / n,
+            )
+            stats["scores"] = [v.score for v in verdicts]
+        results[name] = stats
+    if has_judge:
+        wins = [1.0 if p > r else 0.5 if p == r else 0.0 for p, r in zip(results["policy"].pop("scores"), results["reference"].pop("scores"))]
+        results["win_rate"] = sum(wins) / len(wins)
+    results["examples"] = [
+        {"prompt": t, "reference": data.response_text(enc, r), "policy": data.response_text(enc, p)}
+        for t, r, p in list(zip(prompt_texts, reference_samples["responses"], policy_responses))[:5]
+    ]
+    results["trained_with"] = ckpt["config"]
+    return results
+
+
+def print_summary(results: dict, path: Path) -> None:
+    print("\n== summary ==")
+    print(f"method {results['method']} | held-out reward accuracy {results['reward_accuracy']:.3f} | feature drift {results['feature_drift']:.4g}")
+    for name in ("policy", "reference"):
+        stats = results[name]
+        judged = (
+            f"judge score {stats['judge_score']:.3f} | valid {stats['valid_rate']:.3f} | on topic {stats['on_topic_rate']:.3f} | "
+            f"positive {stats['positive_rate']:.3f} | " if "judge_score" in stats else ""
+        )
+        print(
+            f"{name:<9} | {judged}length {stats['mean_length']:.1f} | entropy {stats['entropy_per_token']:.3f} | "
+            f"distinct-2 {stats['distinct_2']:.3f} | KL from reference {stats['kl_from_reference']:.3f}"
+        )
+    if "win_rate" in results:
+        print(f"win rate of the policy over the reference (judge, ties count half): {results['win_rate']:.3f}")
+    for example in results["examples"][:3]:
+        print(f"  prompt: {example['prompt']!r}\n    reference: {example['reference']!r}\n    policy:    {example['policy']!r}")
+    print(f"results: {path}")
+
+
+def feature_report(cfg: train.Config, device) -> None:
+    """What the SAE latents mean: for each, the held-out response tokens that activate it most."""
+    print("\n== features ==")
+    model, gpt_fingerprint = train.load_gpt(cfg, device)
+    inputs = train.load_preference_inputs(cfg, model, gpt_fingerprint, device)
+    latents = [int(latent) for latent in cfg.run.latents.split(",")] if cfg.run.latents else most_constrained_latents(inputs.cache, cfg.prefer.fpo_k, n=8)
+    if not cfg.run.latents:
+        print(f"features: the {len(latents)} latents most often in the reference's top-{cfg.prefer.fpo_k} pooled features")
+    batches = ((input_ids, mask) for _, input_ids, mask in data.every_pair(inputs.test_pairs, 64, 0, data.eos_id(inputs.enc), device))
+    report = top_activating_contexts(model, inputs.sae, batches, cfg.sae.sae_layer, latents, inputs.enc.decode)
+    path = Path(cfg.run.out_dir) / "features.txt"
+    path.write_text(report + "\n")
+    print(f"{report}\nfeatures: wrote {path}")
+
+
+def most_constrained_latents(cache: dict, fpo_k: int, n: int) -> list[int]:
+    """The latents most often among the reference's top-fpo_k pooled features (half of the union
+    I(y) in D(y)), counted over every cached response."""
+    counts = Counter()
+    offsets, indices, values = cache["feature_offsets"], cache["feature_indices"], cache["feature_values"]
+    for start, end in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
+        top = values[start:end].topk(min(fpo_k, end - start)).indices
+        counts.update(indices[start:end][top].tolist())
+    return [latent for latent, _ in counts.most_common(n)]
+
+
+# ----------------------------------------------------------------------------------------------
+# --compare and --bench
+
+# Per-method settings. beta is on the scale of each method's log-probs: summed for DPO and TDPO,
+# averaged (about 15x smaller here) for FPO and SimPO; alpha and gamma as in the papers.
+COMPARE_ROWS = {
+    "FPO": {"method": "fpo", "beta": 2.0, "alpha": 0.5},
+    "FPO (alpha=0)": {"method": "fpo", "beta": 2.0, "alpha": 0.0},
+    "DPO": {"method": "dpo", "beta": 0.1},
+    "DPO (offline cache)": {"method": "dpo_offline", "beta": 0.1},
+    "SimPO": {"method": "simpo", "beta": 2.0, "gamma": 0.5},
+    "TDPO-1": {"method": "tdpo1", "beta": 0.1},
+    "TDPO-2": {"method": "tdpo2", "beta": 0.1, "alpha": 0.5},
+}
+TABLE_COLUMNS = {  # column: (results key path, digits)
+    "win rate": (("win_rate",), 3),
+    "judge score": (("policy", "judge_score"), 3),
+    "valid": (("policy", "valid_rate"), 3),
+    "reward acc": (("reward_accuracy",), 3),
+    "KL from ref": (("policy", "kl_from_reference"), 2),
+    "entropy": (("policy", "entropy_per_token"), 3),
+    "distinct-2": (("policy", "distinct_2"), 3),
+    "length": (("policy", "mean_length"), 1),
+    "feature drift": (("feature_drift",), 4),
+    "ms/step": (("median_step_ms",), 1),
+    "peak MB": (("peak_memory_mb",), 0),
+}
+
+
+def with_method(cfg: train.Config, overrides: dict) -> train.Config:
+    """cfg with one COMPARE_ROWS entry's preference settings."""
+    return dataclasses.replace(cfg, prefer=dataclasses.replace(cfg.prefer, **overrides))
+
+
+def compare_tag(label: str, seed: int) -> str:
+    return "compare_" + re.sub(r"\W+", "_", label.lower()).strip("_") + f"_seed{seed}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory: the peak over the training loop alone, with everything it needs already loaded.
+
+
+class LoopPeakMemory:
+    """Around a training loop (train_preference's `measure`): max allocated on CUDA since entering;
+    on the CPU the peak resident set size of the whole process (since entering on Linux, over its
+    lifetime elsewhere). `peak_mb` holds the result after the loop."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak_mb = device, float("nan")
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif Path("/proc/self/clear_refs").exists():
+            Path("/proc/self/clear_refs").write_text("5")  # "5" resets VmHWM to the current RSS
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif Path("/proc/self/status").exists():
+            self.peak_mb = int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 2**10
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            self.peak_mb = peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB elsewhere
+        return False
+
+
+def train_and_measure(cfg: train.Config, device, seed: int, tag: str) -> dict:
+    """train_preference, with its median step time and its loop's peak memory."""
+    memory = LoopPeakMemory(device)
+    cost = train.train_preference(cfg, device, seed, tag, measure=memory)
+    return cost | {"peak_memory_mb": memory.peak_mb}
+
+
+def in_child_process(function, *args):
+    """Run function(*args) in a fresh process and return its result, so peak memory is the
+    method's own and nothing (allocator state, caches) leaks from one method to the next."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(function, args)
+
+
+# ----------------------------------------------------------------------------------------------
+# --compare
+
+
+def compare(cfg: train.Config, device) -> None:
+    out = Path(cfg.run.out_dir)
+    if not (out / "gpt.pt").exists():
+        train.pretrain(cfg, device)
+    if not (out / "sae.pt").exists():
+        train.train_sae_stage(cfg, device)
+    print(f"\n== compare: {', '.join(COMPARE_ROWS)} x {cfg.run.seeds} seeds ==")
+    rows = []
+    for seed in range(cfg.run.seed, cfg.run.seed + cfg.run.seeds):
+        reference_samples = {}
+        for label, overrides in COMPARE_ROWS.items():
+            row_cfg, tag = with_method(cfg, overrides), compare_tag(label, seed)
+            row_path = out / f"{tag}_results.json"
+            if cfg.run.resume and row_path.exists():  # finished before an interruption
+                print(f"compare: {label}, seed {seed}: finished earlier ({row_path}); skipped (--resume)")
+                rows.append(json.loads(row_path.read_text()))
+                continue
+            cost = in_child_process(train_and_measure, row_cfg, device, seed, tag)
+            results = evaluate(row_cfg, device, seed, tag, reference_samples)
+            results.update(label=label, median_step_ms=1000 * cost["median_step_s"], peak_memory_mb=cost["peak_memory_mb"])
+            row_path.write_text(json.dumps(results, indent=2))
+            rows.append(results)
+    table = compare_table(rows, cfg.run.seeds)
+    (out / "compare.md").write_text(table)
+    (out / "compare.json").write_text(json.dumps({"rows": rows, "settings": COMPARE_ROWS, "preference": dataclasses.asdict(cfg.prefer)}, indent=2))
+    print("\n" + table)
+    for label in COMPARE_ROWS:
+        print(text_chart(label, out / f"{compare_tag(label, cfg.run.seed)}_log.jsonl"))
+    print(f"compare: wrote {out / 'compare.md'} and {out / 'compare.json'}")
+
+
+def compare_table(rows: list[dict], n_seeds: int) -> str:
+    """Markdown: one row per method, mean ± standard deviation over seeds."""
+    lines = [f"| method | {' | '.join(TABLE_COLUMNS)} |", "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
+    for label in COMPARE_ROWS:
+        cells = []
+        for path, digits in TABLE_COLUMNS.values():
+            values = []
+            for row in (r for r in rows if r["label"] == label):
+                value = row
+                for key in path:
+                    value = value.get(key, float("nan")) if isinstance(value, dict) else float("nan")
+                values.append(float(value))
+            spread = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+            cells.append(f"{statistics.mean(values):.{digits}f}{spread}")
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    return "\n".join(lines) + f"\n\nMean ± standard deviation over {n_seeds} seed(s).\n"
+
+
+def text_chart(label: str, log_path: Path, width: int = 60) -> str:
+    """The reward margin and feature drift over training, one row of block characters each: the
+    steps are split into at most `width` equal spans, and each character is its span's mean."""
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    lines = [f"{label}: {len(records)} steps"]
+    for key in ("margin", "feature_drift"):
+        values = [r[key] for r in records]
+        n_spans = min(width, len(values))
+        spans = [values[i * len(values) // n_spans : (i + 1) * len(values) // n_spans] for i in range(n_spans)]
+        means = [sum(span) / len(span) for span in spans]
+        low, high = min(means), max(means)
+        bars = "".join(" ▁▂▃▄▅▆▇█"[round(8 * (m - low) / (high - low)) if high > low else 4] for m in means)
+        lines.append(f"  {key:<13} {low:>9.4g} {bars} {high:.4g}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# --bench
+
+
+def bench(cfg: train.Config, device) -> None:
+    """Median training-step time of each method on identical batches, interleaved A B C A B C so
+    drift in machine speed hits every method alike; then each method's peak memory, measured in a
+    fresh process that loads only what that method needs."""
+    print(f"\n== bench: {cfg.run.bench_steps} interleaved steps per method ==")
+    reference, gpt_fingerprint = train.load_gpt(cfg, device)
+    reference.eval().requires_grad_(False)
+    inputs = train.load_preference_inputs(cfg, reference, gpt_fingerprint, device)
+    settings = {label: with_method(cfg, overrides).prefer for label, overrides in COMPARE_ROWS.items()}
+    policies = {label: GPT(reference.config).to(device) for label in settings}
+    optimizers = {}
+    for label, policy in policies.items():
+        policy.load_state_dict(reference.state_dict())
+        optimizers[label] = torch.optim.AdamW(policy.parameters(), lr=settings[label].pref_lr, weight_decay=0.0)
+    n_warmup = 3
+    step_ms = {label: [] for label in settings}
+    for step in range(n_warmup + cfg.run.bench_steps):
+        picks = batch_indices(len(inputs.train_pairs), cfg.prefer.pref_batch_size, cfg.run.seed, step)
+        batch = data.pair_batch(inputs.train_pairs, picks, 0, data.eos_id(inputs.enc), device)
+        for label, pref in settings.items():
+            started = time.perf_counter()
+            with autocast(device):
+                losses, *_ = train.preference_losses(pref, cfg.sae.sae_layer, policies[label], batch, inputs, reference)
+            optimizers[label].zero_grad(set_to_none=True)
+            losses.mean().backward()
+            torch.nn.utils.clip_grad_norm_(policies[label].parameters(), pref.grad_clip)
+            optimizers[label].step()
+            synchronize(device)
+            if step >= n_warmup:
+                step_ms[label].append(1000 * (time.perf_counter() - started))
+    results = {label: {"median_step_ms": statistics.median(times)} for label, times in step_ms.items()}
+    for label, overrides in COMPARE_ROWS.items():
+        memory_cfg = with_method(cfg, overrides | {"pref_steps": n_warmup + 2})
+        cost = in_child_process(train_and_measure, memory_cfg, device, cfg.run.seed, "bench_" + compare_tag(label, cfg.run.seed))
+        results[label]["peak_memory_mb"] = cost["peak_memory_mb"]
+    fpo_ms = results["FPO"]["median_step_ms"]
+    ratios = {f"FPO/{other}": fpo_ms / results[other]["median_step_ms"] for other in ("SimPO", "DPO", "TDPO-2")}
+    print(f"\n| method | median ms/step | peak memory MB ({'max allocated' if device.type == 'cuda' else 'peak RSS'}) |\n|---|---|---|")
+    for label, values in results.items():
+        print(f"| {label} | {values['median_step_ms']:.1f} | {values['peak_memory_mb']:.0f} |")
+    print("\n" + " | ".join(f"{name} {ratio:.3f}" for name, ratio in ratios.items()))
+    path = Path(cfg.run.out_dir) / "bench.json"
+    path.write_text(json.dumps({"device": str(device), "steps": cfg.run.bench_steps, "methods": results, "ratios": ratios}, indent=2))
+    print(f"bench: wrote {path}")

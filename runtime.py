@@ -1,0 +1,199 @@
+"""The machinery every stage shares, kept out of the loops a learner reads: the device, one checkpoint
+format, one resume format, one Ctrl-C guard, and batches and learning rates that are pure functions
+of the step, so every training stage can stop and start again exactly.
+
+Every file the pipeline writes with weights in it (gpt.pt, sae.pt, reference_cache.pt, policy.pt and
+the <name>.resume.pt of an interrupted stage) is one dict, written by `save_checkpoint` and read by
+`load_checkpoint`:
+
+    {"kind": "gpt" | "sae" | "reference_cache" | "policy" | "resume",
+     "config": the settings it was made with,
+     "made_from": {input name: fingerprint} of the artifacts it was made from,
+     ...: its contents (state_dict, tensors, metrics)}
+"""
+
+import contextlib
+import math
+import os
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+
+class UsageError(Exception):
+    """A problem with the command line or with the user's files: printed as one line, exit code 2."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C stopped a training stage at a step boundary. `state` resumes it exactly, until it is
+    saved (`saved_to`, a <name>.resume.pt). Exit code 130, like Ctrl-C."""
+
+    def __init__(self, stage: str, step: int, state: dict | None = None, saved_to: Path | None = None):
+        saved = f"; saved {saved_to}; continue with --resume" if saved_to else ""
+        super().__init__(f"{stage} interrupted at step {step}{saved}")
+        self.stage, self.step, self.state = stage, step, state
+
+
+# ----------------------------------------------------------------------------------------------
+# The device: chosen in one place.
+
+
+def pick_device(requested: str) -> torch.device:
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if requested == "auto":
+        return torch.device(next(name for name, ok in available.items() if ok))
+    if not available[requested]:
+        raise UsageError(f"--device {requested} was asked for, but this machine has no {requested} device")
+    return torch.device(requested)
+
+
+def autocast(device: torch.device):
+    """bfloat16 autocast on CUDA; a no-op elsewhere, so CPU runs stay exact and reproducible."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so a timer measures work and not kernel launches."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loops: progress lines, non-finite losses, checkpoints and resume.
+
+
+def log_line(stage: str, step: int, steps: int, started: float, **values) -> str:
+    shown = " | ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}" for key, value in values.items())
+    return f"{stage} step {step:>5}/{steps} | {shown} | {time.time() - started:6.1f}s"
+
+
+def check_finite(loss: torch.Tensor, stage: str, step: int, last_good: Path, cause: str) -> None:
+    """A non-finite loss stops training before the update. Nothing is saved: these weights gave
+    the bad loss, so the last good checkpoint (written every log_every steps) is kept as it is."""
+    if not torch.isfinite(loss):
+        kept = f"the last good checkpoint is {last_good} (--resume continues it only with the same settings)" if last_good.exists() else "nothing was saved"
+        raise UsageError(f"{stage}: the loss is {loss.item()} at step {step}; training stopped; likely cause: {cause}; {kept}")
+
+
+def save_checkpoint(path: Path, kind: str, config: dict, made_from: dict, **contents) -> None:
+    """Write to a temporary file, then rename: a crash mid-write never corrupts a good file, and
+    a failed write (a full disk, say) leaves no temporary file behind."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"kind": kind, "config": config, "made_from": made_from, **contents}, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"could not write {path} ({error}): free some space or pick another --out_dir") from None
+
+
+def load_checkpoint(path: Path, kind: str, how_to_make: str) -> dict:
+    """The checkpoint at `path`, which must be of this kind and have every part of the format."""
+    if not path.exists():
+        raise UsageError(f"{path} not found: {how_to_make}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # truncated, or not a torch file at all: whatever torch.load raised
+        raise UsageError(f"{path} is not a readable checkpoint ({type(error).__name__}): delete it, then {how_to_make or 'rerun'}") from None
+    saved_kind = payload.get("kind") if isinstance(payload, dict) else type(payload).__name__
+    if saved_kind != kind:
+        raise UsageError(f"{path} holds a {saved_kind!r}, not a {kind!r} checkpoint")
+    missing = [key for key in ("config", "made_from") if key not in payload]
+    if missing:
+        raise UsageError(f"{path} lacks {', '.join(missing)} (made by another version?): delete it, then {how_to_make or 'rerun'}")
+    return payload
+
+
+def check_made_from(path: Path, payload: dict, expected: dict, how_to_make: str) -> None:
+    """Refuse an artifact made from other inputs than this run's: `expected` maps each input the
+    artifact records in made_from to this run's fingerprint of it."""
+    changed = [name for name, value in expected.items() if payload["made_from"].get(name) != value]
+    if changed:
+        raise UsageError(f"{path} was made from another {' and '.join(changed)} than this run's: {how_to_make}")
+
+
+def load_resume(path: Path, stage: str, config: dict) -> dict | None:
+    """The saved state of an interrupted stage, or None if there is none. Refuses one saved with
+    settings other than `config`: resuming it would mix two runs into one result."""
+    if not path.exists():
+        print(f"{stage}: nothing to resume ({path} not found); starting from step 0")
+        return None
+    payload = load_checkpoint(path, "resume", "")
+    differ = sorted(key for key in config.keys() | payload["config"].keys() if config.get(key) != payload["config"].get(key))
+    if differ:
+        shown = ", ".join(f"--{key} {payload['config'].get(key)!r} (now {config.get(key)!r})" for key in differ)
+        raise UsageError(f"--resume: {path} was saved with {shown}; rerun with those settings, or delete it to start over")
+    print(f"{stage}: resuming from step {payload['step']} ({path})")
+    return payload
+
+
+def save_resume(path: Path, config: dict, step: int, state: dict) -> None:
+    """The resume format of every stage: the settings, the step to start from, and the state."""
+    save_checkpoint(path, "resume", config, {}, step=step, state=state)
+
+
+def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """What a resume file of the GPT's stages holds: the weights and the optimizer's moments."""
+    return {"state_dict": model.state_dict(), "optimizer": optimizer.state_dict()}
+
+
+def resume_training(path: Path, stage: str, config: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Load an interrupted stage's training_state into model and optimizer; the step to start from
+    (0 when there is nothing to resume)."""
+    saved = load_resume(path, stage, config)
+    if saved is None:
+        return 0
+    try:
+        model.load_state_dict(saved["state"]["state_dict"])
+    except RuntimeError:  # missing keys or other shapes: the weights of another model config
+        raise UsageError(f"--resume: {path} holds a model of another config; delete it, or rerun with the settings it was saved with") from None
+    optimizer.load_state_dict(saved["state"]["optimizer"])
+    return saved["step"]
+
+
+@contextlib.contextmanager
+def stop_at_step_boundary():
+    """While active, Ctrl-C only sets the yielded Event; each training loop checks it between steps,
+    so an interrupt never lands halfway through an update (off the main thread, Python delivers no
+    SIGINT, and the guard does nothing)."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: requested.set())
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def step_generator(seed: int, step: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """The random stream of one step (or one sampling call): a pure function of (seed, step)."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """Which of n items step `step` trains on, drawn with replacement from step_generator, so a
+    resumed run draws exactly the batches an uninterrupted one would. Shape: (batch_size,), CPU."""
+    return torch.randint(n, (batch_size,), generator=step_generator(seed, step))
+
+
+def learning_rate(step: int, peak: float, warmup: int, total: int, decay: str) -> float:
+    """Linear warm-up over `warmup` steps, then one of: "constant"; "cosine", from peak down to
+    peak/10 at the last step; "linear_tail", constant, then to 0 over the last 20% of the steps."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if decay == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    decay_start = int(0.8 * total)
+    if decay == "linear_tail" and step >= decay_start:
+        return peak * (total - step) / (total - decay_start)
+    return peak
