@@ -79,6 +79,19 @@ class SparseAutoencoder(nn.Module):
         """x: raw residual-stream vectors. Shape: (..., d_model). Returns codes z. Shape: (..., d_sae)."""
         return topk_relu(self.pre_activations(x), self.k)
 
+    def encode_topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The codes z in sparse form: zeros(d_sae).scatter(-1, indices, values) == encode(x) exactly.
+
+        Args:
+            x: raw residual-stream vectors. Shape: (..., d_model).
+
+        Returns:
+            values: ReLU of the sae_k (= self.k) largest pre-activations, some possibly 0. Shape: (..., sae_k).
+            indices: their latents, the same selection as `encode`. Shape: (..., sae_k).
+        """
+        values, indices = self.pre_activations(x).topk(self.k, dim=-1, sorted=False)  # (..., sae_k)
+        return F.relu(values), indices
+
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes: Shape: (..., d_sae). Returns the raw-scale reconstruction x_hat. Shape: (..., d_model)."""
         return (codes @ self.W_dec + self.b_dec) / self.input_scale
@@ -462,14 +475,16 @@ def density_histogram(counts: torch.Tensor, n_tokens: int, width: int = 40) -> s
         ...
         never fired           1 ########################################
     """
-    log_density = torch.log10(counts[counts > 0].double() / n_tokens)
-    lowest = min(math.floor(2 * log_density.min().item()) / 2, -0.5) if len(log_density) else -0.5
+    # Python floats on the CPU: double precision puts 1/1000 exactly at -3.0, and MPS has no float64.
+    counts = counts.tolist()
+    log_density = [math.log10(count / n_tokens) for count in counts if count > 0]
+    lowest = min(math.floor(2 * min(log_density)) / 2, -0.5) if log_density else -0.5
     edges = [lowest + 0.5 * i for i in range(int(round(-lowest / 0.5)) + 1)]
-    bins = [((log_density >= lo) & (log_density < lo + 0.5)).sum().item() for lo in edges[:-1]]
+    bins = [sum(lo <= d < lo + 0.5 for d in log_density) for lo in edges[:-1]]
     if bins:  # density 1 (log 0) goes in the top bin
-        bins[-1] += (log_density >= 0).sum().item()
+        bins[-1] += sum(d >= 0 for d in log_density)
     rows = [(f"[{lo:.1f}, {lo + 0.5:.1f})", n) for lo, n in zip(edges, bins)]
-    rows.append(("never fired", int((counts == 0).sum())))
+    rows.append(("never fired", counts.count(0)))
     tallest = max(n for _, n in rows) or 1
     lines = [f"log10 density over {n_tokens:,} tokens   latents"]
     lines += [f"{label:<14} {n:8d} {'#' * math.ceil(width * n / tallest)}" for label, n in rows]
@@ -583,7 +598,7 @@ def top_activating_contexts(model: nn.Module, sae: nn.Module, token_batches: Ite
         for item in token_batches:
             ids, mask = ids_and_mask(item)
             _, hidden = model(ids.to(device), hidden_layer=layer)  # (B, T, C)
-            acts = sae.encode(hidden)[..., latents].cpu().masked_fill(~mask[..., None], 0.0)  # (B, T, L)
+            acts = sae.encode(hidden)[..., latents].cpu().masked_fill(~mask.cpu()[..., None], 0.0)  # (B, T, L)
             T = ids.shape[1]
             for j, latent in enumerate(latents):
                 values, flat_positions = acts[..., j].flatten().topk(min(n_examples, acts[..., j].numel()))

@@ -1,5 +1,6 @@
 """The math of fpo.py, pinned against values written out by hand from the equations (README "The equations")."""
 
+import itertools
 import math
 import shutil
 import subprocess
@@ -139,16 +140,80 @@ def test_feature_mse_is_differentiable_in_the_policy():
     torch.testing.assert_close(policy.grad, t(4.0, 0.0, 0.0, 0.0))
 
 
+def test_feature_mse_top_k_ranges_over_activated_features_only():
+    # k = 2. Policy's top-2 is {0, 1}; the reference has one active feature, 3, so it contributes {3}
+    # alone. Feature 2 is active only on the policy and outside its top-2: not in I(y), whatever its
+    # number (a top-2 padded with zeros could pick it up as a tie at 0).
+    policy = t(3.0, 2.0, 1.0, 0.0, 0.0)
+    reference = t(0.0, 0.0, 0.0, 4.0, 0.0)
+    expected = (3.0**2 + 2.0**2 + 4.0**2) / 2  # feature 2's (1 - 0)^2 is not counted
+    for permutation in itertools.permutations(range(5)):
+        columns = list(permutation)
+        drift = fpo.feature_mse(policy[columns][None], reference[columns][None], k=2)
+        assert drift.item() == expected, columns
+    # nothing active anywhere: D = 0
+    assert fpo.feature_mse(torch.zeros(1, 5), torch.zeros(1, 5), k=2).item() == 0.0
+
+
+def test_feature_mse_is_invariant_to_numbering_the_latents():
+    gen = torch.Generator().manual_seed(0)
+    B, F, k = 6, 40, 8
+    # sparse non-negative pooled codes, some rows with fewer than k active features
+    policy = torch.rand(B, F, generator=gen, dtype=torch.float64) * (torch.rand(B, F, generator=gen) < 0.15)
+    reference = torch.rand(B, F, generator=gen, dtype=torch.float64) * (torch.rand(B, F, generator=gen) < 0.15)
+    assert ((policy > 0).sum(-1) < k).any() and ((reference > 0).sum(-1) < k).any()
+    drift = fpo.feature_mse(policy, reference, k)
+    for _ in range(50):
+        columns = torch.randperm(F, generator=gen)
+        torch.testing.assert_close(fpo.feature_mse(policy[:, columns], reference[:, columns], k), drift, rtol=0, atol=1e-12)
+
+
+def test_pooled_features_pool_the_positions_that_generate_the_response():
+    # tokens 2, 3, 4 are the response, 5 is padding: positions 1, 2, 3 generate them (like sequence_logps)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0]])
+    for position in range(6):
+        codes = torch.zeros(1, 6, 2, dtype=torch.float64)
+        codes[0, position, 1] = 3.0
+        pooled = fpo.pooled_features(codes, mask)
+        expected = 1.0 if position in (1, 2, 3) else 0.0  # 3.0 / |y|, |y| = 3
+        assert pooled[0].tolist() == [0.0, expected], position
+    # position 4 holds the last response token itself, which generates nothing: never pooled
+
+
 def test_pooled_features_ignore_prompt_and_padding():
-    codes = torch.arange(2 * 4 * 3, dtype=torch.float64).view(2, 4, 3)
-    mask = torch.tensor([[0, 1, 1, 0], [0, 0, 0, 1]])
+    codes = torch.arange(2 * 5 * 3, dtype=torch.float64).view(2, 5, 3)
+    mask = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 0, 0, 1]])
     pooled = fpo.pooled_features(codes, mask)
-    torch.testing.assert_close(pooled[0], (codes[0, 1] + codes[0, 2]) / 2)
+    torch.testing.assert_close(pooled[0], (codes[0, 0] + codes[0, 1]) / 2)
     torch.testing.assert_close(pooled[1], codes[1, 3])
     changed = codes.clone()
-    changed[0, 0] += 100.0
-    changed[0, 3] += 100.0
+    changed[0, [2, 3, 4]] += 100.0
     torch.testing.assert_close(fpo.pooled_features(changed, mask), pooled)
+
+
+def test_pooled_features_and_feature_mse_compute_in_float32_for_bf16_inputs():
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.relu(torch.randn(3, 7, 16, generator=gen)).bfloat16()
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [0, 1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1, 1]])
+    pooled = fpo.pooled_features(codes, mask)
+    assert pooled.dtype == torch.float32
+    reference = fpo.pooled_features(codes.float(), mask)
+    torch.testing.assert_close(pooled, reference, rtol=0, atol=1e-6)  # the bf16 codes are exact in float32
+    drift = fpo.feature_mse(pooled.bfloat16(), torch.zeros(3, 16, dtype=torch.bfloat16), k=4)
+    assert drift.dtype == torch.float32
+    torch.testing.assert_close(drift, fpo.feature_mse(pooled.bfloat16().float(), torch.zeros(3, 16), k=4))
+
+
+def test_pooled_topk_features_hand_computed():
+    # row 0: tokens 2, 3 are the response, generated at positions 1, 2; row 1: token 1, at position 0
+    mask = torch.tensor([[0, 0, 1, 1], [0, 1, 0, 0]])
+    # one sparse code (sae_k = 2) per generating position, in the order hidden[:, :-1][mask[:, 1:].bool()]
+    values = t(1.0, 2.0, 3.0, 0.0, 5.0, 6.0).view(3, 2).requires_grad_()
+    indices = torch.tensor([[0, 3], [3, 1], [2, 0]])
+    pooled = fpo.pooled_topk_features(values, indices, mask, d_sae=4)
+    torch.testing.assert_close(pooled, t(0.5, 0.0, 0.0, 2.5, 6.0, 0.0, 5.0, 0.0).view(2, 4), rtol=0, atol=0)
+    pooled[0, 3].backward()  # latent 3 of row 0 fired at both of its positions
+    torch.testing.assert_close(values.grad, t(0.0, 0.5, 0.5, 0.0, 0.0, 0.0).view(3, 2), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------- log-probs, KL
@@ -235,10 +300,52 @@ def test_reference_cache_round_trip_is_exact():
 
     cache = fpo.build_reference_cache(reference_fn, encode, batches, n_rows=n_rows, d_sae=d_sae)
     sum_logps, n_tokens = fpo.sequence_logps(logits, input_ids, mask)
-    torch.testing.assert_close(cache["avg_logps"], sum_logps / n_tokens)
+    assert torch.equal(cache["sum_logps"], sum_logps) and torch.equal(cache["n_tokens"], n_tokens)
+    assert torch.equal(cache["avg_logps"], sum_logps / n_tokens)
     dense = fpo.reference_pooled_features(cache, torch.arange(n_rows))
     torch.testing.assert_close(dense, fpo.pooled_features(encode(hidden), mask))
     assert cache["feature_indices"].numel() < n_rows * d_sae  # stored sparsely
+
+
+def small_cache():
+    """A cache of 4 responses over 6 latents, with rows of 2, 0, 3 and 1 non-zero features."""
+    pooled = torch.tensor([[0.0, 1.5, 0.0, 0.0, 2.0, 0.0], [0.0] * 6,
+                           [0.25, 0.0, 0.0, 3.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.5]])
+    lengths = torch.tensor([0, 2, 0, 3, 1])
+    nonzero = pooled.nonzero()
+    return pooled, {"feature_offsets": lengths.cumsum(0), "feature_indices": nonzero[:, 1].to(torch.int32),
+                    "feature_values": pooled[pooled != 0], "d_sae": 6}
+
+
+def test_reference_pooled_features_lives_on_row_ids_device_and_makes_nothing_on_the_default_device():
+    pooled, cache = small_cache()
+    row_ids = torch.tensor([3, 0, 1, 3, 2])
+    # every tensor made inside must be placed explicitly (the cache's device): a bare torch.arange or
+    # torch.zeros would land on the meta device here and fail to mix with the CPU tensors
+    with torch.device("meta"):
+        dense = fpo.reference_pooled_features(cache, row_ids)
+    assert dense.device == row_ids.device and dense.dtype == torch.float32
+    assert torch.equal(dense, pooled[row_ids])
+
+
+def test_dpo_with_the_cached_sums_equals_dpo_with_an_online_reference_bit_for_bit():
+    gen = torch.Generator().manual_seed(0)
+    n_rows, T, V = 6, 9, 11
+    reference_logits = torch.randn(n_rows, T, V, generator=gen)
+    input_ids = torch.randint(0, V, (n_rows, T), generator=gen)
+    mask = torch.zeros(n_rows, T, dtype=torch.long)
+    for row, (start, end) in enumerate([(3, 9), (4, 7), (2, 9), (5, 9), (3, 6), (6, 9)]):
+        mask[row, start:end] = 1
+    cache = fpo.build_reference_cache(
+        lambda ids: (reference_logits, torch.zeros(n_rows, T, 2)), lambda h: torch.relu(h),
+        [(torch.arange(n_rows), input_ids, mask)], n_rows=n_rows, d_sae=2,
+    )
+    policy_logps = -torch.rand(n_rows, generator=gen) * 20
+    online_logps, _ = fpo.sequence_logps(reference_logits, input_ids, mask)
+    online = fpo.dpo_loss(policy_logps[:3], policy_logps[3:], online_logps[:3], online_logps[3:], beta=0.1)
+    cached = fpo.dpo_loss(policy_logps[:3], policy_logps[3:], cache["sum_logps"][:3], cache["sum_logps"][3:], beta=0.1)
+    for a, b in zip(online, cached):
+        assert torch.equal(a, b)
 
 
 def test_fingerprint_changes_with_any_part():
@@ -259,7 +366,8 @@ def test_fpo_py_runs_alone_in_an_empty_directory(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert float(result.stdout) > 0
+    # defaults beta 0.1, alpha 0.5: chosen reward 0.1*(-1 - -1) = 0, rejected 0.1*(-2 - -1) = -0.1, D = 0
+    assert math.isclose(float(result.stdout), nll_of_logit(0.1), rel_tol=1e-6)
 
 
 def test_fpo_py_imports_only_torch_and_the_standard_library():

@@ -47,6 +47,8 @@ def test_readme_snippet_runs_and_matches_an_online_reference():
     # the cached reference terms are those of an online reference pass
     logits, hidden = reference(input_ids, hidden_layer=-1)
     sum_logps, n_tokens = fpo.sequence_logps(logits, input_ids, response_mask)
+    torch.testing.assert_close(scope["cache"]["sum_logps"], sum_logps, atol=1e-5, rtol=0)
     torch.testing.assert_close(scope["cache"]["avg_logps"], sum_logps / n_tokens, atol=1e-5, rtol=0)
+    assert drift.dtype == torch.float32 and scope["reference_pooled"].device == input_ids.device
     online_pooled = fpo.pooled_features(sae.encode(hidden), response_mask)
     torch.testing.assert_close(scope["reference_pooled"], online_pooled, atol=1e-5, rtol=0)

@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
+import fpo
 import sae as sae_module
 from runtime import Interrupted
 from model import GPT, GPTConfig
@@ -77,6 +79,54 @@ def test_encode_is_topk_nonnegative_and_forward_has_no_side_effects(planted):
     torch.testing.assert_close(x_hat, trained.decode(trained.encode(x[:100])))
     for name, t in trained.state_dict().items():
         assert torch.equal(t, before[name])
+
+
+def random_sae(d_model=8, d_sae=24, sae_k=4, seed=0):
+    """A float64 TopK SAE with random weights (no training needed to test the encode paths)."""
+    gen = torch.Generator().manual_seed(seed)
+    model = SparseAutoencoder(d_model, d_sae, sae_k).double()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=gen, dtype=torch.float64))
+    return model
+
+
+def test_encode_topk_densifies_to_encode_exactly():
+    model = random_sae()
+    with torch.no_grad():
+        model.b_enc -= 4.0  # so that some of the sae_k largest pre-activations are negative
+    x = torch.randn(3, 50, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    values, indices = model.encode_topk(x)
+    assert values.shape == indices.shape == (3, 50, 4) and values.min() >= 0
+    assert (values == 0).any()  # some selected pre-activations were negative: ReLU applied
+    dense = torch.zeros(3, 50, 24, dtype=torch.float64).scatter(-1, indices, values)
+    assert torch.equal(dense, model.encode(x))
+
+
+def test_pooling_from_encode_topk_equals_encode_then_pooled_features_in_values_and_gradients():
+    model = random_sae(d_sae=12, sae_k=4)  # few latents: the same latent fires at several positions
+    gen = torch.Generator().manual_seed(2)
+    hidden = torch.randn(4, 7, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    response_mask = torch.zeros(4, 7, dtype=torch.long)
+    response_mask[0, 3:] = 1
+    response_mask[1, 2:5] = 1  # padded
+    response_mask[2, 6] = 1  # one token
+    # row 3: an empty response
+    reference = torch.rand(4, 12, generator=gen, dtype=torch.float64) * (torch.rand(4, 12, generator=gen) < 0.4)
+    fpo_k = 3
+
+    dense_pooled = fpo.pooled_features(model.encode(hidden), response_mask)  # (4, 12)
+    values, indices = model.encode_topk(hidden[:, :-1][response_mask[:, 1:].bool()])  # (N, sae_k)
+    fast_pooled = fpo.pooled_topk_features(values, indices, response_mask, model.d_sae)  # (4, 12)
+    torch.testing.assert_close(fast_pooled, dense_pooled, rtol=0, atol=1e-14)
+
+    dense_drift = fpo.feature_mse(dense_pooled, reference, fpo_k)
+    fast_drift = fpo.feature_mse(fast_pooled, reference, fpo_k)
+    torch.testing.assert_close(fast_drift, dense_drift, rtol=0, atol=1e-13)
+    (dense_grad,) = torch.autograd.grad(dense_drift.sum(), hidden)
+    (fast_grad,) = torch.autograd.grad(fast_drift.sum(), hidden)
+    assert dense_grad.abs().sum() > 0
+    torch.testing.assert_close(fast_grad, dense_grad, rtol=0, atol=1e-13)
 
 
 def test_encode_takes_raw_scale_inputs():
@@ -214,6 +264,48 @@ def test_density_histogram_text():
     assert bins == {"[-3.0, -2.5)": 1, "[-2.5, -2.0)": 0, "[-2.0, -1.5)": 0, "[-1.5, -1.0)": 1,
                     "[-1.0, -0.5)": 0, "[-0.5, 0.0)": 1, "never fired": 1}
     assert lines[1].endswith("#" * 40)
+
+
+class DtypesMade(TorchFunctionMode):
+    """Records the dtype of every tensor torch makes inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for value in result if isinstance(result, (tuple, list)) else (result,):
+            if isinstance(value, torch.Tensor):
+                self.dtypes.add(value.dtype)
+        return result
+
+
+def test_density_histogram_makes_no_float64_tensor():
+    # the counts live on the SAE's device, and MPS has no float64
+    with DtypesMade() as made:
+        text = density_histogram(torch.tensor([0, 1, 50, 500]), n_tokens=1000)
+    assert torch.float64 not in made.dtypes
+    assert "[-3.0, -2.5)          1" in text  # density 1/1000 is exactly -3.0
+
+
+class PositionSAE(nn.Module):
+    """One latent whose activation is position + 1, whatever the residual stream."""
+
+    def encode(self, h):
+        return torch.arange(1, h.shape[1] + 1, dtype=h.dtype, device=h.device)[None, :, None].expand(len(h), -1, 1)
+
+
+def test_top_activating_contexts_never_reports_a_masked_out_position():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=32, block_size=16, n_layer=1, n_head=2, n_embd=8))
+    ids = counting_batches(1)[0]  # (8, 16)
+    mask = torch.ones(8, 16, dtype=torch.bool)
+    mask[:, 10:] = False  # e.g. padding
+    report = top_activating_contexts(model, PositionSAE(), [(ids, mask)], -1, latents=[0],
+                                     decode_fn=lambda ids: " ".join(map(str, ids)), n_examples=3, context=2)
+    values = [float(line.split()[0]) for line in report.splitlines()[1:]]
+    assert values == [10.0, 10.0, 10.0]  # position 9, the last one masked in; never 11..16
 
 
 @pytest.fixture(scope="module")
