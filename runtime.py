@@ -56,6 +56,18 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
+def precision(device: torch.device) -> str:
+    """The precision `autocast` runs the GPT in on this device; recorded with the reference cache."""
+    return "bfloat16" if device.type == "cuda" else "float32"
+
+
+def in_float32(function, tensor: torch.Tensor):
+    """function(tensor) in float32, autocast off: the SAE's TopK choices, and so D(y), must not
+    depend on the precision the GPT ran in."""
+    with torch.autocast(tensor.device.type, enabled=False):
+        return function(tensor.float())
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work, so a timer measures work and not kernel launches."""
     if device.type == "cuda":

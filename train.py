@@ -31,7 +31,7 @@ import data
 import fpo
 from runtime import (
     Interrupted, UsageError, autocast, batch_indices, check_finite, check_made_from, learning_rate, load_checkpoint, load_resume,
-    log_line, pick_device, resume_training, save_checkpoint, save_resume, stop_at_step_boundary, synchronize, training_state,
+    in_float32, log_line, pick_device, precision, resume_training, save_checkpoint, save_resume, stop_at_step_boundary, synchronize, training_state,
 )
 from model import GPT, GPTConfig
 from sae import eval_mode, evaluate_sae, harvest_activations, load_sae, train_sae
@@ -340,6 +340,9 @@ class PreferenceInputs:
     made_from: dict  # fingerprints of the reference GPT and the SAE
 
 
+CACHE_FORMAT = 2  # 2: pooled at the positions that generate the response tokens; summed log-probs stored
+
+
 def load_preference_inputs(cfg: Config, reference: GPT, gpt_fingerprint: str, device, rebuild: bool = False) -> PreferenceInputs:
     """The SAE, the tokenized pairs, and the reference cache: built if `rebuild`, or if its
     fingerprint doesn't match the data, the SAE or `reference` (the pretrained weights the policy
@@ -352,7 +355,10 @@ def load_preference_inputs(cfg: Config, reference: GPT, gpt_fingerprint: str, de
         cache={}, made_from={"reference model": gpt_fingerprint, "SAE": sae_fingerprint},
     )
     token_ids = json.dumps([[p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in inputs.train_pairs + inputs.test_pairs])
-    expected = inputs.made_from | {"dataset or tokenizer": fpo.fingerprint(token_ids, {"n_train_pairs": len(inputs.train_pairs)})}
+    expected = inputs.made_from | {
+        "dataset or tokenizer": fpo.fingerprint(token_ids, {"n_train_pairs": len(inputs.train_pairs)}),
+        "precision": precision(device), "cache format": CACHE_FORMAT,
+    }
     path = Path(cfg.run.out_dir) / "reference_cache.pt"
     if path.exists() and not rebuild:
         cache = load_checkpoint(path, "reference_cache", "")
@@ -380,7 +386,8 @@ def build_cache(cfg: Config, reference: GPT, inputs: PreferenceInputs, made_from
 
     with eval_mode(reference), autocast(device):
         cache = fpo.build_reference_cache(
-            lambda ids: reference(ids, hidden_layer=cfg.sae.sae_layer), inputs.sae.encode, batches(), n_rows=2 * len(everything), d_sae=inputs.sae.d_sae
+            lambda ids: reference(ids, hidden_layer=cfg.sae.sae_layer), lambda hidden: in_float32(inputs.sae.encode, hidden), batches(),
+            n_rows=2 * len(everything), d_sae=inputs.sae.d_sae,
         )
     path = Path(cfg.run.out_dir) / "reference_cache.pt"
     save_checkpoint(path, "reference_cache", {"sae_layer": cfg.sae.sae_layer}, made_from, **cache, n_train_pairs=len(inputs.train_pairs))
@@ -413,8 +420,8 @@ def preference_losses(pref: PreferenceConfig, sae_layer: int, policy: GPT, batch
         return losses, chosen_rewards, rejected_rewards, drift.detach()
     if pref.method == "simpo":
         return *fpo.simpo_loss(avg_logps[:B], avg_logps[B:], beta=pref.beta, gamma=pref.gamma), None
-    if pref.method == "dpo_offline":
-        reference_logps = reference_avg_logps * n_tokens
+    if pref.method == "dpo_offline":  # DPO with the reference's summed log-probs read from FPO's cache
+        reference_logps = inputs.cache["sum_logps"][rows.cpu()].to(sum_logps.device)
         return *fpo.dpo_loss(sum_logps[:B], sum_logps[B:], reference_logps[:B], reference_logps[B:], beta=pref.beta), None
     with torch.no_grad():  # dpo, tdpo1, tdpo2: the reference model runs online, every step
         reference_logits, _ = reference(input_ids)
@@ -431,12 +438,13 @@ def preference_losses(pref: PreferenceConfig, sae_layer: int, policy: GPT, batch
 def feature_drift(sae, hidden: torch.Tensor, mask: torch.Tensor, cache: dict, rows: torch.Tensor, fpo_k: int) -> torch.Tensor:
     """D(y) of each row: the policy's pooled codes against the cached reference's.
 
-    hidden (R, T, d_model), mask (R, T), rows (R,) -> (R,). Only response positions are encoded:
-    the rest are never pooled, and skipping them halves FPO's one extra piece of work."""
-    codes = hidden.new_zeros(*hidden.shape[:2], sae.d_sae)  # (R, T, d_sae)
-    codes[mask] = sae.encode(hidden[mask])
-    policy_pooled = fpo.pooled_features(codes, mask)  # pooled_theta(y), (R, d_sae)
-    reference_pooled = fpo.reference_pooled_features(cache, rows.cpu()).to(policy_pooled.device)  # pooled_ref(y), (R, d_sae)
+    hidden (R, T, d_model), mask (R, T), rows (R,) -> (R,). Only the positions that generate
+    response tokens are encoded (the rest are never pooled), and their TopK values are pooled
+    sparsely: the same numbers and gradients as fpo.pooled_features of the dense codes, cheaper."""
+    generating = mask[:, 1:].bool()  # position t generates response token t+1, as in sequence_logps
+    values, indices = in_float32(sae.encode_topk, hidden[:, :-1][generating])  # (N, sae_k) each
+    policy_pooled = fpo.pooled_topk_features(values, indices, mask, sae.d_sae)  # pooled_theta(y), (R, d_sae)
+    reference_pooled = fpo.reference_pooled_features(cache, rows)  # pooled_ref(y), (R, d_sae)
     return fpo.feature_mse(policy_pooled, reference_pooled, fpo_k)
 
 
