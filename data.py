@@ -291,10 +291,11 @@ def _parse_sentence(words: list[str]) -> tuple[str, bool] | None:
 JUDGE_FLOOR = 0.1
 
 
-def judge(prompt: str, response: str) -> JudgeResult:
+def judge(prompt: str, response: str, complete: bool = True) -> JudgeResult:
     """Score a response to a toy-world prompt; deterministic.
 
-    Valid only if: non-empty; words separated by single spaces (leading/trailing whitespace
+    Valid only if: complete (a sampled response must have ended with EOS, not been cut off at the
+    length cap, even where the cut falls after a " ."); non-empty; words separated by single spaces (leading/trailing whitespace
     is ignored); every sentence ends with " ." and parses under SENTENCE_TEMPLATES; at most
     MAX_SENTENCES sentences; no sentence repeated. Invalid text scores 0.
     Valid text scores JUDGE_FLOOR + (1 - JUDGE_FLOOR) * mean over sentences of
@@ -303,6 +304,8 @@ def judge(prompt: str, response: str) -> JudgeResult:
     scores 1.0; " the guitar was dull ." scores 0.1.
     Raises ValueError if the prompt is not a toy-world prompt.
     """
+    if not complete:
+        return _invalid("cut off before EOS")
     topic = _prompt_topic(prompt)
     if topic is None:
         raise ValueError(f"not a toy-world prompt: {prompt!r}")

@@ -100,15 +100,26 @@ def evaluate(cfg: train.Config, device, seed: int, tag: str = "policy", referenc
     policy.load_state_dict(ckpt["state_dict"])
     policy.eval().requires_grad_(False)
 
-    accuracies, drifts = [], []
+    accuracies, implicit_accuracies, drifts = [], [], []
     for batch in data.every_pair(inputs.test_pairs, 64, len(inputs.train_pairs), data.eos_id(inputs.enc), device):
+        rows, input_ids, mask = batch
         with autocast(device):
             _, chosen_rewards, rejected_rewards, drift = train.preference_losses(trained, cfg.sae.sae_layer, policy, batch, inputs, reference)
             if drift is None:  # FPO computed it for its loss; the other methods measure it here
                 drift = train.measure_drift(trained, cfg.sae.sae_layer, policy, batch, inputs)
             drifts.append(drift)
+            # One measure for every method: the implicit DPO reward beta * (log pi(y) - log pi_ref(y)),
+            # summed log-probs; beta > 0 does not change which response it ranks higher.
+            logits, _ = policy(input_ids)
+            implicit_reward = fpo.sequence_logps(logits, input_ids, mask)[0] - inputs.cache["sum_logps"][rows.cpu()].to(device)
+        B = len(rows) // 2
         accuracies.append((chosen_rewards > rejected_rewards).float())
-    results = {"method": trained.method, "seed": seed, "reward_accuracy": torch.cat(accuracies).mean().item(), "feature_drift": torch.cat(drifts).mean().item()}
+        implicit_accuracies.append((implicit_reward[:B] > implicit_reward[B:]).float())
+    results = {
+        "method": trained.method, "seed": seed, "feature_drift": torch.cat(drifts).mean().item(),
+        "reward_accuracy": torch.cat(accuracies).mean().item(),  # with the method's own reward
+        "implicit_reward_accuracy": torch.cat(implicit_accuracies).mean().item(),  # with the implicit DPO reward
+    }
 
     enc, has_judge = inputs.enc, not cfg.run.preference_file  # the judge knows only the toy world
     prompt_texts = data.make_prompts(cfg.eval.n_eval_prompts, seed=cfg.run.seed, split="test") if has_judge else [enc.decode(p.prompt_ids) for p in inputs.test_pairs]
@@ -121,7 +132,8 @@ def evaluate(cfg: train.Config, device, seed: int, tag: str = "policy", referenc
         stats = score_samples(model, reference, prompts, responses, enc, device)
         stats.update(distinct_2=distinct_2(responses), mean_length=sum(map(len, responses)) / len(responses))
         if has_judge:
-            verdicts = [data.judge(text, data.response_text(enc, r)) for text, r in zip(prompt_texts, responses)]
+            eos = data.eos_id(enc)
+            verdicts = [data.judge(text, data.response_text(enc, r), complete=r[-1:] == [eos]) for text, r in zip(prompt_texts, responses)]
             n = len(verdicts)
             stats.update(
                 judge_score=sum(v.score for v in verdicts) / n, valid_rate=sum(v.valid for v in verdicts) / n,
@@ -142,7 +154,10 @@ def evaluate(cfg: train.Config, device, seed: int, tag: str = "policy", referenc
 
 def print_summary(results: dict, path: Path) -> None:
     print("\n== summary ==")
-    print(f"method {results['method']} | held-out reward accuracy {results['reward_accuracy']:.3f} | feature drift {results['feature_drift']:.4g}")
+    print(
+        f"method {results['method']} | held-out reward accuracy: its own reward {results['reward_accuracy']:.3f}, "
+        f"implicit DPO reward {results['implicit_reward_accuracy']:.3f} | feature drift {results['feature_drift']:.4g}"
+    )
     for name in ("policy", "reference"):
         stats = results[name]
         judged = (
@@ -204,7 +219,8 @@ TABLE_COLUMNS = {  # column: (results key path, digits)
     "win rate": (("win_rate",), 3),
     "judge score": (("policy", "judge_score"), 3),
     "valid": (("policy", "valid_rate"), 3),
-    "reward acc": (("reward_accuracy",), 3),
+    "reward acc (own)": (("reward_accuracy",), 3),
+    "reward acc (DPO)": (("implicit_reward_accuracy",), 3),
     "KL from ref": (("policy", "kl_from_reference"), 2),
     "entropy": (("policy", "entropy_per_token"), 3),
     "distinct-2": (("policy", "distinct_2"), 3),

@@ -1,0 +1,50 @@
+"""evaluate.py's metrics, against values worked out by hand."""
+
+import copy
+import math
+
+import torch
+
+import data
+import evaluate
+import train
+from model import GPT, GPTConfig
+
+CPU = torch.device("cpu")
+
+
+def tiny_gpt(enc, seed=0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
+
+
+def test_distinct_2_hand_computed():
+    # bigrams (1,2) (2,3) (1,2) (2,4): 3 distinct of 4
+    assert evaluate.distinct_2([[1, 2, 3], [1, 2, 4]]) == 3 / 4
+    assert evaluate.distinct_2([[7], []]) == 0.0  # no bigram at all
+
+
+def test_a_response_cut_off_before_eos_is_invalid_even_after_a_full_stop():
+    assert data.judge("review the soup :", " the soup was great .").valid
+    cut = data.judge("review the soup :", " the soup was great .", complete=False)
+    assert not cut.valid and cut.score == 0.0
+
+
+def test_policy_and_reference_share_random_draws_in_sampling():
+    enc = data.load_tokenizer()
+    model = tiny_gpt(enc)
+    prompts = [data.encode(enc, text) for text in data.make_prompts(6, seed=0)]
+    settings = train.EvalConfig(temperature=1.0, top_k=0, max_new_tokens=8)
+    first = evaluate.sample_responses(model, prompts, enc, settings, seed=3, device=CPU)
+    assert evaluate.sample_responses(copy.deepcopy(model), prompts, enc, settings, seed=3, device=CPU) == first
+    assert evaluate.sample_responses(model, prompts, enc, settings, seed=4, device=CPU) != first
+
+
+def test_score_samples_entropy_of_a_uniform_model_and_kl_to_itself():
+    enc = data.load_tokenizer()
+    model = tiny_gpt(enc)
+    torch.nn.init.zeros_(model.lm_head.weight)  # every next-token distribution is uniform
+    prompts, responses = [[5, 6], [7]], [[8, 9, data.eos_id(enc)], [10]]
+    stats = evaluate.score_samples(model, model, prompts, responses, enc, CPU)
+    assert math.isclose(stats["entropy_per_token"], math.log(enc.n_vocab), rel_tol=1e-5)
+    assert stats["kl_from_reference"] == 0.0
