@@ -10,6 +10,7 @@ Run `python data.py` to regenerate tokenizer.bpe from the toy corpus (determinis
 """
 
 import base64
+import codecs
 import json
 import random
 import re
@@ -352,8 +353,9 @@ class DataError(Exception):
 
 
 def _read_bytes(path) -> bytes:
+    """The file's bytes, without the UTF-8 byte order mark some editors put first (a BOM is legal UTF-8)."""
     try:
-        return Path(path).read_bytes()
+        return Path(path).read_bytes().removeprefix(codecs.BOM_UTF8)
     except OSError as e:
         raise DataError(path, None, f"cannot read file ({e.strerror})") from None
 
@@ -388,6 +390,8 @@ def _parse_preference_line(raw: bytes) -> PreferencePair:
         row = json.loads(line)
     except json.JSONDecodeError as e:
         raise ValueError(f"invalid JSON ({e.msg}, column {e.colno})") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object, got {type(row).__name__}")
     for field in ("prompt", "chosen", "rejected"):

@@ -16,11 +16,14 @@ import resource
 import statistics
 import sys
 import time
+import weakref
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import data
 import fpo
@@ -227,7 +230,6 @@ TABLE_COLUMNS = {  # column: (results key path, digits)
     "length": (("policy", "mean_length"), 1),
     "feature drift": (("feature_drift",), 4),
     "ms/step": (("median_step_ms",), 1),
-    "peak MB": (("peak_memory_mb",), 0),
 }
 
 
@@ -244,29 +246,67 @@ def compare_tag(label: str, seed: int) -> str:
 # Memory: the peak over the training loop alone, with everything it needs already loaded.
 
 
+class LiveTensorBytes(TorchDispatchMode):
+    """While active, the bytes of every tensor storage an op allocates, until it is freed: `peak`
+    is the most that was live at once, counting nothing allocated before (weights, data, cache).
+    Outputs that alias an input (views, in-place updates) allocate nothing and are skipped."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.tracked = 0, 0, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for tensor in tree_flatten(out)[0]:
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            if id(storage) in self.tracked or storage.data_ptr() in inputs:
+                continue
+            self.tracked.add(id(storage))
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._freed, id(storage), storage.nbytes())  # runs when the storage is freed
+        return out
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        self.tracked.discard(key)
+        self.live -= nbytes
+
+
 class LoopPeakMemory:
-    """Around a training loop (train_preference's `measure`): max allocated on CUDA since entering;
-    on the CPU the peak resident set size of the whole process (since entering on Linux, over its
-    lifetime elsewhere). `peak_mb` holds the result after the loop."""
+    """Around a training loop (train_preference's `measure`), two peaks in MB:
+    - `loop_mb`, the loop's own: on CUDA max allocated above what was allocated on entering; on the
+      CPU and MPS the peak of live tensor bytes allocated inside the loop (LiveTensorBytes);
+    - `rss_mb`, the whole process's peak resident set size (since entering on Linux, over its
+      lifetime elsewhere): torch, data and cache included, which every method holds alike."""
 
     def __init__(self, device: torch.device):
-        self.device, self.peak_mb = device, float("nan")
+        self.device, self.loop_mb, self.rss_mb = device, float("nan"), float("nan")
+        self.tensors = LiveTensorBytes()
 
     def __enter__(self):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif Path("/proc/self/clear_refs").exists():
+            self.allocated_before = torch.cuda.memory_allocated(self.device)
+        else:
+            self.tensors.__enter__()
+        if Path("/proc/self/clear_refs").exists():
             Path("/proc/self/clear_refs").write_text("5")  # "5" resets VmHWM to the current RSS
         return self
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
-            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
-        elif Path("/proc/self/status").exists():
-            self.peak_mb = int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 2**10
+            self.loop_mb = (torch.cuda.max_memory_allocated(self.device) - self.allocated_before) / 2**20
+        else:
+            self.tensors.__exit__(*exc)
+            self.loop_mb = self.tensors.peak / 2**20
+        if Path("/proc/self/status").exists():
+            self.rss_mb = int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 2**10
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            self.peak_mb = peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB elsewhere
+            self.rss_mb = peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB elsewhere
         return False
 
 
@@ -274,7 +314,7 @@ def train_and_measure(cfg: train.Config, device, seed: int, tag: str) -> dict:
     """train_preference, with its median step time and its loop's peak memory."""
     memory = LoopPeakMemory(device)
     cost = train.train_preference(cfg, device, seed, tag, measure=memory)
-    return cost | {"peak_memory_mb": memory.peak_mb}
+    return cost | {"loop_memory_mb": memory.loop_mb, "peak_rss_mb": memory.rss_mb}
 
 
 def in_child_process(function, *args):
@@ -288,12 +328,17 @@ def in_child_process(function, *args):
 # --compare
 
 
+def pretrain_if_missing(cfg: train.Config, device) -> None:
+    """The GPT and SAE every method starts from: trained here unless --out_dir has them."""
+    if not (Path(cfg.run.out_dir) / "gpt.pt").exists():
+        train.pretrain(cfg, device)
+    if not (Path(cfg.run.out_dir) / "sae.pt").exists():
+        train.train_sae_stage(cfg, device)
+
+
 def compare(cfg: train.Config, device) -> None:
     out = Path(cfg.run.out_dir)
-    if not (out / "gpt.pt").exists():
-        train.pretrain(cfg, device)
-    if not (out / "sae.pt").exists():
-        train.train_sae_stage(cfg, device)
+    pretrain_if_missing(cfg, device)
     print(f"\n== compare: {', '.join(COMPARE_ROWS)} x {cfg.run.seeds} seeds ==")
     rows = []
     for seed in range(cfg.run.seed, cfg.run.seed + cfg.run.seeds):
@@ -305,9 +350,9 @@ def compare(cfg: train.Config, device) -> None:
                 print(f"compare: {label}, seed {seed}: finished earlier ({row_path}); skipped (--resume)")
                 rows.append(json.loads(row_path.read_text()))
                 continue
-            cost = in_child_process(train_and_measure, row_cfg, device, seed, tag)
+            cost = in_child_process(train.train_preference, row_cfg, device, seed, tag)
             results = evaluate(row_cfg, device, seed, tag, reference_samples)
-            results.update(label=label, median_step_ms=1000 * cost["median_step_s"], peak_memory_mb=cost["peak_memory_mb"])
+            results.update(label=label, median_step_ms=1000 * cost["median_step_s"])
             row_path.write_text(json.dumps(results, indent=2))
             rows.append(results)
     table = compare_table(rows, cfg.run.seeds)
@@ -359,8 +404,10 @@ def text_chart(label: str, log_path: Path, width: int = 60) -> str:
 
 def bench(cfg: train.Config, device) -> None:
     """Median training-step time of each method on identical batches, interleaved A B C A B C so
-    drift in machine speed hits every method alike; then each method's peak memory, measured in a
-    fresh process that loads only what that method needs."""
+    drift in machine speed hits every method alike; then each method's training-loop memory,
+    measured in a fresh process that loads only what that method needs. The GPT size flags pick
+    the model (a short --pretrain_steps is enough for timing)."""
+    pretrain_if_missing(cfg, device)
     print(f"\n== bench: {cfg.run.bench_steps} interleaved steps per method ==")
     reference, gpt_fingerprint = train.load_gpt(cfg, device)
     reference.eval().requires_grad_(False)
@@ -390,14 +437,18 @@ def bench(cfg: train.Config, device) -> None:
     results = {label: {"median_step_ms": statistics.median(times)} for label, times in step_ms.items()}
     for label, overrides in COMPARE_ROWS.items():
         memory_cfg = with_method(cfg, overrides | {"pref_steps": n_warmup + 2})
-        cost = in_child_process(train_and_measure, memory_cfg, device, cfg.run.seed, "bench_" + compare_tag(label, cfg.run.seed))
-        results[label]["peak_memory_mb"] = cost["peak_memory_mb"]
-    fpo_ms = results["FPO"]["median_step_ms"]
-    ratios = {f"FPO/{other}": fpo_ms / results[other]["median_step_ms"] for other in ("SimPO", "DPO", "TDPO-2")}
-    print(f"\n| method | median ms/step | peak memory MB ({'max allocated' if device.type == 'cuda' else 'peak RSS'}) |\n|---|---|---|")
+        results[label] |= in_child_process(train_and_measure, memory_cfg, device, cfg.run.seed, "bench_" + compare_tag(label, cfg.run.seed))
+    ratios = {
+        f"FPO/{other} {measure}": results["FPO"][key] / results[other][key]
+        for measure, key in (("time", "median_step_ms"), ("loop memory", "loop_memory_mb")) for other in ("SimPO", "DPO", "TDPO-2")
+    }
+    pre = cfg.pretrain
+    print(f"\nGPT {pre.n_layer} x {pre.n_embd}, {sum(p.numel() for p in reference.parameters()):,} parameters; SAE {inputs.sae.d_sae} latents; {device}")
+    print(f"| method | median ms/step | loop memory MB ({'max allocated' if device.type == 'cuda' else 'live tensors'}) | peak RSS MB |\n|---|---|---|---|")
     for label, values in results.items():
-        print(f"| {label} | {values['median_step_ms']:.1f} | {values['peak_memory_mb']:.0f} |")
+        print(f"| {label} | {values['median_step_ms']:.1f} | {values['loop_memory_mb']:.1f} | {values['peak_rss_mb']:.0f} |")
     print("\n" + " | ".join(f"{name} {ratio:.3f}" for name, ratio in ratios.items()))
     path = Path(cfg.run.out_dir) / "bench.json"
-    path.write_text(json.dumps({"device": str(device), "steps": cfg.run.bench_steps, "methods": results, "ratios": ratios}, indent=2))
+    path.write_text(json.dumps({"device": str(device), "steps": cfg.run.bench_steps, "gpt": dataclasses.asdict(pre), "d_sae": inputs.sae.d_sae,
+                                "methods": results, "ratios": ratios}, indent=2))
     print(f"bench: wrote {path}")

@@ -180,6 +180,12 @@ def fpo_loss(
         rejected_feature_mse: D(y_l). Shape: (B,).
         beta: scale of the log-prob differences and of D.
         alpha: weight of the feature constraint; alpha = 0 is length-normalised DPO with the offline margin.
+
+    Returns:
+        losses: -log sigmoid(LPD - margin - constraint), per pair. Shape: (B,).
+        chosen_rewards: beta * (avg_logp_theta(y_w) - avg_logp_ref(y_w)), detached. Shape: (B,).
+        rejected_rewards: beta * (avg_logp_theta(y_l) - avg_logp_ref(y_l)), detached. Shape: (B,).
+        All on the inputs' device.
     """
     chosen_rewards = beta * (policy_chosen_avg_logps - reference_chosen_avg_logps)  # LPD - margin, chosen half
     rejected_rewards = beta * (policy_rejected_avg_logps - reference_rejected_avg_logps)

@@ -132,6 +132,11 @@ def field_help(cls) -> dict[str, str]:
 
 
 class ArgumentParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # `--pref_lr -1e-3`, `--alpha -inf`: a value, not an unknown option, so the range check can name it
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|infinity|nan)$", re.I)
+
     def error(self, message: str):
         """One `error:` line naming the flag (not argparse's usage block), then exit code 2."""
         message = re.sub(r"^argument (--\w+)(/--[\w-]+)*: ", r"\1: ", message)
@@ -520,7 +525,7 @@ def check_inputs_and_outputs(cfg: Config) -> None:
     enc, block_size = data.load_tokenizer(), cfg.pretrain.block_size
     n_tokens = len(data.corpus_token_stream(load_texts(cfg), enc))
     if n_tokens < 5 * block_size:  # pretraining windows, and the SAE's held-out fifth, need block_size each
-        raise data.DataError(cfg.run.corpus_file or f"the toy corpus (--n_docs {cfg.pretrain.n_docs})", None, f"too short: {n_tokens} tokens, at least {5 * block_size} (5 x block_size) are needed")
+        raise data.DataError(cfg.run.corpus_file or f"the toy corpus (--n_docs {cfg.pretrain.n_docs})", None, f"too short: {n_tokens} tokens, at least {5 * block_size} (5 x --block_size {block_size}) are needed")
     train_pairs, test_pairs = load_pairs(cfg)
     tokenize(train_pairs, enc, block_size, "training")
     tokenize(test_pairs, enc, block_size, "held-out")
@@ -577,6 +582,8 @@ def main(argv: list[str]) -> None:
         else:
             results = evaluate.evaluate(cfg, device, seed=cfg.run.seed)
             results["config"] = {type(section).__name__: asdict(section) for section in vars(cfg).values()}
+            trained_with = results.get("trained_with", {})  # policy.pt's own settings win over this command line's
+            results["config"]["PreferenceConfig"] |= {key: value for key, value in trained_with.items() if key in results["config"]["PreferenceConfig"]}
             path = Path(cfg.run.out_dir) / "results.json"
             path.write_text(json.dumps(results, indent=2))
             evaluate.print_summary(results, path)

@@ -5,13 +5,17 @@ Tests that train a tiny pipeline, start a subprocess or train a planted SAE are 
 """
 
 import json
+import os
+import runpy
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import evaluate
 import train
 
 REPO = Path(train.__file__).parent
@@ -63,3 +67,34 @@ def copy_outputs(tiny_run, tmp_path: Path, *names: str) -> Path:
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     """`python train.py ARGS` in a subprocess: its exit code and output."""
     return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+# Every training stage's entry point, for `no_training`.
+STAGE_FUNCTIONS = ((train, "pretrain"), (train, "train_sae_stage"), (train, "build_cache"), (train, "train_preference"), (evaluate, "evaluate"))
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Every stage fails the test if it starts: faults must be found before any training."""
+    for module, name in STAGE_FUNCTIONS:
+        monkeypatch.setattr(module, name, lambda *args, _name=name, **kwargs: pytest.fail(f"{_name} ran"))
+
+
+def run_main_as_script(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """train.py's `__main__` block in this process: (exit code, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["train.py", *args])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(REPO / "train.py"), run_name="__main__")
+    return exited.value.code, capsys.readouterr().err
+
+
+def interrupt_at(step_to_stop: int):
+    """Wrap a function called once per step with the step as its last argument: at that step,
+    send this process a real SIGINT (Ctrl-C)."""
+    def wrap(function):
+        def wrapped(*args):
+            if args[-1] == step_to_stop:
+                os.kill(os.getpid(), signal.SIGINT)
+            return function(*args)
+        return wrapped
+    return wrap

@@ -48,3 +48,16 @@ def test_score_samples_entropy_of_a_uniform_model_and_kl_to_itself():
     stats = evaluate.score_samples(model, model, prompts, responses, enc, CPU)
     assert math.isclose(stats["entropy_per_token"], math.log(enc.n_vocab), rel_tol=1e-5)
     assert stats["kl_from_reference"] == 0.0
+
+
+def test_loop_memory_sees_a_tensor_allocated_inside_and_not_one_from_before():
+    before = torch.zeros(1_000_000)  # 4 MB that the loop did not allocate
+    with evaluate.LoopPeakMemory(CPU) as memory:
+        inside = torch.ones(2_000_000)  # 8 MB
+        doubled = inside * 2  # 8 MB more, both live at once
+        del inside, doubled
+        before.add_(1)  # in place: allocates nothing
+        view = before[:10]  # a view: allocates nothing
+    assert 16 <= memory.loop_mb * 2**20 / 1e6 < 16.1, memory.loop_mb
+    assert memory.tensors.live == 0 and view.shape == (10,)
+    assert memory.rss_mb > 0

@@ -94,7 +94,7 @@ def test_compare_writes_a_finite_row_for_every_method(tiny_run):
     for label in evaluate.COMPARE_ROWS:
         assert f"| {label} |" in table
     for row in rows:
-        for key in ("win_rate", "reward_accuracy", "feature_drift", "median_step_ms", "peak_memory_mb"):
+        for key in ("win_rate", "reward_accuracy", "implicit_reward_accuracy", "feature_drift", "median_step_ms"):
             assert math.isfinite(row[key]), (row["label"], key)
         for key in ("judge_score", "valid_rate", "kl_from_reference", "entropy_per_token", "distinct_2", "mean_length"):
             assert math.isfinite(row["policy"][key]), (row["label"], key)
@@ -106,9 +106,12 @@ def test_bench_reports_every_method_and_the_ratios(tiny_run, capsys):
     train.main(argv + ["--bench", "--bench_steps", "3"])
     bench = json.loads((out_dir / "bench.json").read_text())
     assert set(bench["methods"]) == set(evaluate.COMPARE_ROWS)
-    assert set(bench["ratios"]) == {"FPO/SimPO", "FPO/DPO", "FPO/TDPO-2"}
+    assert set(bench["ratios"]) == {f"FPO/{other} {measure}" for other in ("SimPO", "DPO", "TDPO-2") for measure in ("time", "loop memory")}
     assert all(value > 0 for value in bench["ratios"].values())
-    assert "FPO/SimPO" in capsys.readouterr().out
+    loop_mb = {label: values["loop_memory_mb"] for label, values in bench["methods"].items()}
+    # the online reference's logits and TDPO's full-vocabulary KL are allocated inside the loop; FPO needs neither
+    assert loop_mb["FPO"] < loop_mb["DPO"] < loop_mb["TDPO-2"], loop_mb
+    assert "FPO/SimPO time" in capsys.readouterr().out
 
 
 def test_command_line_overrides_are_type_checked():

@@ -6,10 +6,8 @@ Most tests call train.py's functions in-process on copies of the session's tiny 
 
 import json
 import math
-import os
 import random
 import re
-import runpy
 import signal
 import subprocess
 import sys
@@ -25,32 +23,16 @@ import fpo
 import sae as sae_lib
 import train
 from runtime import Interrupted, load_checkpoint, resume_training, save_checkpoint, save_resume, training_state
-from conftest import REPO, TINY, copy_outputs, numbers_of, run_cli
+from conftest import REPO, TINY, copy_outputs, interrupt_at, numbers_of, run_cli, run_main_as_script
 from model import GPT, GPTConfig
 
 CPU = torch.device("cpu")
 
 GOOD_ROW = {"prompt": "review the soup :", "chosen": " the soup was great .", "rejected": " the soup was awful ."}
-STAGE_FUNCTIONS = ((train, "pretrain"), (train, "train_sae_stage"), (train, "build_cache"), (train, "train_preference"), (evaluate, "evaluate"))
 
 
 def jsonl(*rows) -> bytes:
     return b"".join((row if isinstance(row, bytes) else json.dumps(row).encode()) + b"\n" for row in rows)
-
-
-def run_main_as_script(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    """train.py's `__main__` block in this process: (exit code, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["train.py", *args])
-    with pytest.raises(SystemExit) as exited:
-        runpy.run_path(str(REPO / "train.py"), run_name="__main__")
-    return exited.value.code, capsys.readouterr().err
-
-
-@pytest.fixture
-def no_training(monkeypatch):
-    """Every stage fails the test if it starts: faults must be found before any training."""
-    for module, name in STAGE_FUNCTIONS:
-        monkeypatch.setattr(module, name, lambda *args, _name=name, **kwargs: pytest.fail(f"{_name} ran"))
 
 
 # ---- bad preference and corpus files -------------------------------------------------------
@@ -325,18 +307,6 @@ def test_ctrl_c_in_prefer_then_resume_ends_with_the_uninterrupted_results(tiny_r
     reference_log = [json.loads(line) for line in (tiny_run[0] / "policy_log.jsonl").read_text().splitlines()]
     assert [{k: v for k, v in r.items() if k != "ms_per_step"} for r in logged] == \
         [{k: v for k, v in r.items() if k != "ms_per_step"} for r in reference_log]
-
-
-def interrupt_at(step_to_stop: int):
-    """Wrap a function called once per step with the step as its last argument: at that step,
-    send this process a real SIGINT (Ctrl-C)."""
-    def wrap(function):
-        def wrapped(*args):
-            if args[-1] == step_to_stop:
-                os.kill(os.getpid(), signal.SIGINT)
-            return function(*args)
-        return wrapped
-    return wrap
 
 
 @pytest.mark.slow
