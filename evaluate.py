@@ -78,6 +78,12 @@ def score_samples(model: GPT, reference: GPT, prompts, responses, enc, device) -
     return {"entropy_per_token": entropies.sum().item() / max(1, len(entropies)), "kl_from_reference": torch.cat(kls).mean().item()}
 
 
+def win_rate(policy_scores: list[float], reference_scores: list[float]) -> float:
+    """How often the policy's response to a prompt scores higher than the reference's; ties count half."""
+    wins = [1.0 if p > r else 0.5 if p == r else 0.0 for p, r in zip(policy_scores, reference_scores, strict=True)]
+    return sum(wins) / len(wins)
+
+
 def distinct_2(responses: list[list[int]]) -> float:
     """Unique token bigrams over all bigrams of the samples: 1 = no repetition across samples."""
     bigrams = [tuple(r[i : i + 2]) for r in responses for i in range(len(r) - 1)]
@@ -145,14 +151,24 @@ def evaluate(cfg: train.Config, device, seed: int, tag: str = "policy", referenc
             stats["scores"] = [v.score for v in verdicts]
         results[name] = stats
     if has_judge:
-        wins = [1.0 if p > r else 0.5 if p == r else 0.0 for p, r in zip(results["policy"].pop("scores"), results["reference"].pop("scores"))]
-        results["win_rate"] = sum(wins) / len(wins)
+        results["win_rate"] = win_rate(results["policy"].pop("scores"), results["reference"].pop("scores"))
     results["examples"] = [
         {"prompt": t, "reference": data.response_text(enc, r), "policy": data.response_text(enc, p)}
         for t, r, p in list(zip(prompt_texts, reference_samples["responses"], policy_responses))[:5]
     ]
     results["trained_with"] = ckpt["config"]
     return results
+
+
+def eval_stage(cfg: train.Config, device) -> None:
+    """evaluate() the policy; write results.json with every config section, the preference
+    settings being those the policy was trained with (not this command line's), and a summary."""
+    results = evaluate(cfg, device, seed=cfg.run.seed)
+    trained = {key: value for key, value in results["trained_with"].items() if key in train.PreferenceConfig.__dataclass_fields__}
+    results["config"] = {type(section).__name__: asdict(section) for section in vars(cfg).values()} | {"PreferenceConfig": trained}
+    path = Path(cfg.run.out_dir) / "results.json"
+    path.write_text(json.dumps(results, indent=2))
+    print_summary(results, path)
 
 
 def print_summary(results: dict, path: Path) -> None:

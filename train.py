@@ -580,13 +580,7 @@ def main(argv: list[str]) -> None:
         elif stage == "features":
             evaluate.feature_report(cfg, device)
         else:
-            results = evaluate.evaluate(cfg, device, seed=cfg.run.seed)
-            results["config"] = {type(section).__name__: asdict(section) for section in vars(cfg).values()}
-            trained_with = results.get("trained_with", {})  # policy.pt's own settings win over this command line's
-            results["config"]["PreferenceConfig"] |= {key: value for key, value in trained_with.items() if key in results["config"]["PreferenceConfig"]}
-            path = Path(cfg.run.out_dir) / "results.json"
-            path.write_text(json.dumps(results, indent=2))
-            evaluate.print_summary(results, path)
+            evaluate.eval_stage(cfg, device)
         timings[stage] = time.time() - stage_started
     print("time per stage: " + ", ".join(f"{stage} {seconds:.0f}s" for stage, seconds in timings.items()) + f"; total {time.time() - started:.0f}s")
 

@@ -6,6 +6,7 @@ Tests that train a tiny pipeline, start a subprocess or train a planted SAE are 
 
 import json
 import os
+import re
 import runpy
 import shutil
 import signal
@@ -19,6 +20,7 @@ import evaluate
 import train
 
 REPO = Path(train.__file__).parent
+README = REPO / "README.md"
 
 # Every stage, shrunk: a 1-block 32-wide GPT, a 128-latent SAE, a few hundred pairs.
 TINY = [
@@ -62,6 +64,13 @@ def copy_outputs(tiny_run, tmp_path: Path, *names: str) -> Path:
     for name in names:
         shutil.copy(out_dir / name, tmp_path / name)
     return tmp_path
+
+
+def readme_snippet() -> str:
+    """The python block of README.md's "Use the loss in your own code"."""
+    text = README.read_text()
+    marker = text.index("<!-- snippet: tests/test_readme.py")
+    return re.search(r"```python\n(.*?)```", text[marker:], flags=re.S).group(1)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

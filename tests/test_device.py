@@ -13,6 +13,7 @@ The few torch.cuda / torch.mps calls the pipeline makes get harmless stand-ins (
 """
 
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -22,7 +23,9 @@ from torch.utils._pytree import tree_leaves
 
 import evaluate
 import train
-from conftest import TINY
+from conftest import TINY, readme_snippet
+from model import GPT, GPTConfig
+from sae import SparseAutoencoder
 
 CPU = torch.device("cpu")
 # Ops that legally take tensors on two devices: a cross-device copy, and the two calls of
@@ -173,6 +176,28 @@ def test_the_pretend_device_catches_mixed_ops_cpu_generators_and_float64_on_mps(
     with pretend("mps", monkeypatch):
         with pytest.raises(DeviceMismatch, match="float64"):
             torch.ones(3).double().to("mps")
+
+
+def test_the_readme_snippet_runs_unchanged_with_every_input_on_a_device_and_the_cache_on_the_cpu(monkeypatch):
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(vocab_size=40, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    sae = SparseAutoencoder(16, 32, 4)
+    input_ids = torch.randint(0, 40, (4, 12), generator=torch.Generator().manual_seed(0))
+    response_mask = torch.zeros(4, 12, dtype=torch.bool)
+    response_mask[:, 5:] = True
+    with pretend("cuda", monkeypatch) as mode:
+        cuda = torch.device("cuda")
+        policy.to(cuda), reference.to(cuda), sae.to(cuda)
+        scope = {
+            "torch": torch, "sae": sae,
+            "lm": lambda ids: policy(ids, hidden_layer=-1), "reference_lm": lambda ids: reference(ids, hidden_layer=-1),
+            "input_ids": input_ids.to(cuda), "response_mask": response_mask.to(cuda), "row_ids": torch.arange(4, device=cuda),
+        }
+        exec(readme_snippet(), scope)
+        assert not mode.tagged(scope["cache"]["feature_values"])  # the cache lives on the CPU
+        assert mode.tagged(scope["reference_pooled"]) and mode.tagged(scope["losses"])
+        assert all(mode.tagged(p.grad) for p in policy.parameters())
 
 
 # The tiny pipeline, shrunk further: device bugs need each code path once, not learning.

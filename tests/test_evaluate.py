@@ -7,8 +7,10 @@ import torch
 
 import data
 import evaluate
+import fpo
 import train
 from model import GPT, GPTConfig
+from sae import train_sae
 
 CPU = torch.device("cpu")
 
@@ -22,6 +24,11 @@ def test_distinct_2_hand_computed():
     # bigrams (1,2) (2,3) (1,2) (2,4): 3 distinct of 4
     assert evaluate.distinct_2([[1, 2, 3], [1, 2, 4]]) == 3 / 4
     assert evaluate.distinct_2([[7], []]) == 0.0  # no bigram at all
+
+
+def test_win_rate_counts_ties_half():
+    # prompt 1 a win, prompt 2 a tie, prompt 3 a loss, prompt 4 a win: (1 + 0.5 + 0 + 1) / 4
+    assert evaluate.win_rate([0.9, 0.1, 0.0, 0.55], [0.5, 0.1, 1.0, 0.1]) == 2.5 / 4
 
 
 def test_a_response_cut_off_before_eos_is_invalid_even_after_a_full_stop():
@@ -61,3 +68,30 @@ def test_loop_memory_sees_a_tensor_allocated_inside_and_not_one_from_before():
     assert 16 <= memory.loop_mb * 2**20 / 1e6 < 16.1, memory.loop_mb
     assert memory.tensors.live == 0 and view.shape == (10,)
     assert memory.rss_mb > 0
+
+
+def test_fpo_and_simpo_losses_stay_float32_under_bfloat16_autocast_and_match_float32():
+    """A bfloat16 policy (CUDA's autocast, here on the CPU) gives float32 D(y) and losses, close to float32's."""
+    enc = data.load_tokenizer()
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=48, n_layer=1, n_head=2, n_embd=32))
+    sae = train_sae(torch.randn(2048, 32, generator=torch.Generator().manual_seed(0)), 64, 4, steps=20, batch_size=256, log_every=1000)
+    pairs, _ = data.tokenize_pairs(data.make_preference_pairs(8, seed=0), enc, 48)
+    batch = data.pair_batch(pairs, torch.arange(8), 0, data.eos_id(enc), CPU)
+    cache = fpo.build_reference_cache(lambda ids: policy(ids, hidden_layer=-1), sae.encode, [batch], n_rows=16, d_sae=64)
+    inputs = train.PreferenceInputs(enc, sae, pairs, [], cache, {})
+    with torch.no_grad():  # move the policy off the reference, so D(y) is not 0
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    outputs = {}
+    for method in ("fpo", "simpo"):
+        pref = train.PreferenceConfig(method=method, fpo_k=8)
+        exact = train.preference_losses(pref, -1, policy, batch, inputs, None)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = train.preference_losses(pref, -1, policy, batch, inputs, None)
+        assert low[0].dtype == torch.float32, method
+        torch.testing.assert_close(low[0], exact[0], rtol=0.05, atol=0.02)
+        outputs[method] = exact, low
+    exact_drift, drift = outputs["fpo"][0][3], outputs["fpo"][1][3]  # D(y) of every response
+    assert drift.dtype == torch.float32 and exact_drift.abs().max() > 0
+    torch.testing.assert_close(drift, exact_drift, rtol=0.2, atol=2e-3)

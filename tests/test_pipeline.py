@@ -98,6 +98,14 @@ def test_compare_writes_a_finite_row_for_every_method(tiny_run):
             assert math.isfinite(row[key]), (row["label"], key)
         for key in ("judge_score", "valid_rate", "kl_from_reference", "entropy_per_token", "distinct_2", "mean_length"):
             assert math.isfinite(row["policy"][key]), (row["label"], key)
+    # The offline cache is exact: DPO reading the reference's summed log-probs from it trains the
+    # same policy as DPO running the reference online, up to float rounding (the cache ran the
+    # reference on batches padded to other lengths), so it samples the very same responses.
+    online, offline = (numbers_of(next(row for row in rows if row["label"] == label)) for label in ("DPO", "DPO (offline cache)"))
+    for key in ("win_rate", "reward_accuracy", "implicit_reward_accuracy", "policy.valid_rate", "policy.judge_score", "policy.mean_length", "policy.distinct_2"):
+        assert online[key] == offline[key], key
+    for key in ("feature_drift", "policy.kl_from_reference", "policy.entropy_per_token"):
+        assert math.isclose(online[key], offline[key], rel_tol=1e-4), key
 
 
 @pytest.mark.slow

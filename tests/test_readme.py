@@ -2,21 +2,13 @@
 
 import copy
 import re
-from pathlib import Path
 
 import torch
 
 import fpo
+from conftest import README, readme_snippet
 from model import GPT, GPTConfig
 from sae import train_sae
-
-README = Path(__file__).resolve().parent.parent / "README.md"
-
-
-def readme_snippet() -> str:
-    text = README.read_text()
-    marker = text.index("<!-- snippet: tests/test_readme.py")
-    return re.search(r"```python\n(.*?)```", text[marker:], flags=re.S).group(1)
 
 
 def test_readme_snippet_runs_and_matches_an_online_reference():
@@ -52,3 +44,18 @@ def test_readme_snippet_runs_and_matches_an_online_reference():
     assert drift.dtype == torch.float32 and scope["reference_pooled"].device == input_ids.device
     online_pooled = fpo.pooled_features(sae.encode(hidden), response_mask)
     torch.testing.assert_close(scope["reference_pooled"], online_pooled, atol=1e-5, rtol=0)
+
+
+def test_the_reading_path_line_ranges_hold_what_it_names():
+    """Each `FILE` lines A-B item of the README's reading path defines, within those lines, every
+    function it names."""
+    text = README.read_text()
+    path = text[text.index("## Reading path") : text.index("## Quickstart")]
+    items = re.findall(r"`(\w+\.py)` lines (\d+)-(\d+):(.*?)(?=\n\d\.|\Z)", path, flags=re.S)
+    assert len(items) == 2, items
+    for file, first, last, described in items:
+        lines = (README.parent / file).read_text().splitlines()[int(first) - 1 : int(last)]
+        names = re.findall(r"`(\w+)`", described)
+        assert names, described
+        for name in names:
+            assert any(line.startswith(f"def {name}(") for line in lines), (file, name)

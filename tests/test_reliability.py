@@ -26,6 +26,8 @@ from runtime import Interrupted, load_checkpoint, resume_training, save_checkpoi
 from conftest import REPO, TINY, copy_outputs, interrupt_at, numbers_of, run_cli, run_main_as_script
 from model import GPT, GPTConfig
 
+RNG = random.Random(0)  # which step the Ctrl-C tests interrupt: varied, and the same every run
+
 CPU = torch.device("cpu")
 
 GOOD_ROW = {"prompt": "review the soup :", "chosen": " the soup was great .", "rejected": " the soup was awful ."}
@@ -286,7 +288,7 @@ def test_ctrl_c_in_prefer_then_resume_ends_with_the_uninterrupted_results(tiny_r
     stages, continues preference training and evaluates: the same numbers as the tiny run."""
     out_dir = copy_outputs(tiny_run, tmp_path, "gpt.pt", "sae.pt", "reference_cache.pt")
     argv = TINY + ["--out_dir", str(out_dir)]
-    trigger = f"prefer step {random.choice([0, 10]):>5}/30"
+    trigger = f"prefer step {RNG.choice([0, 10]):>5}/30"
     process = subprocess.Popen([sys.executable, "train.py", *argv, "--stage", "prefer"], cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in process.stdout:
@@ -313,7 +315,7 @@ def test_ctrl_c_in_prefer_then_resume_ends_with_the_uninterrupted_results(tiny_r
 def test_pretrain_interrupted_and_resumed_gives_identical_weights(tmp_path, monkeypatch):
     argv = TINY + ["--stage", "pretrain", "--pretrain_steps", "8"]
     train.main(argv + ["--out_dir", str(tmp_path / "straight")])
-    stop = random.randint(0, 5)
+    stop = RNG.randint(0, 5)
     monkeypatch.setattr(train, "batch_indices", interrupt_at(stop)(train.batch_indices))
     with pytest.raises(Interrupted, match=f"pretrain interrupted at step {stop + 1}"):
         train.main(argv + ["--out_dir", str(tmp_path / "stopped")])
@@ -329,7 +331,7 @@ def test_pretrain_interrupted_and_resumed_gives_identical_weights(tmp_path, monk
 def test_sae_interrupted_and_resumed_gives_the_same_sae(tiny_run, tmp_path, monkeypatch):
     out_dir = copy_outputs(tiny_run, tmp_path, "gpt.pt")
     argv = TINY + ["--out_dir", str(out_dir), "--stage", "sae"]
-    stop = random.randint(0, 57)
+    stop = RNG.randint(0, 57)
     monkeypatch.setattr(sae_lib, "batch_indices", interrupt_at(stop)(sae_lib.batch_indices))
     with pytest.raises(Interrupted, match=f"sae interrupted at step {stop + 1}"):
         train.main(argv)
