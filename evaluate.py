@@ -58,19 +58,18 @@ def sample_responses(model: GPT, prompts: list[list[int]], enc, ev: train.EvalCo
 
 
 @torch.no_grad()
-def score_samples(model: GPT, reference: GPT, prompts, responses, enc, device) -> dict:
-    """Per-token entropy of the model, and KL(model || reference) estimated on the model's own
-    samples as the mean of log pi(y) - log pi_ref(y)."""
-    eos = data.eos_id(enc)
+def score_samples(model: GPT, reference: GPT, prompts, responses, eos_id: int, device) -> dict:
+    """On the given responses: the model's entropy per response token, and the mean over responses
+    of sum_t KL(pi(.|x, y_<t) || pi_ref(.|x, y_<t)) over the whole vocabulary. By the chain rule,
+    on the model's own samples drawn at temperature 1 with no top-k, that mean estimates
+    KL(pi || pi_ref) of whole responses without bias (and it is never negative)."""
     entropies, kls = [], []
     for start in range(0, len(prompts), 64):
-        input_ids, mask = data.collate_responses(prompts[start : start + 64], responses[start : start + 64], eos)
+        input_ids, mask = data.collate_responses(prompts[start : start + 64], responses[start : start + 64], eos_id)
         input_ids, mask = input_ids.to(device), mask.to(device)
         logits, _ = model(input_ids)
         reference_logits, _ = reference(input_ids)
-        logps, _ = fpo.sequence_logps(logits, input_ids, mask)
-        reference_logps, _ = fpo.sequence_logps(reference_logits, input_ids, mask)
-        kls.append(logps - reference_logps)
+        kls.append(fpo.sequence_kl(reference_logits, logits, mask))  # sequence_kl(q, p) = sum_t KL(p || q): here KL(pi || pi_ref)
         token_logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
         token_entropy = -(token_logps.exp() * token_logps).sum(-1)  # (B, T-1)
         entropies.append(token_entropy[mask[:, 1:].bool()])
@@ -130,18 +129,20 @@ def evaluate(cfg: train.Config, device, seed: int, tag: str = "policy", referenc
         "implicit_reward_accuracy": torch.cat(implicit_accuracies).mean().item(),  # with the implicit DPO reward
     }
 
-    enc, has_judge = inputs.enc, not cfg.run.preference_file  # the judge knows only the toy world
+    enc, eos, has_judge = inputs.enc, data.eos_id(inputs.enc), not cfg.run.preference_file  # the judge knows only the toy world
     prompt_texts = data.make_prompts(cfg.eval.n_eval_prompts, seed=cfg.run.seed, split="test") if has_judge else [enc.decode(p.prompt_ids) for p in inputs.test_pairs]
     prompts = [data.encode(enc, text)[-(cfg.pretrain.block_size // 2) :] for text in prompt_texts]  # keep half the context to respond
     reference_samples = {} if reference_samples is None else reference_samples
     if "responses" not in reference_samples:
         reference_samples["responses"] = sample_responses(reference, prompts, enc, cfg.eval, seed, device)
     policy_responses = sample_responses(policy, prompts, enc, cfg.eval, seed, device)
+    own_sampling = dataclasses.replace(cfg.eval, temperature=1.0, top_k=0)  # KL(pi || pi_ref) needs pi's own samples
     for name, model, responses in (("policy", policy, policy_responses), ("reference", reference, reference_samples["responses"])):
-        stats = score_samples(model, reference, prompts, responses, enc, device)
+        stats = {"entropy_per_token": score_samples(model, reference, prompts, responses, eos, device)["entropy_per_token"]}
+        own_samples = sample_responses(model, prompts, enc, own_sampling, seed, device)
+        stats["kl_from_reference"] = score_samples(model, reference, prompts, own_samples, eos, device)["kl_from_reference"]
         stats.update(distinct_2=distinct_2(responses), mean_length=sum(map(len, responses)) / len(responses))
         if has_judge:
-            eos = data.eos_id(enc)
             verdicts = [data.judge(text, data.response_text(enc, r), complete=r[-1:] == [eos]) for text, r in zip(prompt_texts, responses)]
             n = len(verdicts)
             stats.update(

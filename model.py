@@ -127,7 +127,9 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
         if hidden_patch is not None and hidden_layer is None:
             raise ValueError("hidden_patch needs hidden_layer")
-        layer = None if hidden_layer is None else hidden_layer % self.config.n_layer
+        if hidden_layer is not None and not -self.config.n_layer <= hidden_layer < self.config.n_layer:
+            raise ValueError(f"hidden_layer {hidden_layer} is not a block of this {self.config.n_layer}-block GPT")
+        layer = None if hidden_layer is None else hidden_layer % self.config.n_layer  # -1: the last block
         pos = torch.arange(T, device=idx.device)
         x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
         hidden = None

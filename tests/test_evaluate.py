@@ -26,6 +26,27 @@ def test_distinct_2_hand_computed():
     assert evaluate.distinct_2([[7], []]) == 0.0  # no bigram at all
 
 
+def test_kl_on_the_models_own_samples_averages_to_the_exact_kl_of_whole_responses():
+    """Every response of 2 tokens over a 3-token vocabulary, each weighted by its probability under
+    the policy: the estimator's expectation against KL(pi || pi_ref) enumerated over all 9 responses."""
+    torch.manual_seed(0)
+    policy, reference = (GPT(GPTConfig(vocab_size=3, block_size=4, n_layer=1, n_head=1, n_embd=8)).eval() for _ in range(2))
+    with torch.no_grad():
+        policy.lm_head.weight.mul_(30)  # sharpen the policy, so the two models differ clearly
+    prompt, bos = [1], 0
+    responses = [[a, b] for a in range(3) for b in range(3)]
+    input_ids, mask = data.collate_responses([prompt] * 9, responses, bos)
+    logp = fpo.sequence_logps(policy(input_ids)[0], input_ids, mask)[0].double()  # log pi(y), (9,)
+    reference_logp = fpo.sequence_logps(reference(input_ids)[0], input_ids, mask)[0].double()
+    assert math.isclose(logp.exp().sum().item(), 1.0, rel_tol=1e-5)  # the 9 responses are every outcome
+    exact_kl = (logp.exp() * (logp - reference_logp)).sum().item()
+    per_response = torch.tensor([evaluate.score_samples(policy, reference, [prompt], [y], bos, CPU)["kl_from_reference"] for y in responses])
+    assert exact_kl > 0.1
+    assert math.isclose((logp.exp() * per_response).sum().item(), exact_kl, rel_tol=1e-4)
+    # per response it is a sum of KLs, never negative, unlike the log-ratio log pi(y) - log pi_ref(y)
+    assert (per_response >= 0).all() and (logp - reference_logp).min() < 0
+
+
 def test_win_rate_counts_ties_half():
     # prompt 1 a win, prompt 2 a tie, prompt 3 a loss, prompt 4 a win: (1 + 0.5 + 0 + 1) / 4
     assert evaluate.win_rate([0.9, 0.1, 0.0, 0.55], [0.5, 0.1, 1.0, 0.1]) == 2.5 / 4
@@ -52,7 +73,7 @@ def test_score_samples_entropy_of_a_uniform_model_and_kl_to_itself():
     model = tiny_gpt(enc)
     torch.nn.init.zeros_(model.lm_head.weight)  # every next-token distribution is uniform
     prompts, responses = [[5, 6], [7]], [[8, 9, data.eos_id(enc)], [10]]
-    stats = evaluate.score_samples(model, model, prompts, responses, enc, CPU)
+    stats = evaluate.score_samples(model, model, prompts, responses, data.eos_id(enc), CPU)
     assert math.isclose(stats["entropy_per_token"], math.log(enc.n_vocab), rel_tol=1e-5)
     assert stats["kl_from_reference"] == 0.0
 

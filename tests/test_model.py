@@ -1,5 +1,6 @@
 """The GPT: causality, hidden-state capture and patching, generation."""
 
+import pytest
 import torch
 
 from model import GPT, GPTConfig
@@ -69,3 +70,12 @@ def test_generate_with_top_k_one_is_greedy():
     prompt = torch.randint(0, 50, (2, 3), generator=torch.Generator().manual_seed(4))
     sampled = model.generate(prompt, 6, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(0))
     assert torch.equal(sampled, model.generate(prompt, 6, temperature=0.0))
+
+
+def test_hidden_layer_out_of_range_is_refused_not_wrapped():
+    model = GPT(GPTConfig(vocab_size=10, block_size=8, n_layer=2, n_head=2, n_embd=8))
+    idx = torch.zeros(1, 4, dtype=torch.long)
+    assert torch.equal(model(idx, hidden_layer=-2)[1], model(idx, hidden_layer=0)[1])
+    for layer in (2, -3):
+        with pytest.raises(ValueError, match=f"hidden_layer {layer} is not a block of this 2-block GPT"):
+            model(idx, hidden_layer=layer)

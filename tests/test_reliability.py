@@ -152,7 +152,7 @@ def test_all_padding_response_gives_finite_losses_and_metrics():
         assert all(torch.isfinite(t).all() for t in (losses, chosen, rejected)), method
     assert torch.isfinite(train.measure_drift(pref, -1, policy, batch, inputs)).all()
     prompts = [t.prompt_ids for t in tokenized]
-    stats = evaluate.score_samples(policy, policy, prompts, [[], []], enc, torch.device("cpu"))  # two empty samples
+    stats = evaluate.score_samples(policy, policy, prompts, [[], []], eos, torch.device("cpu"))  # two empty samples
     assert all(math.isfinite(value) for value in stats.values())
 
 
