@@ -296,9 +296,10 @@ def judge(prompt: str, response: str, complete: bool = True) -> JudgeResult:
     """Score a response to a toy-world prompt; deterministic.
 
     Valid only if: complete (a sampled response must have ended with EOS, not been cut off at the
-    length cap, even where the cut falls after a " ."); non-empty; words separated by single spaces (leading/trailing whitespace
-    is ignored); every sentence ends with " ." and parses under SENTENCE_TEMPLATES; at most
-    MAX_SENTENCES sentences; no sentence repeated. Invalid text scores 0.
+    length cap, even where the cut falls after a " ."); non-empty; words separated by single
+    spaces (leading/trailing whitespace is ignored); every sentence ends with " ." and parses
+    under SENTENCE_TEMPLATES; at most MAX_SENTENCES sentences; no sentence repeated. Invalid
+    text scores 0.
     Valid text scores JUDGE_FLOOR + (1 - JUDGE_FLOOR) * mean over sentences of
     (0.5 * on_topic + 0.5 * positive), so any valid response beats any invalid one and
     length alone earns nothing. Example: " the soup was great ." for "review the pizza :"

@@ -132,12 +132,9 @@ def evaluate(cfg: train.Config, device, seed: int, tag: str = "policy", referenc
     enc, eos, has_judge = inputs.enc, data.eos_id(inputs.enc), not cfg.run.preference_file  # the judge knows only the toy world
     prompt_texts = data.make_prompts(cfg.eval.n_eval_prompts, seed=cfg.run.seed, split="test") if has_judge else [enc.decode(p.prompt_ids) for p in inputs.test_pairs]
     prompts = [data.encode(enc, text)[-(cfg.pretrain.block_size // 2) :] for text in prompt_texts]  # keep half the context to respond
-    reference_samples = {} if reference_samples is None else reference_samples
-    if "responses" not in reference_samples:
-        reference_samples["responses"] = sample_responses(reference, prompts, enc, cfg.eval, seed, device)
-    policy_responses = sample_responses(policy, prompts, enc, cfg.eval, seed, device)
     own_sampling = dataclasses.replace(cfg.eval, temperature=1.0, top_k=0)  # KL(pi || pi_ref) needs pi's own samples
-    for name, model, responses in (("policy", policy, policy_responses), ("reference", reference, reference_samples["responses"])):
+
+    def sample_stats(model: GPT, responses: list[list[int]]) -> dict:
         stats = {"entropy_per_token": score_samples(model, reference, prompts, responses, eos, device)["entropy_per_token"]}
         own_samples = sample_responses(model, prompts, enc, own_sampling, seed, device)
         stats["kl_from_reference"] = score_samples(model, reference, prompts, own_samples, eos, device)["kl_from_reference"]
@@ -148,9 +145,16 @@ def evaluate(cfg: train.Config, device, seed: int, tag: str = "policy", referenc
             stats.update(
                 judge_score=sum(v.score for v in verdicts) / n, valid_rate=sum(v.valid for v in verdicts) / n,
                 on_topic_rate=sum(v.on_topic for v in verdicts) / n, positive_rate=sum(v.positive for v in verdicts) / n,
+                scores=[v.score for v in verdicts],
             )
-            stats["scores"] = [v.score for v in verdicts]
-        results[name] = stats
+        return stats
+
+    reference_samples = {} if reference_samples is None else reference_samples
+    if "responses" not in reference_samples:  # the reference's samples and their stats: once per seed
+        reference_samples["responses"] = sample_responses(reference, prompts, enc, cfg.eval, seed, device)
+        reference_samples["stats"] = sample_stats(reference, reference_samples["responses"])
+    policy_responses = sample_responses(policy, prompts, enc, cfg.eval, seed, device)
+    results["policy"], results["reference"] = sample_stats(policy, policy_responses), dict(reference_samples["stats"])
     if has_judge:
         results["win_rate"] = win_rate(results["policy"].pop("scores"), results["reference"].pop("scores"))
     results["examples"] = [
@@ -158,15 +162,14 @@ def evaluate(cfg: train.Config, device, seed: int, tag: str = "policy", referenc
         for t, r, p in list(zip(prompt_texts, reference_samples["responses"], policy_responses))[:5]
     ]
     results["trained_with"] = ckpt["config"]
+    # every config section of this command, but the preference settings the policy was trained with
+    results["config"] = {type(section).__name__: asdict(section) for section in vars(cfg).values()} | {"PreferenceConfig": asdict(trained)}
     return results
 
 
 def eval_stage(cfg: train.Config, device) -> None:
-    """evaluate() the policy; write results.json with every config section, the preference
-    settings being those the policy was trained with (not this command line's), and a summary."""
+    """evaluate() the policy; write results.json and print a summary."""
     results = evaluate(cfg, device, seed=cfg.run.seed)
-    trained = {key: value for key, value in results["trained_with"].items() if key in train.PreferenceConfig.__dataclass_fields__}
-    results["config"] = {type(section).__name__: asdict(section) for section in vars(cfg).values()} | {"PreferenceConfig": trained}
     path = Path(cfg.run.out_dir) / "results.json"
     path.write_text(json.dumps(results, indent=2))
     print_summary(results, path)

@@ -50,9 +50,9 @@ class RunConfig:
     corpus_file: str = ""  # your own pretraining text (documents separated by blank lines); empty: the toy world
     preference_file: str = ""  # your own JSONL pairs {"prompt","chosen","rejected"}; empty: the toy world
     skip_bad_rows: bool = False  # drop malformed rows of --preference_file (counted) instead of stopping
-    compare: bool = False  # train FPO and every baseline on the same data and seeds; write a table (compare.py)
+    compare: bool = False  # train FPO and every baseline on the same data and seeds; write a table (evaluate.py)
     seeds: int = 3  # how many seeds --compare runs per method
-    bench: bool = False  # time training steps of each method on identical batches (compare.py)
+    bench: bool = False  # time training steps of each method on identical batches (evaluate.py)
     bench_steps: int = 50  # timed steps per method in --bench
     log_every: int = 50  # steps between progress lines, in every training stage
     latents: str = ""  # --stage features: comma-separated SAE latents to show; empty: the 8 FPO constrains most
@@ -464,7 +464,7 @@ def measure_drift(pref: PreferenceConfig, sae_layer: int, policy: GPT, batch, in
 def train_preference(cfg: Config, device, seed: int, tag: str = "policy", measure=nullcontext()) -> dict:
     """Train one policy with cfg.prefer.method; save it as out_dir/<tag>.pt with a per-step JSONL log.
     `seed` fixes the batch order; the data and the starting weights are the same for every seed.
-    `measure` is a context manager around the loop (compare.py measures its peak memory)."""
+    `measure` is a context manager around the loop (evaluate.py measures its peak memory)."""
     pref, out = cfg.prefer, Path(cfg.run.out_dir)
     print(f"\n== prefer: {pref.method} ==\n{pref}")
     policy, gpt_fingerprint = load_gpt(cfg, device)  # starts as a copy of the reference
