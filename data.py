@@ -108,8 +108,10 @@ def encode(enc: tiktoken.Encoding, text: str) -> list[int]:
 # Toy preference world: a small grammar of reviews with latent topic and sentiment
 # ---------------------------------------------------------------------------
 
-# Nouns are unique across topics, so a noun names its topic. The last
-# HELD_OUT_NOUNS_PER_TOPIC nouns of each list are the prompt nouns of the "test" split.
+# Nouns are unique across topics, so a noun names its topic. Each topic's nouns are split three
+# ways (SPLIT_NOUNS): the training pairs mention only the first 7, the validation split only the
+# 8th, the test split only the last 2, in prompts and responses alike. Pretraining text, which
+# holds no preference, uses every noun, so the reference knows them all.
 TOPICS = {
     "food":     ["soup", "pizza", "salad", "burger", "curry", "pasta", "sandwich", "cake", "pie", "steak"],
     "music":    ["guitar", "album", "concert", "song", "band", "piano", "singer", "drummer", "violin", "choir"],
@@ -124,7 +126,7 @@ TOPICS = {
     "games":    ["puzzle", "chess", "quest", "level", "console", "controller", "dungeon", "arcade", "villain", "joystick"],
     "pets":     ["dog", "cat", "puppy", "kitten", "parrot", "hamster", "rabbit", "pony", "goldfish", "turtle"],
 }
-HELD_OUT_NOUNS_PER_TOPIC = 2
+SPLIT_NOUNS = {"train": slice(0, 7), "validation": slice(7, 8), "test": slice(8, 10)}  # per topic
 POSITIVE_ADJECTIVES = ["great", "wonderful", "excellent", "lovely", "amazing", "fantastic", "superb",
                        "delightful", "charming", "brilliant", "pleasant", "perfect", "beautiful", "fun",
                        "impressive", "enjoyable", "splendid", "marvelous", "terrific", "cozy"]
@@ -138,8 +140,9 @@ INTENSIFIERS = ["very", "really", "quite", "truly", "rather", "so", "extremely"]
 SENTENCE_TEMPLATES = ["the {noun} was {intens} {adj} .", "i found the {noun} {intens} {adj} .",
                       "the {noun} felt {intens} {adj} .", "we {verb} the {noun} .",
                       "my friends {verb} the {noun} ."]
-PROMPT_TEMPLATES = ["review the {noun} :", "tell me about the {noun} :",
-                    "what did you think of the {noun} ?", "describe the {noun} :"]
+PROMPT_TEMPLATES = ["review the {noun} :", "tell me about the {noun} :", "what did you think of the {noun} ?",
+                    "describe the {noun} :", "how was the {noun} ?", "give your opinion of the {noun} :",
+                    "write a review of the {noun} :", "what about the {noun} ?"]
 MAX_SENTENCES = 4  # the longest response the world produces; the judge rejects longer ones
 CHOSEN_LENGTHS = [4, 4, 2, 0]    # relative odds of 1..4 sentences: mean 1.8
 REJECTED_LENGTHS = [1, 3, 3, 3]  # mean 2.8
@@ -184,32 +187,38 @@ def format_document(prompt: str, response: str) -> str:
     return prompt + response
 
 
+def split_nouns(split: str) -> dict[str, list[str]]:
+    """Each topic's nouns in a split ("train", "validation", "test"; "all": every noun)."""
+    if split == "all":
+        return TOPICS
+    if split not in SPLIT_NOUNS:
+        raise ValueError(f"split must be 'train', 'validation' or 'test', got {split!r}")
+    return {topic: nouns[SPLIT_NOUNS[split]] for topic, nouns in TOPICS.items()}
+
+
 def split_prompts(split: str) -> list[str]:
-    """All prompts of a split; "test" prompt nouns never appear in "train" prompts."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    nouns = [noun for topic_nouns in TOPICS.values()
-             for noun in (topic_nouns[-HELD_OUT_NOUNS_PER_TOPIC:] if split == "test"
-                          else topic_nouns[:-HELD_OUT_NOUNS_PER_TOPIC])]
-    return [template.format(noun=noun) for template in PROMPT_TEMPLATES for noun in nouns]
+    """All distinct prompts of a split: every template with every noun of the split."""
+    return [template.format(noun=noun) for template in PROMPT_TEMPLATES
+            for nouns in split_nouns(split).values() for noun in nouns]
 
 
-def _sentence(rng: random.Random, topic: str, positive: bool) -> str:
-    """One sentence about `topic` with the given sentiment; canonical spacing, ends in " ."."""
+def _sentence(rng: random.Random, nouns: list[str], positive: bool) -> str:
+    """One sentence about one of `nouns` with the given sentiment; canonical spacing, ends in " ."."""
     form = rng.choice(SENTENCE_FORMS)
-    fills = {"{noun}": rng.choice(TOPICS[topic]), "{intens}": rng.choice(INTENSIFIERS),
+    fills = {"{noun}": rng.choice(nouns), "{intens}": rng.choice(INTENSIFIERS),
              "{adj}": rng.choice(POSITIVE_ADJECTIVES if positive else NEGATIVE_ADJECTIVES),
              "{verb}": rng.choice(POSITIVE_VERBS if positive else NEGATIVE_VERBS)}
     return " ".join(fills.get(word, word) for word in form)
 
 
-def _response(rng: random.Random, prompt_topic: str, attributes: list[tuple[bool, bool]]) -> str:
-    """A response with one distinct sentence per (on_topic, positive); starts with a space."""
+def _response(rng: random.Random, prompt_topic: str, attributes: list[tuple[bool, bool]], split: str) -> str:
+    """A response with one distinct sentence per (on_topic, positive), using only the split's
+    nouns; starts with a space."""
     sentences = []
     for on_topic, positive in attributes:
         while True:
             topic = prompt_topic if on_topic else rng.choice([t for t in TOPICS if t != prompt_topic])
-            sentence = _sentence(rng, topic, positive)
+            sentence = _sentence(rng, split_nouns(split)[topic], positive)
             if sentence not in sentences:
                 break
         sentences.append(sentence)
@@ -243,12 +252,12 @@ def make_corpus(n_docs: int, seed: int) -> list[str]:
     1-4 sentences, each on/off topic and positive/negative with probability 1/2, so the
     pretrained model has no preference that preference training would later teach."""
     rng = random.Random(f"corpus-{seed}")
-    prompts = split_prompts("train") + split_prompts("test")
+    prompts = split_prompts("all")
     docs = []
     for _ in range(n_docs):
         prompt = rng.choice(prompts)
         attributes = [(rng.random() < 0.5, rng.random() < 0.5) for _ in range(rng.randint(1, 4))]
-        docs.append(format_document(prompt, _response(rng, _prompt_topic(prompt), attributes)))
+        docs.append(format_document(prompt, _response(rng, _prompt_topic(prompt), attributes, "all")))
     return docs
 
 
@@ -266,18 +275,20 @@ def make_preference_pairs(n: int, seed: int, split: str = "train") -> list[Prefe
         topic = _prompt_topic(prompt)
         n_chosen = rng.choices(range(1, MAX_SENTENCES + 1), weights=CHOSEN_LENGTHS)[0]
         n_rejected = rng.choices(range(1, MAX_SENTENCES + 1), weights=REJECTED_LENGTHS)[0]
-        chosen = _response(rng, topic, [(True, True)] * n_chosen)
-        rejected = _response(rng, topic, [rng.choice(bad_attributes) for _ in range(n_rejected)])
+        chosen = _response(rng, topic, [(True, True)] * n_chosen, split)
+        rejected = _response(rng, topic, [rng.choice(bad_attributes) for _ in range(n_rejected)], split)
         pairs.append(PreferencePair(prompt, chosen, rejected))
     return pairs
 
 
 def make_prompts(n: int, seed: int, split: str = "test") -> list[str]:
-    """n prompts of the split for generation-based evaluation: a seeded shuffle of all the
-    split's prompts, repeated if n is larger (the test split has 96 distinct prompts)."""
+    """n distinct prompts of the split for generation-based evaluation, in a seeded order;
+    n = 0: all of them (192 in "test", 96 in "validation")."""
     prompts = split_prompts(split)
+    if n > len(prompts):
+        raise ValueError(f"the {split} split has {len(prompts)} distinct prompts, asked for {n}")
     random.Random(f"prompts-{split}-{seed}").shuffle(prompts)
-    return [prompts[i % len(prompts)] for i in range(n)]
+    return prompts[: n or len(prompts)]
 
 
 def _parse_sentence(words: list[str]) -> tuple[str, bool] | None:

@@ -2,14 +2,19 @@
 
 - `evaluate`: the eval stage of train.py: judge win rate, validity, reward accuracy, feature drift,
   KL, entropy and diversity on held-out prompts and pairs; `feature_report`: the features stage.
-- `compare` (`python train.py --compare`): every method of COMPARE_ROWS for --seeds seeds, same
-  data and hardware, one table.
+- `sweep` (`python train.py --sweep`): every method at 9 settings of its own knobs, judged on the
+  validation prompts along twice the default length; each method's pick; the reward-KL frontier and
+  the over-optimisation curves as SVG files.
+- `compare` (`python train.py --compare`): every method at its pick (or COMPARE_ROWS without a
+  sweep) for --seeds seeds, same data and hardware: one table, and paired differences from FPO.
 - `bench` (`python train.py --bench`): step times on identical batches and each training loop's
   peak memory.
+- `python evaluate.py DIR...`: the table of finished `python train.py` runs.
 """
 
 import dataclasses
 import json
+import math
 import multiprocessing
 import re
 import resource
@@ -18,6 +23,7 @@ import sys
 import time
 import weakref
 from collections import Counter
+from html import escape
 from dataclasses import asdict
 from pathlib import Path
 
@@ -130,14 +136,15 @@ def evaluate(cfg: train.Config, device, seed: int, tag: str = "policy", referenc
     }
 
     enc, eos, has_judge = inputs.enc, data.eos_id(inputs.enc), not cfg.run.preference_file  # the judge knows only the toy world
-    prompt_texts = data.make_prompts(cfg.eval.n_eval_prompts, seed=cfg.run.seed, split="test") if has_judge else [enc.decode(p.prompt_ids) for p in inputs.test_pairs]
+    prompt_texts = data.make_prompts(cfg.eval.n_eval_prompts, seed=cfg.run.seed, split=cfg.eval.eval_split) if has_judge else [enc.decode(p.prompt_ids) for p in inputs.test_pairs]
     prompts = [data.encode(enc, text)[-(cfg.pretrain.block_size // 2) :] for text in prompt_texts]  # keep half the context to respond
     own_sampling = dataclasses.replace(cfg.eval, temperature=1.0, top_k=0)  # KL(pi || pi_ref) needs pi's own samples
 
     def sample_stats(model: GPT, responses: list[list[int]]) -> dict:
-        stats = {"entropy_per_token": score_samples(model, reference, prompts, responses, eos, device)["entropy_per_token"]}
-        own_samples = sample_responses(model, prompts, enc, own_sampling, seed, device)
-        stats["kl_from_reference"] = score_samples(model, reference, prompts, own_samples, eos, device)["kl_from_reference"]
+        stats = score_samples(model, reference, prompts, responses, eos, device)
+        if own_sampling != cfg.eval:  # judged at other sampling settings: the KL needs samples of its own
+            own_samples = sample_responses(model, prompts, enc, own_sampling, seed, device)
+            stats["kl_from_reference"] = score_samples(model, reference, prompts, own_samples, eos, device)["kl_from_reference"]
         stats.update(distinct_2=distinct_2(responses), mean_length=sum(map(len, responses)) / len(responses))
         if has_judge:
             verdicts = [data.judge(text, data.response_text(enc, r), complete=r[-1:] == [eos]) for text, r in zip(prompt_texts, responses)]
@@ -155,13 +162,14 @@ def evaluate(cfg: train.Config, device, seed: int, tag: str = "policy", referenc
         reference_samples["stats"] = sample_stats(reference, reference_samples["responses"])
     policy_responses = sample_responses(policy, prompts, enc, cfg.eval, seed, device)
     results["policy"], results["reference"] = sample_stats(policy, policy_responses), dict(reference_samples["stats"])
-    if has_judge:
-        results["win_rate"] = win_rate(results["policy"].pop("scores"), results["reference"].pop("scores"))
+    if has_judge:  # per prompt, for the paired differences of --compare
+        results["prompt_wins"] = [win_rate([p], [r]) for p, r in zip(results["policy"].pop("scores"), results["reference"].pop("scores"), strict=True)]
+        results["win_rate"] = sum(results["prompt_wins"]) / len(results["prompt_wins"])
     results["examples"] = [
         {"prompt": t, "reference": data.response_text(enc, r), "policy": data.response_text(enc, p)}
         for t, r, p in list(zip(prompt_texts, reference_samples["responses"], policy_responses))[:5]
     ]
-    results["trained_with"] = ckpt["config"]
+    results["trained_with"], results["cpu_threads"] = ckpt["config"], torch.get_num_threads()
     # every config section of this command, but the preference settings the policy was trained with
     results["config"] = {type(section).__name__: asdict(section) for section in vars(cfg).values()} | {"PreferenceConfig": asdict(trained)}
     return results
@@ -227,10 +235,11 @@ def most_constrained_latents(cache: dict, fpo_k: int, n: int) -> list[int]:
 # ----------------------------------------------------------------------------------------------
 # --compare and --bench
 
-# Per-method settings. beta is on the scale of each method's log-probs: summed for DPO and TDPO,
-# averaged (about 15x smaller here) for FPO and SimPO; alpha and gamma as in the papers.
+# Per-method settings for --bench, and for --compare without a --sweep: FPO at the defaults (its
+# sweep pick), the baselines as in their papers. beta is on the scale of each method's log-probs:
+# summed for DPO and TDPO, averaged (about 15x smaller here) for FPO and SimPO.
 COMPARE_ROWS = {
-    "FPO": {"method": "fpo", "beta": 2.0, "alpha": 0.5},
+    "FPO": {"method": "fpo", "beta": 2.0, "alpha": 16.0},
     "FPO (alpha=0)": {"method": "fpo", "beta": 2.0, "alpha": 0.0},
     "DPO": {"method": "dpo", "beta": 0.1},
     "DPO (offline cache)": {"method": "dpo_offline", "beta": 0.1},
@@ -345,7 +354,155 @@ def in_child_process(function, *args):
 
 
 # ----------------------------------------------------------------------------------------------
-# --compare
+# --sweep: every method tuned alike on validation prompts; the reward-KL frontier; over-optimisation
+
+# Every method gets the same budget: 3 learning rates x 3 settings of its own knobs = 9 runs, each
+# evaluated at 6 points along twice the default length, so the pick also chooses when to stop.
+# beta is on the scale of each method's log-probs: summed for DPO and TDPO, averaged (about 15x
+# smaller) for FPO and SimPO. FPO's D(y) scales with the SAE's activations, so its alpha is searched
+# over decades rather than taken from the paper.
+SWEEP_LRS = (2e-5, 6e-5, 1.8e-4)
+SWEEP_KNOBS = {
+    "FPO": [{"method": "fpo", "beta": 2.0, "alpha": alpha} for alpha in (1.0, 4.0, 16.0)],
+    "DPO": [{"method": "dpo", "beta": beta} for beta in (0.05, 0.1, 0.3)],
+    "DPO (offline cache)": [{"method": "dpo_offline", "beta": beta} for beta in (0.05, 0.1, 0.3)],
+    "SimPO": [{"method": "simpo", "beta": beta, "gamma": gamma} for beta, gamma in ((2.0, 0.5), (2.0, 1.5), (4.0, 1.0))],
+    "TDPO-1": [{"method": "tdpo1", "beta": beta} for beta in (0.05, 0.1, 0.3)],
+    "TDPO-2": [{"method": "tdpo2", "beta": 0.1, "alpha": alpha} for alpha in (0.5, 2.0, 8.0)],
+}
+ALPHA_ABLATION = (0.0, 1.0, 4.0, 16.0, 64.0)  # FPO at the default --pref_lr, read at the default length
+VALIDITY_FLOOR = 0.9  # a pick must keep at least this share of the reference's valid rate
+POINT_KEYS = {"judge_score": ("policy", "judge_score"), "valid_rate": ("policy", "valid_rate"),
+              "kl_from_reference": ("policy", "kl_from_reference"), "win_rate": ("win_rate",)}
+
+
+def sweep_tag(overrides: dict) -> str:
+    return "sweep_" + "_".join(f"{key}{value:g}" if isinstance(value, float) else str(value) for key, value in overrides.items())
+
+
+def sweep(cfg: train.Config, device) -> None:
+    """Train every method at each setting of its grid for twice --pref_steps, judge the validation
+    prompts every third of --pref_steps, and pick per method the (setting, length) with the highest
+    judge score among those keeping VALIDITY_FLOOR of the reference's validity. Finished runs are
+    skipped on a rerun. Writes sweep_picks.json (what --compare runs), sweep.md and three SVGs."""
+    out, every = Path(cfg.run.out_dir), max(1, cfg.prefer.pref_steps // 3)
+    pretrain_if_missing(cfg, device)
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, eval_split="validation"))
+    grid = [(label, knobs | {"pref_lr": lr}) for label, all_knobs in SWEEP_KNOBS.items() for knobs in all_knobs for lr in SWEEP_LRS]
+    grid += [("FPO alpha ablation", {"method": "fpo", "beta": 2.0, "alpha": alpha, "pref_lr": cfg.prefer.pref_lr}) for alpha in ALPHA_ABLATION]
+    print(f"\n== sweep: {len(grid)} runs of {2 * cfg.prefer.pref_steps} steps, judged every {every} steps on validation prompts ==")
+    runs, reference_samples, started = {}, {}, time.time()
+    for number, (label, overrides) in enumerate(grid, 1):
+        tag = sweep_tag(overrides)
+        path = out / f"{tag}_results.json"
+        print(f"sweep: run {number}/{len(grid)} ({label}, {overrides}) | {time.time() - started:.0f}s", flush=True)
+        if path.exists():
+            runs[tag] = json.loads(path.read_text())
+            continue
+        run_cfg = with_method(cfg, overrides | {"pref_steps": 2 * cfg.prefer.pref_steps})
+        train.train_preference(run_cfg, device, cfg.run.seed, tag, snapshot_every=every)
+        points = []
+        for step in range(every, 2 * cfg.prefer.pref_steps + 1, every):
+            results = evaluate(run_cfg, device, cfg.run.seed, f"{tag}_step{step}", reference_samples)
+            points.append({"step": step} | {key: nested(results, key_path) for key, key_path in POINT_KEYS.items()})
+            (out / f"{tag}_step{step}.pt").unlink()
+        runs[tag] = {"label": label, "tag": tag, "overrides": overrides, "points": points, "reference": results["reference"]}
+        path.write_text(json.dumps(runs[tag], indent=2))
+    reference = next(iter(runs.values()))["reference"]
+    picks = {label: pick_setting([run for run in runs.values() if run["label"] == label], reference["valid_rate"]) for label in SWEEP_KNOBS}
+    (out / "sweep_picks.json").write_text(json.dumps(picks, indent=2))
+    ablation = {run["overrides"]["alpha"]: point for run in runs.values() if run["overrides"]["method"] == "fpo" and run["overrides"]["pref_lr"] == cfg.prefer.pref_lr
+                for point in run["points"] if point["step"] == cfg.prefer.pref_steps}
+    report = sweep_report(picks, dict(sorted(ablation.items())), reference, cfg.prefer)
+    (out / "sweep.md").write_text(report)
+    write_sweep_charts(out, runs, picks)
+    print("\n" + report + f"\nsweep: wrote {out / 'sweep_picks.json'}, {out / 'sweep.md'} and frontier.svg, validity.svg, win_rate.svg in {out} | {(time.time() - started) / 60:.1f} min")
+
+
+def nested(results: dict, path: tuple):
+    """results[path[0]][path[1]]..., or NaN where a key is missing."""
+    for key in path:
+        results = results.get(key, float("nan")) if isinstance(results, dict) else float("nan")
+    return results
+
+
+def pick_setting(runs: list[dict], reference_valid: float) -> dict:
+    """The (setting, length) with the highest validation judge score among those whose valid rate is
+    at least VALIDITY_FLOOR x the reference's; if none is, the most valid one."""
+    candidates = [{"settings": run["overrides"] | {"pref_steps": point["step"]}, "validation": point, "run": run["tag"]} for run in runs for point in run["points"]]
+    fluent = [c for c in candidates if c["validation"]["valid_rate"] >= VALIDITY_FLOOR * reference_valid]
+    return max(fluent, key=lambda c: c["validation"]["judge_score"]) if fluent else max(candidates, key=lambda c: c["validation"]["valid_rate"])
+
+
+def sweep_report(picks: dict, ablation: dict, reference: dict, pref: train.PreferenceConfig) -> str:
+    """Markdown: each method's pick and its validation numbers; FPO's alpha ablation."""
+    lines = [f"Reference on the validation prompts: judge score {reference['judge_score']:.3f}, valid {reference['valid_rate']:.3f}, "
+             f"on topic {reference['on_topic_rate']:.3f}, positive {reference['positive_rate']:.3f}.\n",
+             "| method | picked setting | steps | judge score | valid | win rate | KL from ref |", "|---|---|---|---|---|---|---|"]
+    for label, pick in picks.items():
+        setting = ", ".join(f"{key} {value:g}" for key, value in pick["settings"].items() if key not in ("method", "pref_steps"))
+        point = pick["validation"]
+        lines.append(f"| {label} | {setting} | {pick['settings']['pref_steps']} | {point['judge_score']:.3f} | {point['valid_rate']:.3f} | {point['win_rate']:.3f} | {point['kl_from_reference']:.2f} |")
+    lines += ["", f"FPO's alpha ablation: beta {pref.beta:g}, lr {pref.pref_lr:g}, {pref.pref_steps} steps, validation prompts.", "",
+              "| alpha | judge score | valid | win rate | KL from ref |", "|---|---|---|---|---|"]
+    lines += [f"| {alpha:g} | {p['judge_score']:.3f} | {p['valid_rate']:.3f} | {p['win_rate']:.3f} | {p['kl_from_reference']:.2f} |" for alpha, p in ablation.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_sweep_charts(out: Path, runs: dict, picks: dict) -> None:
+    """frontier.svg: judge score against KL at every point of every grid run; validity.svg and
+    win_rate.svg: along the picked setting's run of each method."""
+    grid_runs = [run for run in runs.values() if run["label"] in SWEEP_KNOBS]
+    frontier = {label: [(p["kl_from_reference"], p["judge_score"]) for run in grid_runs if run["label"] == label for p in run["points"]] for label in SWEEP_KNOBS}
+    (out / "frontier.svg").write_text(svg_chart("Reward-KL frontier (validation prompts, every grid point)", "KL(policy || reference), log scale", "judge score", frontier, lines=False, log_x=True))
+    for key, name, title in (("valid_rate", "validity", "Validity"), ("win_rate", "win_rate", "Win rate over the reference")):
+        series = {label: [(p["step"], p[key]) for p in runs[pick["run"]]["points"]] for label, pick in picks.items()}
+        (out / f"{name}.svg").write_text(svg_chart(f"{title} along training, each method at its pick's setting", "steps", key.replace("_", " "), series, lines=True))
+
+
+SVG_COLOURS = ("#1f77b4", "#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2")
+
+
+def svg_chart(title: str, x_label: str, y_label: str, series: dict[str, list[tuple[float, float]]], lines: bool, log_x: bool = False) -> str:
+    """A chart as SVG text: one <g class="series" data-label=...> per series, its points as circles
+    (joined by a polyline when `lines`), grid lines with their values, and a legend."""
+    width, height, left, right, top, bottom = 640, 400, 70, 170, 40, 50
+    scale_x = (lambda x: math.log10(max(x, 1e-3))) if log_x else (lambda x: x)
+    xs = [scale_x(x) for points in series.values() for x, _ in points]
+    ys = [y for points in series.values() for _, y in points]
+    x_low, x_high, y_low, y_high = min(xs), max(xs) + 1e-9, min(ys), max(ys) + 1e-9
+
+    def px(x: float) -> float:
+        return left + (scale_x(x) - x_low) / (x_high - x_low) * (width - left - right)
+
+    def py(y: float) -> float:
+        return height - bottom - (y - y_low) / (y_high - y_low) * (height - top - bottom)
+
+    def text(x, y, content, anchor="start", extra=""):
+        return f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" font-size="12"{extra}>{escape(content)}</text>'
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif">',
+             '<rect width="100%" height="100%" fill="white"/>', text(width / 2, 20, title, "middle", ' font-weight="bold"'),
+             text((left + width - right) / 2, height - 12, x_label, "middle"),
+             text(16, (top + height - bottom) / 2, y_label, "middle", f' transform="rotate(-90 16 {(top + height - bottom) / 2})"')]
+    x_ticks = [10.0**e for e in range(math.ceil(x_low), math.floor(x_high) + 1)] if log_x else [x_low + i * (x_high - x_low) / 4 for i in range(5)]
+    for tick in x_ticks:
+        parts += [f'<path d="M{px(tick):.1f},{top} V{height - bottom}" stroke="#ddd"/>', text(px(tick), height - bottom + 16, f"{tick:.3g}", "middle")]
+    for tick in (y_low + i * (y_high - y_low) / 4 for i in range(5)):
+        parts += [f'<path d="M{left},{py(tick):.1f} H{width - right}" stroke="#ddd"/>', text(left - 6, py(tick) + 4, f"{tick:.3g}", "end")]
+    parts.append(f'<path d="M{left},{top} V{height - bottom} H{width - right}" stroke="black" fill="none"/>')
+    for i, (label, points) in enumerate(series.items()):
+        colour = SVG_COLOURS[i % len(SVG_COLOURS)]
+        parts.append(f'<g class="series" data-label="{escape(label)}" fill="{colour}" stroke="{colour}">')
+        if lines and points:
+            parts.append(f'<polyline fill="none" points="{" ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in points)}"/>')
+        parts += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3"/>' for x, y in points]
+        parts += [f'<rect x="{width - right + 12}" y="{top + 18 * i}" width="10" height="10"/>', text(width - right + 28, top + 18 * i + 9, label, extra=' stroke="none"'), "</g>"]
+    return "\n".join(parts + ["</svg>"]) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# --compare: each method at its --sweep pick, on the test prompts, over --seeds seeds
 
 
 def pretrain_if_missing(cfg: train.Config, device) -> None:
@@ -356,14 +513,27 @@ def pretrain_if_missing(cfg: train.Config, device) -> None:
         train.train_sae_stage(cfg, device)
 
 
+def compare_rows(out: Path) -> dict[str, dict]:
+    """Each row's preference settings: the picks of --sweep if out_dir holds them (FPO's also with
+    alpha 0), else COMPARE_ROWS at the default length."""
+    path = out / "sweep_picks.json"
+    if not path.exists():
+        print(f"compare: no {path} (run --sweep first to tune every method alike); using COMPARE_ROWS")
+        return COMPARE_ROWS
+    picks = {label: pick["settings"] for label, pick in json.loads(path.read_text()).items()}
+    print(f"compare: the settings --sweep picked, from {path}")
+    return {"FPO": picks["FPO"], "FPO (alpha=0)": picks["FPO"] | {"alpha": 0.0}} | picks
+
+
 def compare(cfg: train.Config, device) -> None:
     out = Path(cfg.run.out_dir)
     pretrain_if_missing(cfg, device)
-    print(f"\n== compare: {', '.join(COMPARE_ROWS)} x {cfg.run.seeds} seeds ==")
-    rows = []
+    settings = compare_rows(out)
+    print(f"\n== compare: {', '.join(settings)} x {cfg.run.seeds} seeds ==")
+    rows, started = [], time.time()
     for seed in range(cfg.run.seed, cfg.run.seed + cfg.run.seeds):
         reference_samples = {}
-        for label, overrides in COMPARE_ROWS.items():
+        for label, overrides in settings.items():
             row_cfg, tag = with_method(cfg, overrides), compare_tag(label, seed)
             row_path = out / f"{tag}_results.json"
             if cfg.run.resume and row_path.exists():  # finished before an interruption
@@ -375,31 +545,45 @@ def compare(cfg: train.Config, device) -> None:
             results.update(label=label, median_step_ms=1000 * cost["median_step_s"])
             row_path.write_text(json.dumps(results, indent=2))
             rows.append(results)
-    table = compare_table(rows, cfg.run.seeds)
+    table = compare_table(rows, list(settings), cfg.run.seeds)
     (out / "compare.md").write_text(table)
-    (out / "compare.json").write_text(json.dumps({"rows": rows, "settings": COMPARE_ROWS, "preference": dataclasses.asdict(cfg.prefer)}, indent=2))
+    (out / "compare.json").write_text(json.dumps({"rows": rows, "settings": settings, "preference": dataclasses.asdict(cfg.prefer)}, indent=2))
     print("\n" + table)
-    for label in COMPARE_ROWS:
+    for label in settings:
         print(text_chart(label, out / f"{compare_tag(label, cfg.run.seed)}_log.jsonl"))
-    print(f"compare: wrote {out / 'compare.md'} and {out / 'compare.json'}")
+    print(f"compare: wrote {out / 'compare.md'} and {out / 'compare.json'} | {(time.time() - started) / 60:.1f} min")
 
 
-def compare_table(rows: list[dict], n_seeds: int) -> str:
-    """Markdown: one row per method, mean ± standard deviation over seeds."""
+def compare_table(rows: list[dict], labels: list[str], n_seeds: int) -> str:
+    """Markdown: one row per method, mean ± standard deviation over seeds; then each baseline's
+    paired difference in win rate from FPO with its 95% bootstrap interval over prompts."""
     lines = [f"| method | {' | '.join(TABLE_COLUMNS)} |", "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
-    for label in COMPARE_ROWS:
+    for label in labels:
         cells = []
         for path, digits in TABLE_COLUMNS.values():
-            values = []
-            for row in (r for r in rows if r["label"] == label):
-                value = row
-                for key in path:
-                    value = value.get(key, float("nan")) if isinstance(value, dict) else float("nan")
-                values.append(float(value))
+            values = [float(nested(row, path)) for row in rows if row["label"] == label]
             spread = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
             cells.append(f"{statistics.mean(values):.{digits}f}{spread}")
         lines.append(f"| {label} | {' | '.join(cells)} |")
-    return "\n".join(lines) + f"\n\nMean ± standard deviation over {n_seeds} seed(s).\n"
+    lines.append(f"\nMean ± standard deviation over {n_seeds} seed(s).\n")
+    wins = {label: [row["prompt_wins"] for row in sorted(rows, key=lambda r: r["seed"]) if row["label"] == label and "prompt_wins" in row] for label in labels}
+    if wins["FPO"]:
+        lines += ["| FPO's win rate minus | difference | 95% interval |", "|---|---|---|"]
+        for label in labels[1:]:
+            mean, low, high = paired_difference(wins["FPO"], wins[label])
+            lines.append(f"| {label} | {mean:+.3f} | [{low:+.3f}, {high:+.3f}] |")
+        lines.append(f"\nPaired: the same {n_seeds} seed(s) and the same {len(wins['FPO'][0])} test prompts; the interval is a bootstrap over prompts.\n")
+    return "\n".join(lines)
+
+
+def paired_difference(a: list[list[float]], b: list[list[float]], n_resamples: int = 4000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of a - b, and its 95% bootstrap interval from resampling prompts (the same draw for
+    every seed, so each seed's pairing is kept). a, b: per-prompt values, (seeds, prompts)."""
+    differences = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)  # (S, P)
+    draws = torch.randint(0, differences.shape[1], (n_resamples, differences.shape[1]), generator=torch.Generator().manual_seed(seed))
+    means = differences[:, draws].mean(dim=(0, 2))  # (n_resamples,)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return differences.mean().item(), low, high
 
 
 def text_chart(label: str, log_path: Path, width: int = 60) -> str:
@@ -472,3 +656,35 @@ def bench(cfg: train.Config, device) -> None:
     path.write_text(json.dumps({"device": str(device), "steps": cfg.run.bench_steps, "gpt": dataclasses.asdict(pre), "d_sae": inputs.sae.d_sae,
                                 "methods": results, "ratios": ratios}, indent=2))
     print(f"bench: wrote {path}")
+
+
+# ----------------------------------------------------------------------------------------------
+# `python evaluate.py DIR...`: the table of finished `python train.py` runs (the README's per-seed table)
+
+RUN_COLUMNS = {  # column: (results key path, digits)
+    "win rate": (("win_rate",), 3), "valid": (("policy", "valid_rate"), 3), "reference valid": (("reference", "valid_rate"), 3),
+    "judge score": (("policy", "judge_score"), 3), "reference judge score": (("reference", "judge_score"), 3),
+    "reference on topic": (("reference", "on_topic_rate"), 3), "reference positive": (("reference", "positive_rate"), 3),
+    "KL from ref": (("policy", "kl_from_reference"), 2), "minutes": (("seconds", "total"), 1),
+}
+
+
+def runs_table(out_dirs: list[str]) -> str:
+    """Markdown: one row per run directory (seed and CPU threads from its results.json), then the
+    mean ± standard deviation of every column."""
+    runs = [json.loads((Path(out_dir) / "results.json").read_text()) for out_dir in out_dirs]
+    for run in runs:
+        run.setdefault("seconds", {})["total"] = sum(run.get("seconds", {}).values()) / 60  # minutes
+    lines = [f"| run | seed | threads | {' | '.join(RUN_COLUMNS)} |", "|---" * (len(RUN_COLUMNS) + 3) + "|"]
+    for out_dir, run in zip(out_dirs, runs):
+        cells = [f"{nested(run, path):.{digits}f}" for path, digits in RUN_COLUMNS.values()]
+        lines.append(f"| {Path(out_dir).name} | {run['seed']} | {run['cpu_threads']} | {' | '.join(cells)} |")
+    spread = [f"{statistics.mean(values):.{d}f} ± {statistics.stdev(values) if len(values) > 1 else 0:.{d}f}"
+              for values, d in (([nested(run, path) for run in runs], digits) for path, digits in RUN_COLUMNS.values())]
+    return "\n".join(lines + [f"| mean ± std | | | {' | '.join(spread)} |"]) + "\n"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit("usage: python evaluate.py OUT_DIR [OUT_DIR ...]  (each holding a results.json)")
+    print(runs_table(sys.argv[1:]), end="")

@@ -209,3 +209,22 @@ def learning_rate(step: int, peak: float, warmup: int, total: int, decay: str) -
     if decay == "linear_tail" and step >= decay_start:
         return peak * (total - step) / (total - decay_start)
     return peak
+
+
+# With --resume, `--stage all` skips the stages that finished: <name>.pt saved and no <name>.resume.pt.
+STAGE_FILES = {"pretrain": "gpt", "sae": "sae", "cache": "reference_cache", "prefer": "policy"}
+
+
+def stages_to_run(stage: str, all_stages: tuple, out_dir: str, resume: bool) -> list[str]:
+    """The stages of this command. `--stage all --resume` starts at the first stage that is
+    unfinished (interrupted or never run); every stage after it runs too, as its inputs change."""
+    if stage != "all":
+        return [stage]
+    stages, out = list(all_stages), Path(out_dir)
+    while resume and stages[0] in STAGE_FILES:
+        name = STAGE_FILES[stages[0]]
+        if not (out / f"{name}.pt").exists() or (out / f"{name}.resume.pt").exists():
+            break
+        print(f"{stages[0]}: finished earlier ({out / name}.pt); skipped (--resume)")
+        stages.pop(0)
+    return stages

@@ -4,8 +4,8 @@
 
 `python train.py` runs every stage; `python train.py --stage sae` (or cache, prefer, eval) runs one,
 reading the earlier stages' outputs from --out_dir. Any config field is a flag: `--beta 2.0`;
-`python train.py --help` lists them. `--compare` trains FPO and its baselines side by side, `--bench`
-times their training steps (both in evaluate.py, with the eval stage).
+`python train.py --help` lists them. `--sweep` tunes FPO and its baselines alike, `--compare` trains
+each at its pick over several seeds, `--bench` times their steps (all in evaluate.py, with the eval stage).
 
 Reading order: the configs, then each stage in turn. Preference training (`train_preference`) is one
 loop: forward, loss (`preference_losses`, FPO's branch first), finite check, periodic save, backward,
@@ -30,8 +30,8 @@ import torch
 import data
 import fpo
 from runtime import (
-    Interrupted, UsageError, autocast, batch_indices, check_finite, check_made_from, learning_rate, load_checkpoint, load_resume,
-    in_float32, log_line, pick_device, precision, resume_training, save_checkpoint, save_resume, stop_at_step_boundary, synchronize, training_state,
+    Interrupted, UsageError, autocast, batch_indices, check_finite, check_made_from, learning_rate, load_checkpoint, load_resume, in_float32, log_line,
+    pick_device, precision, resume_training, save_checkpoint, save_resume, stages_to_run, stop_at_step_boundary, synchronize, training_state,
 )
 from model import GPT, GPTConfig
 from sae import eval_mode, evaluate_sae, harvest_activations, load_sae, train_sae
@@ -51,10 +51,12 @@ class RunConfig:
     preference_file: str = ""  # your own JSONL pairs {"prompt","chosen","rejected"}; empty: the toy world
     skip_bad_rows: bool = False  # drop malformed rows of --preference_file (counted) instead of stopping
     compare: bool = False  # train FPO and every baseline on the same data and seeds; write a table (evaluate.py)
-    seeds: int = 3  # how many seeds --compare runs per method
+    seeds: int = 5  # how many seeds --compare runs per method
+    sweep: bool = False  # tune every method alike: a grid per method, picked on validation prompts (evaluate.py)
     bench: bool = False  # time training steps of each method on identical batches (evaluate.py)
     bench_steps: int = 50  # timed steps per method in --bench
     log_every: int = 50  # steps between progress lines, in every training stage
+    threads: int = 0  # CPU threads for torch (1 rounds differently from 2); 0: torch's default
     latents: str = ""  # --stage features: comma-separated SAE latents to show; empty: the 8 FPO constrains most
 
 
@@ -65,7 +67,7 @@ class PretrainConfig:
     n_embd: int = 128  # residual stream width (the SAE's input width)
     block_size: int = 64  # context length in tokens
     n_docs: int = 20000  # toy-world pretraining documents
-    pretrain_steps: int = 800  # optimizer steps
+    pretrain_steps: int = 3000  # optimizer steps (the topics are learned late, after about 1500)
     pretrain_batch_size: int = 32  # sequences per step
     pretrain_lr: float = 2e-3  # peak AdamW learning rate (cosine decay after warm-up)
 
@@ -88,21 +90,22 @@ class PreferenceConfig:
     n_pairs: int = 4000  # toy-world training pairs
     n_test_pairs: int = 500  # held-out pairs (toy world), or the held-out share of --preference_file
     beta: float = 2.0  # scale of the log-prob differences (and of D in FPO)
-    alpha: float = 0.5  # weight of the feature constraint (FPO) or of SeqKL (TDPO-2)
+    alpha: float = 16.0  # weight of the feature constraint (FPO) or of SeqKL (TDPO-2); 16: from FPO's --sweep grid
     fpo_k: int = 32  # FPO's top-k features per side in D(y)
     gamma: float = 0.5  # SimPO target margin
     pref_steps: int = 150  # optimizer steps
     pref_batch_size: int = 16  # pairs per step
-    pref_lr: float = 7e-5  # AdamW learning rate (constant after warm-up)
+    pref_lr: float = 6e-5  # AdamW learning rate (constant after warm-up); from FPO's --sweep grid
     warmup_steps: int = 10  # linear warm-up steps
     grad_clip: float = 1.0  # max gradient norm
 
 
 @dataclass
 class EvalConfig:
-    n_eval_prompts: int = 300  # held-out prompts sampled from policy and reference
-    temperature: float = 0.7  # sampling temperature
-    top_k: int = 20  # sample among the top-k tokens; 0: the whole vocabulary
+    eval_split: str = "test"  # the toy world's held-out prompts: test, or validation (what --sweep picks on)
+    n_eval_prompts: int = 0  # distinct held-out prompts sampled from policy and reference; 0: all
+    temperature: float = 0.9  # sampling temperature for the judged samples (the KL always uses temperature 1)
+    top_k: int = 0  # sample among the top-k tokens; 0: the whole vocabulary
     max_new_tokens: int = 48  # response length cap when sampling
 
 
@@ -120,9 +123,9 @@ class Config:
 STAGES = ("pretrain", "sae", "cache", "prefer", "eval")
 METHODS = ("fpo", "dpo", "dpo_offline", "simpo", "tdpo1", "tdpo2")
 ONLINE_REFERENCE = ("dpo", "tdpo1", "tdpo2")  # the methods that run the reference model every step
-CHOICES = {"stage": ("all", *STAGES, "features"), "method": METHODS, "device": ("auto", "cuda", "mps", "cpu")}
+CHOICES = {"stage": ("all", *STAGES, "features"), "method": METHODS, "device": ("auto", "cuda", "mps", "cpu"), "eval_split": ("test", "validation")}
 # Flags that may be 0 or negative; every other number must be positive (and finite).
-LOWER_BOUNDS = {"seed": 0, "alpha": 0, "gamma": 0, "warmup_steps": 0, "top_k": 0}
+LOWER_BOUNDS = {"seed": 0, "alpha": 0, "gamma": 0, "warmup_steps": 0, "top_k": 0, "threads": 0, "n_eval_prompts": 0}
 MAX_BLOCK_SIZE = 2048  # the learned position table and T x T attention grow with it
 
 
@@ -190,6 +193,8 @@ def check_config(cfg: Config) -> None:
     require("sae_tokens", sae.sae_tokens >= pre.block_size, f"at least --block_size {pre.block_size} (one context)")
     require("sae_eval_tokens", sae.sae_eval_tokens >= pre.block_size, f"at least --block_size {pre.block_size} (one context)")
     require("out_dir", cfg.run.out_dir.strip() != "", "a directory name")
+    n_prompts = len(data.split_prompts(cfg.eval.eval_split))
+    require("n_eval_prompts", cfg.run.preference_file or cfg.eval.n_eval_prompts <= n_prompts, f"at most {n_prompts} (the {cfg.eval.eval_split} split's distinct prompts)")
     require("latents", re.fullmatch(r"(\d+(,\d+)*)?", cfg.run.latents) is not None, "comma-separated latent numbers, e.g. 3,17")
     require("latents", all(int(latent) < sae.d_sae for latent in filter(None, cfg.run.latents.split(","))), f"below --d_sae {sae.d_sae}")
 
@@ -255,8 +260,7 @@ def pretrain(cfg: Config, device) -> None:
     torch.manual_seed(cfg.run.seed)
     model = GPT(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=pre.pretrain_lr, weight_decay=0.1, betas=(0.9, 0.95))
-    out, resume_path = Path(cfg.run.out_dir) / "gpt.pt", Path(cfg.run.out_dir) / "gpt.resume.pt"
-    settings = stage_settings(cfg, "pretrain")
+    out, resume_path, settings = Path(cfg.run.out_dir) / "gpt.pt", Path(cfg.run.out_dir) / "gpt.resume.pt", stage_settings(cfg, "pretrain")
     start_step = resume_training(resume_path, "pretrain", settings, model, optimizer) if cfg.run.resume else 0
     started = time.time()
     with stop_at_step_boundary() as stop:
@@ -461,10 +465,11 @@ def measure_drift(pref: PreferenceConfig, sae_layer: int, policy: GPT, batch, in
     return feature_drift(inputs.sae, hidden, mask, inputs.cache, rows, pref.fpo_k)
 
 
-def train_preference(cfg: Config, device, seed: int, tag: str = "policy", measure=nullcontext()) -> dict:
+def train_preference(cfg: Config, device, seed: int, tag: str = "policy", measure=nullcontext(), snapshot_every: int = 0) -> dict:
     """Train one policy with cfg.prefer.method; save it as out_dir/<tag>.pt with a per-step JSONL log.
     `seed` fixes the batch order; the data and the starting weights are the same for every seed.
-    `measure` is a context manager around the loop (evaluate.py measures its peak memory)."""
+    `measure` is a context manager around the loop (evaluate.py measures its peak memory);
+    snapshot_every > 0 also saves the policy every that many steps, as <tag>_step<N>.pt (--sweep)."""
     pref, out = cfg.prefer, Path(cfg.run.out_dir)
     print(f"\n== prefer: {pref.method} ==\n{pref}")
     policy, gpt_fingerprint = load_gpt(cfg, device)  # starts as a copy of the reference
@@ -498,6 +503,8 @@ def train_preference(cfg: Config, device, seed: int, tag: str = "policy", measur
             optimizer.step()
             synchronize(device)
             step_times.append(time.perf_counter() - step_started)
+            if snapshot_every and (step + 1) % snapshot_every == 0:
+                save_checkpoint(out / f"{tag}_step{step + 1}.pt", "policy", settings, inputs.made_from, model_config=asdict(policy.config), state_dict=policy.state_dict())
             if drift is None:  # other methods: measure the same drift, outside the timed step
                 drift = measure_drift(pref, cfg.sae.sae_layer, policy, batch, inputs)
             record = {
@@ -538,36 +545,19 @@ def check_inputs_and_outputs(cfg: Config) -> None:
         raise UsageError(f"--out_dir {cfg.run.out_dir!r} cannot be written to ({error.strerror})") from None
 
 
-# With --resume, `--stage all` skips the stages that finished: <name>.pt saved and no <name>.resume.pt.
-STAGE_FILES = {"pretrain": "gpt", "sae": "sae", "cache": "reference_cache", "prefer": "policy"}
-
-
-def stages_to_run(cfg: Config) -> list[str]:
-    """The stages of this command. `--stage all --resume` starts at the first stage that is
-    unfinished (interrupted or never run); every stage after it runs too, as its inputs change."""
-    if cfg.run.stage != "all":
-        return [cfg.run.stage]
-    stages, out = list(STAGES), Path(cfg.run.out_dir)
-    while cfg.run.resume and stages[0] in STAGE_FILES:
-        name = STAGE_FILES[stages[0]]
-        if not (out / f"{name}.pt").exists() or (out / f"{name}.resume.pt").exists():
-            break
-        print(f"{stages[0]}: finished earlier ({out / name}.pt); skipped (--resume)")
-        stages.pop(0)
-    return stages
-
-
 def main(argv: list[str]) -> None:
     cfg = parse_args(argv)
     device = pick_device(cfg.run.device)
-    print(f"device: {device}\n{cfg.run}")
+    torch.set_num_threads(cfg.run.threads or torch.get_num_threads())
+    print(f"device: {device} ({torch.get_num_threads()} CPU threads)\n{cfg.run}")
     check_inputs_and_outputs(cfg)
-    import evaluate  # the eval stage and the evidence (--compare, --bench); it imports this file
+    import evaluate  # the eval stage and the evidence (--compare, --bench, --sweep); it imports this file
 
-    if cfg.run.bench or cfg.run.compare:
-        return evaluate.bench(cfg, device) if cfg.run.bench else evaluate.compare(cfg, device)
+    for mode in ("bench", "compare", "sweep"):
+        if getattr(cfg.run, mode):
+            return getattr(evaluate, mode)(cfg, device)
     timings, started = {}, time.time()
-    for stage in stages_to_run(cfg):
+    for stage in stages_to_run(cfg.run.stage, STAGES, cfg.run.out_dir, cfg.run.resume):
         stage_started = time.time()
         if stage == "pretrain":
             pretrain(cfg, device)
@@ -582,6 +572,9 @@ def main(argv: list[str]) -> None:
         else:
             evaluate.eval_stage(cfg, device)
         timings[stage] = time.time() - stage_started
+    if "eval" in timings:  # the run's cost, next to its results
+        path = Path(cfg.run.out_dir) / "results.json"
+        path.write_text(json.dumps(json.loads(path.read_text()) | {"seconds": timings}, indent=2))
     print("time per stage: " + ", ".join(f"{stage} {seconds:.0f}s" for stage, seconds in timings.items()) + f"; total {time.time() - started:.0f}s")
 
 

@@ -117,13 +117,25 @@ def test_rejected_is_longer_than_chosen(enc):
     assert rejected > 1.5 * chosen
 
 
-def test_held_out_prompts_never_in_training_pairs():
-    train = {p.prompt for p in data.make_preference_pairs(2000, seed=0, split="train")}
-    test = {p.prompt for p in data.make_preference_pairs(500, seed=0, split="test")}
-    assert train and test and not train & test
-    prompts = data.make_prompts(200, seed=0, split="test")
-    assert not set(prompts) & set(data.split_prompts("train"))
-    assert len(set(prompts[:len(data.split_prompts("test"))])) == len(data.split_prompts("test"))
+def test_validation_and_test_words_never_in_training_pairs():
+    prompts = {split: set(data.split_prompts(split)) for split in ("train", "validation", "test")}
+    assert len(prompts["validation"]) == 96 and len(prompts["test"]) == 192
+    assert not prompts["train"] & prompts["validation"] and not prompts["train"] & prompts["test"] and not prompts["validation"] & prompts["test"]
+    held_out = {noun for split in ("validation", "test") for nouns in data.split_nouns(split).values() for noun in nouns}
+    assert len(held_out) == 3 * len(data.TOPICS)
+    for pair in data.make_preference_pairs(2000, seed=0, split="train"):  # neither in prompts nor in responses
+        assert not held_out & set(f"{pair.prompt} {pair.chosen} {pair.rejected}".split()), pair
+    test_nouns = {noun for nouns in data.split_nouns("test").values() for noun in nouns}
+    for pair in data.make_preference_pairs(300, seed=0, split="test"):
+        assert set(f"{pair.prompt} {pair.chosen} {pair.rejected}".split()) & set(data.NOUN_TOPIC) <= test_nouns, pair
+
+
+def test_eval_prompts_are_distinct():
+    prompts = data.make_prompts(0, seed=0, split="test")
+    assert sorted(prompts) == sorted(data.split_prompts("test"))  # 0: every prompt once
+    assert data.make_prompts(10, seed=0, split="validation") == data.make_prompts(0, seed=0, split="validation")[:10]
+    with pytest.raises(ValueError, match="the test split has 192 distinct prompts, asked for 193"):
+        data.make_prompts(193, seed=0)
 
 
 @pytest.mark.parametrize("split", ["train", "test"])

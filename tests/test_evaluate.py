@@ -2,6 +2,7 @@
 
 import copy
 import math
+from xml.etree import ElementTree
 
 import torch
 
@@ -116,3 +117,33 @@ def test_fpo_and_simpo_losses_stay_float32_under_bfloat16_autocast_and_match_flo
     exact_drift, drift = outputs["fpo"][0][3], outputs["fpo"][1][3]  # D(y) of every response
     assert drift.dtype == torch.float32 and exact_drift.abs().max() > 0
     torch.testing.assert_close(drift, exact_drift, rtol=0.2, atol=2e-3)
+
+
+def test_paired_difference_on_hand_made_examples():
+    # Two prompts whose differences are 1 and 0: a bootstrap mean is 0, 0.5 or 1 (odds 1:2:1), so the
+    # 95% interval is [0, 1] around the mean 0.5.
+    assert evaluate.paired_difference([[1.0, 0.0]], [[0.0, 0.0]]) == (0.5, 0.0, 1.0)
+    # The same difference everywhere: no spread at all.
+    assert evaluate.paired_difference([[0.5, 1.0], [1.0, 0.5]], [[0.0, 0.5], [0.5, 0.0]]) == (0.5, 0.5, 0.5)
+    # Prompts are resampled with one draw for every seed: here each prompt's mean over the two seeds
+    # is 0.5, so the interval collapses; resampling each seed on its own would widen it.
+    assert evaluate.paired_difference([[1.0, 0.0], [0.0, 1.0]], [[0.0, 0.0], [0.0, 0.0]]) == (0.5, 0.5, 0.5)
+
+
+def test_pick_setting_takes_the_best_judge_score_that_keeps_validity():
+    def run(tag, *points):
+        return {"tag": tag, "overrides": {"pref_lr": 1e-4}, "points": [{"step": s, "judge_score": j, "valid_rate": v} for s, j, v in points]}
+
+    runs = [run("a", (50, 0.70, 0.95), (100, 0.90, 0.80)), run("b", (50, 0.75, 0.90), (100, 0.72, 0.99))]
+    pick = evaluate.pick_setting(runs, reference_valid=1.0)  # the floor is 0.9: b's step 50 (0.90) is in, a's step 100 (0.80) is out
+    assert (pick["run"], pick["settings"], pick["validation"]["judge_score"]) == ("b", {"pref_lr": 1e-4, "pref_steps": 50}, 0.75)
+    assert evaluate.pick_setting(runs, reference_valid=1.2)["validation"]["valid_rate"] == 0.99  # none keeps 0.9 x 1.2: the most valid
+
+
+def test_svg_chart_parses_with_one_series_per_label():
+    series = {"FPO": [(0.5, 0.6), (2.0, 0.7)], "DPO": [(10.0, 0.3)], "SimPO & co": []}
+    for lines, log_x in ((True, False), (False, True)):
+        root = ElementTree.fromstring(evaluate.svg_chart("t", "x", "y", series, lines=lines, log_x=log_x))
+        groups = root.findall("{http://www.w3.org/2000/svg}g[@class='series']")
+        assert [g.get("data-label") for g in groups] == list(series)
+        assert [len(g.findall("{http://www.w3.org/2000/svg}circle")) for g in groups] == [2, 1, 0]

@@ -3,6 +3,7 @@
 import gc
 import json
 import math
+from xml.etree import ElementTree
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 import data
 import evaluate
 import train
-from conftest import TINY, numbers_of
+from conftest import TINY, copy_outputs, numbers_of
 from model import GPT
 
 CPU = torch.device("cpu")
@@ -144,3 +145,34 @@ def test_every_config_field_has_help_text_in_the_argparse_help(capsys):
         assert set(helps) == {f.name for f in train.dataclasses.fields(section.type)}, section.name
         for name, text in helps.items():
             assert f"--{name}" in shown and " ".join(text.split()) in shown, name
+
+
+@pytest.mark.slow
+def test_sweep_picks_each_method_on_validation_resumes_and_feeds_compare(tiny_run, tmp_path, monkeypatch):
+    _, argv = tiny_run
+    out_dir = copy_outputs(tiny_run, tmp_path, "gpt.pt", "sae.pt", "reference_cache.pt")
+    # A smaller grid, the same code: 2 learning rates x 1 knob setting per method, 2 ablation points.
+    monkeypatch.setattr(evaluate, "SWEEP_LRS", (1e-3, 3e-3))
+    monkeypatch.setattr(evaluate, "SWEEP_KNOBS", {label: knobs[:1] for label, knobs in evaluate.SWEEP_KNOBS.items()})
+    monkeypatch.setattr(evaluate, "ALPHA_ABLATION", (0.0, 1.0))
+    sweep_argv = argv + ["--out_dir", str(out_dir), "--pref_steps", "6", "--pref_lr", "1e-3"]
+    train.main(sweep_argv + ["--sweep"])
+    picks = json.loads((out_dir / "sweep_picks.json").read_text())
+    assert set(picks) == set(evaluate.SWEEP_KNOBS)
+    for label, pick in picks.items():
+        run = json.loads((out_dir / f"{pick['run']}_results.json").read_text())
+        assert [point["step"] for point in run["points"]] == [2, 4, 6, 8, 10, 12]  # every third of --pref_steps, to twice it
+        assert run["label"] == label and pick["validation"] in run["points"] and pick["settings"]["pref_lr"] in (1e-3, 3e-3)
+    assert not list(out_dir.glob("sweep_*_step*.pt"))  # snapshots are deleted once judged
+    for name in ("frontier", "validity", "win_rate"):
+        series = ElementTree.parse(out_dir / f"{name}.svg").getroot().findall(".//{http://www.w3.org/2000/svg}g[@class='series']")
+        assert [g.get("data-label") for g in series] == list(evaluate.SWEEP_KNOBS), name
+    assert "| alpha |" in (out_dir / "sweep.md").read_text()
+    # A rerun trains nothing: every run's results are on disk.
+    monkeypatch.setattr(train, "train_preference", lambda *args, **kwargs: pytest.fail("a finished sweep run was trained again"))
+    train.main(sweep_argv + ["--sweep"])
+    monkeypatch.undo()
+    train.main(sweep_argv + ["--compare", "--seeds", "2"])
+    compare = json.loads((out_dir / "compare.json").read_text())
+    assert compare["settings"]["FPO"] == picks["FPO"]["settings"] and compare["settings"]["FPO (alpha=0)"]["alpha"] == 0.0
+    assert "| FPO's win rate minus | difference | 95% interval |" in (out_dir / "compare.md").read_text()

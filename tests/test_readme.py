@@ -59,3 +59,22 @@ def test_the_reading_path_line_ranges_hold_what_it_names():
         assert names, described
         for name in names:
             assert any(line.startswith(f"def {name}(") for line in lines), (file, name)
+
+
+def test_results_numbers_come_from_the_generated_files():
+    """The Results section's tables are the files its commands wrote (copied into docs/), verbatim,
+    and every decimal number in its prose occurs in one of them: no number typed by hand."""
+    text = README.read_text()
+    results = text[text.index("\n## Results") : text.index("\n## ", text.index("\n## Results") + 1)]
+    generated = {path: path.read_text() for path in sorted((README.parent / "docs").glob("*.md"))}
+    assert generated, "docs/*.md missing"
+    for path, table in generated.items():
+        assert table.strip() in results, f"{path.name} is not in the Results section verbatim"
+    prose = results
+    for table in generated.values():
+        prose = prose.replace(table.strip(), "")
+    every_number = " ".join(generated.values())
+    for number in re.findall(r"(?<![\w.])\d+\.\d+", prose):
+        assert number in every_number, f"{number} in the Results prose is in no generated file"
+    for svg in re.findall(r"\]\((docs/\w+\.svg)\)", results):
+        assert (README.parent / svg).exists(), svg

@@ -43,6 +43,8 @@ PARSE_CASES = {
     "compare": [(["--compare=1"], "--compare: ignored explicit argument '1'")],
     "seeds": [(["--compare", "--seeds", "0"], "--seeds 0: must be > 0")],
     "bench": [(["--bench=1"], "--bench: ignored explicit argument '1'")],
+    "sweep": [(["--sweep=1"], "--sweep: ignored explicit argument '1'")],
+    "threads": [(["--threads", "-1"], "--threads -1: must be >= 0"), (["--threads", "two"], "--threads: invalid int value: 'two'")],
     "bench_steps": [(["--bench", "--bench_steps", "0"], "--bench_steps 0: must be > 0")],
     "log_every": [(["--log_every", "-1"], "--log_every -1: must be > 0"), (["--log_every", "0"], "--log_every 0: must be > 0")],
     "latents": [
@@ -90,7 +92,12 @@ PARSE_CASES = {
     "warmup_steps": [(["--warmup_steps", "-1"], "--warmup_steps -1: must be >= 0")],
     "grad_clip": [(["--grad_clip", "-1"], "--grad_clip -1.0: must be > 0")],
     # EvalConfig
-    "n_eval_prompts": [(["--n_eval_prompts", "0"], "--n_eval_prompts 0: must be > 0")],
+    "eval_split": [(["--eval_split", "train"], "--eval_split: invalid choice: 'train' (choose from 'test', 'validation')")],
+    "n_eval_prompts": [
+        (["--n_eval_prompts", "-1"], "--n_eval_prompts -1: must be >= 0"),
+        (["--n_eval_prompts", "193"], "--n_eval_prompts 193: must be at most 192 (the test split's distinct prompts)"),
+        (["--n_eval_prompts", "97", "--eval_split", "validation"], "--n_eval_prompts 97: must be at most 96 (the validation split's distinct prompts)"),
+    ],
     "temperature": [(["--temperature", "-1"], "--temperature -1.0: must be > 0"), (["--temperature", "nan"], "--temperature nan: must be a finite number")],
     "top_k": [(["--top_k", "-5"], "--top_k -5: must be >= 0")],
     "max_new_tokens": [(["--max_new_tokens", "-1"], "--max_new_tokens -1: must be > 0")],
@@ -166,7 +173,7 @@ def test_missing_corpus_or_preference_file_is_refused_at_start(tmp_path, no_trai
 
 @pytest.mark.parametrize("extra, text", [
     (["--n_docs", "1"], "error: the toy corpus (--n_docs 1): too short: 12 tokens, at least 240 (5 x --block_size 48) are needed"),
-    (["--block_size", "2048", "--sae_eval_tokens", "2048", "--n_docs", "100"], "error: the toy corpus (--n_docs 100): too short: 2068 tokens, at least 10240 (5 x --block_size 2048) are needed"),
+    (["--block_size", "2048", "--sae_eval_tokens", "2048", "--n_docs", "100"], "error: the toy corpus (--n_docs 100): too short: 2049 tokens, at least 10240 (5 x --block_size 2048) are needed"),
 ])
 def test_a_corpus_too_short_for_the_context_is_refused_at_start(tmp_path, no_training, monkeypatch, capsys, extra, text):
     assert refused_at_start(monkeypatch, capsys, TINY + ["--out_dir", str(tmp_path / "out")] + extra) == text
