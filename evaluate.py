@@ -671,7 +671,8 @@ RUN_COLUMNS = {  # column: (results key path, digits)
 
 def runs_table(out_dirs: list[str]) -> str:
     """Markdown: one row per run directory (seed and CPU threads from its results.json), then the
-    mean ± standard deviation of every column."""
+    mean ± standard deviation of every column. minutes: the stages that wrote the results.json ran
+    (all five for a whole `python train.py`)."""
     runs = [json.loads((Path(out_dir) / "results.json").read_text()) for out_dir in out_dirs]
     for run in runs:
         run.setdefault("seconds", {})["total"] = sum(run.get("seconds", {}).values()) / 60  # minutes
