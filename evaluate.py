@@ -356,19 +356,20 @@ def in_child_process(function, *args):
 # ----------------------------------------------------------------------------------------------
 # --sweep: every method tuned alike on validation prompts; the reward-KL frontier; over-optimisation
 
-# Every method gets the same budget: 3 learning rates x 3 settings of its own knobs = 9 runs, each
+# Every method gets the same budget: 3 learning rates x 3 settings of its other knobs (beta, and
+# gamma for SimPO or alpha for FPO and TDPO-2) = 9 runs, each
 # evaluated at 6 points along twice the default length, so the pick also chooses when to stop.
 # beta is on the scale of each method's log-probs: summed for DPO and TDPO, averaged (about 15x
 # smaller) for FPO and SimPO. FPO's D(y) scales with the SAE's activations, so its alpha is searched
 # over decades rather than taken from the paper.
 SWEEP_LRS = (2e-5, 6e-5, 1.8e-4)
 SWEEP_KNOBS = {
-    "FPO": [{"method": "fpo", "beta": 2.0, "alpha": alpha} for alpha in (1.0, 4.0, 16.0)],
+    "FPO": [{"method": "fpo", "beta": beta, "alpha": alpha} for beta, alpha in ((2.0, 4.0), (2.0, 16.0), (4.0, 16.0))],
     "DPO": [{"method": "dpo", "beta": beta} for beta in (0.05, 0.1, 0.3)],
     "DPO (offline cache)": [{"method": "dpo_offline", "beta": beta} for beta in (0.05, 0.1, 0.3)],
     "SimPO": [{"method": "simpo", "beta": beta, "gamma": gamma} for beta, gamma in ((2.0, 0.5), (2.0, 1.5), (4.0, 1.0))],
     "TDPO-1": [{"method": "tdpo1", "beta": beta} for beta in (0.05, 0.1, 0.3)],
-    "TDPO-2": [{"method": "tdpo2", "beta": 0.1, "alpha": alpha} for alpha in (0.5, 2.0, 8.0)],
+    "TDPO-2": [{"method": "tdpo2", "beta": beta, "alpha": alpha} for beta, alpha in ((0.1, 0.5), (0.1, 2.0), (0.3, 2.0))],
 }
 ALPHA_ABLATION = (0.0, 1.0, 4.0, 16.0, 64.0)  # FPO at the default --pref_lr, read at the default length
 VALIDITY_FLOOR = 0.9  # a pick must keep at least this share of the reference's valid rate
@@ -409,13 +410,15 @@ def sweep(cfg: train.Config, device) -> None:
         runs[tag] = {"label": label, "tag": tag, "overrides": overrides, "points": points, "reference": results["reference"]}
         path.write_text(json.dumps(runs[tag], indent=2))
     reference = next(iter(runs.values()))["reference"]
-    picks = {label: pick_setting([run for run in runs.values() if run["label"] == label], reference["valid_rate"]) for label in SWEEP_KNOBS}
+    # By grid membership, not by each saved run's label: one run can be a grid point and an ablation point.
+    grid_runs = {label: [runs[sweep_tag(overrides)] for run_label, overrides in grid if run_label == label] for label in SWEEP_KNOBS}
+    picks = {label: pick_setting(label_runs, reference["valid_rate"]) for label, label_runs in grid_runs.items()}
     (out / "sweep_picks.json").write_text(json.dumps(picks, indent=2))
-    ablation = {run["overrides"]["alpha"]: point for run in runs.values() if run["overrides"]["method"] == "fpo" and run["overrides"]["pref_lr"] == cfg.prefer.pref_lr
-                for point in run["points"] if point["step"] == cfg.prefer.pref_steps}
-    report = sweep_report(picks, dict(sorted(ablation.items())), reference, cfg.prefer)
+    ablation = {overrides["alpha"]: point for run_label, overrides in grid if run_label == "FPO alpha ablation"
+                for point in runs[sweep_tag(overrides)]["points"] if point["step"] == cfg.prefer.pref_steps}
+    report = sweep_report(picks, ablation, reference, cfg.prefer)
     (out / "sweep.md").write_text(report)
-    write_sweep_charts(out, runs, picks)
+    write_sweep_charts(out, runs, grid_runs, picks)
     print("\n" + report + f"\nsweep: wrote {out / 'sweep_picks.json'}, {out / 'sweep.md'} and frontier.svg, validity.svg, win_rate.svg in {out} | {(time.time() - started) / 60:.1f} min")
 
 
@@ -449,11 +452,10 @@ def sweep_report(picks: dict, ablation: dict, reference: dict, pref: train.Prefe
     return "\n".join(lines) + "\n"
 
 
-def write_sweep_charts(out: Path, runs: dict, picks: dict) -> None:
+def write_sweep_charts(out: Path, runs: dict, grid_runs: dict, picks: dict) -> None:
     """frontier.svg: judge score against KL at every point of every grid run; validity.svg and
     win_rate.svg: along the picked setting's run of each method."""
-    grid_runs = [run for run in runs.values() if run["label"] in SWEEP_KNOBS]
-    frontier = {label: [(p["kl_from_reference"], p["judge_score"]) for run in grid_runs if run["label"] == label for p in run["points"]] for label in SWEEP_KNOBS}
+    frontier = {label: [(p["kl_from_reference"], p["judge_score"]) for run in label_runs for p in run["points"]] for label, label_runs in grid_runs.items()}
     (out / "frontier.svg").write_text(svg_chart("Reward-KL frontier (validation prompts, every grid point)", "KL(policy || reference), log scale", "judge score", frontier, lines=False, log_x=True))
     for key, name, title in (("valid_rate", "validity", "Validity"), ("win_rate", "win_rate", "Win rate over the reference")):
         series = {label: [(p["step"], p[key]) for p in runs[pick["run"]]["points"]] for label, pick in picks.items()}

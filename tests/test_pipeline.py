@@ -167,7 +167,8 @@ def test_sweep_picks_each_method_on_validation_resumes_and_feeds_compare(tiny_ru
     for name in ("frontier", "validity", "win_rate"):
         series = ElementTree.parse(out_dir / f"{name}.svg").getroot().findall(".//{http://www.w3.org/2000/svg}g[@class='series']")
         assert [g.get("data-label") for g in series] == list(evaluate.SWEEP_KNOBS), name
-    assert "| alpha |" in (out_dir / "sweep.md").read_text()
+    ablation = (out_dir / "sweep.md").read_text().split("| alpha |")[1].splitlines()[2:]
+    assert [row.split(" | ")[0] for row in ablation if row] == ["| 0", "| 1"]  # one row per ablation alpha, none from the grid
     # A rerun trains nothing: every run's results are on disk.
     monkeypatch.setattr(train, "train_preference", lambda *args, **kwargs: pytest.fail("a finished sweep run was trained again"))
     train.main(sweep_argv + ["--sweep"])
