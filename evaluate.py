@@ -348,8 +348,9 @@ def train_and_measure(cfg: train.Config, device, seed: int, tag: str) -> dict:
 
 def in_child_process(function, *args):
     """Run function(*args) in a fresh process and return its result, so peak memory is the
-    method's own and nothing (allocator state, caches) leaks from one method to the next."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
+    method's own and nothing (allocator state, caches) leaks from one method to the next. The child
+    uses this process's CPU thread count (--threads), which decides how reductions round."""
+    with multiprocessing.get_context("spawn").Pool(1, initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),)) as pool:
         return pool.apply(function, args)
 
 

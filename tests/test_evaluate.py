@@ -147,3 +147,12 @@ def test_svg_chart_parses_with_one_series_per_label():
         groups = root.findall("{http://www.w3.org/2000/svg}g[@class='series']")
         assert [g.get("data-label") for g in groups] == list(series)
         assert [len(g.findall("{http://www.w3.org/2000/svg}circle")) for g in groups] == [2, 1, 0]
+
+
+def test_a_child_process_uses_this_process_thread_count():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert evaluate.in_child_process(torch.get_num_threads) == 1
+    finally:
+        torch.set_num_threads(threads)
