@@ -235,8 +235,8 @@ def most_constrained_latents(cache: dict, fpo_k: int, n: int) -> list[int]:
 # ----------------------------------------------------------------------------------------------
 # --compare and --bench
 
-# Per-method settings for --bench, and for --compare without a --sweep: FPO at the defaults (its
-# sweep pick), the baselines as in their papers. beta is on the scale of each method's log-probs:
+# Per-method settings for --bench, and for --compare without a --sweep: FPO at the defaults (from
+# its sweep grid), the baselines as in their papers. beta is on the scale of each method's log-probs:
 # summed for DPO and TDPO, averaged (about 15x smaller here) for FPO and SimPO.
 COMPARE_ROWS = {
     "FPO": {"method": "fpo", "beta": 2.0, "alpha": 16.0},
@@ -391,14 +391,15 @@ def sweep(cfg: train.Config, device) -> None:
     pretrain_if_missing(cfg, device)
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, eval_split="validation"))
     grid = [(label, knobs | {"pref_lr": lr}) for label, all_knobs in SWEEP_KNOBS.items() for knobs in all_knobs for lr in SWEEP_LRS]
-    grid += [("FPO alpha ablation", {"method": "fpo", "beta": 2.0, "alpha": alpha, "pref_lr": cfg.prefer.pref_lr}) for alpha in ALPHA_ABLATION]
+    grid += [("FPO alpha ablation", {"method": "fpo", "beta": cfg.prefer.beta, "alpha": alpha, "pref_lr": cfg.prefer.pref_lr}) for alpha in ALPHA_ABLATION]
     print(f"\n== sweep: {len(grid)} runs of {2 * cfg.prefer.pref_steps} steps, judged every {every} steps on validation prompts ==")
     runs, reference_samples, started = {}, {}, time.time()
+    made_from = {"GPT": train.load_gpt(cfg, device)[1], "seed": cfg.run.seed}  # a finished run counts only for this reference
     for number, (label, overrides) in enumerate(grid, 1):
         tag = sweep_tag(overrides)
         path = out / f"{tag}_results.json"
         print(f"sweep: run {number}/{len(grid)} ({label}, {overrides}) | {time.time() - started:.0f}s", flush=True)
-        if path.exists():
+        if path.exists() and json.loads(path.read_text()).get("made_from") == made_from:
             runs[tag] = json.loads(path.read_text())
             continue
         run_cfg = with_method(cfg, overrides | {"pref_steps": 2 * cfg.prefer.pref_steps})
@@ -408,7 +409,7 @@ def sweep(cfg: train.Config, device) -> None:
             results = evaluate(run_cfg, device, cfg.run.seed, f"{tag}_step{step}", reference_samples)
             points.append({"step": step} | {key: nested(results, key_path) for key, key_path in POINT_KEYS.items()})
             (out / f"{tag}_step{step}.pt").unlink()
-        runs[tag] = {"label": label, "tag": tag, "overrides": overrides, "points": points, "reference": results["reference"]}
+        runs[tag] = {"label": label, "tag": tag, "overrides": overrides, "points": points, "reference": results["reference"], "made_from": made_from}
         path.write_text(json.dumps(runs[tag], indent=2))
     reference = next(iter(runs.values()))["reference"]
     # By grid membership, not by each saved run's label: one run can be a grid point and an ablation point.
