@@ -211,14 +211,14 @@ def _sentence(rng: random.Random, nouns: list[str], positive: bool) -> str:
     return " ".join(fills.get(word, word) for word in form)
 
 
-def _response(rng: random.Random, prompt_topic: str, attributes: list[tuple[bool, bool]], split: str) -> str:
-    """A response with one distinct sentence per (on_topic, positive), using only the split's
-    nouns; starts with a space."""
+def _response(rng: random.Random, prompt_topic: str, attributes: list[tuple[bool, bool]], nouns: dict[str, list[str]]) -> str:
+    """A response with one distinct sentence per (on_topic, positive), using only `nouns` (a
+    split_nouns dict); starts with a space."""
     sentences = []
     for on_topic, positive in attributes:
         while True:
             topic = prompt_topic if on_topic else rng.choice([t for t in TOPICS if t != prompt_topic])
-            sentence = _sentence(rng, split_nouns(split)[topic], positive)
+            sentence = _sentence(rng, nouns[topic], positive)
             if sentence not in sentences:
                 break
         sentences.append(sentence)
@@ -257,7 +257,7 @@ def make_corpus(n_docs: int, seed: int) -> list[str]:
     for _ in range(n_docs):
         prompt = rng.choice(prompts)
         attributes = [(rng.random() < 0.5, rng.random() < 0.5) for _ in range(rng.randint(1, 4))]
-        docs.append(format_document(prompt, _response(rng, _prompt_topic(prompt), attributes, "all")))
+        docs.append(format_document(prompt, _response(rng, _prompt_topic(prompt), attributes, TOPICS)))
     return docs
 
 
@@ -267,7 +267,7 @@ def make_preference_pairs(n: int, seed: int, split: str = "train") -> list[Prefe
     (CHOSEN_LENGTHS against REJECTED_LENGTHS): a length trap for losses on summed log-probs. The
     lengths overlap, so stopping early alone cannot tell chosen from rejected."""
     rng = random.Random(f"pairs-{split}-{seed}")
-    prompts = split_prompts(split)
+    prompts, nouns = split_prompts(split), split_nouns(split)
     bad_attributes = [(True, False), (False, True), (False, False)]
     pairs = []
     for _ in range(n):
@@ -275,8 +275,8 @@ def make_preference_pairs(n: int, seed: int, split: str = "train") -> list[Prefe
         topic = _prompt_topic(prompt)
         n_chosen = rng.choices(range(1, MAX_SENTENCES + 1), weights=CHOSEN_LENGTHS)[0]
         n_rejected = rng.choices(range(1, MAX_SENTENCES + 1), weights=REJECTED_LENGTHS)[0]
-        chosen = _response(rng, topic, [(True, True)] * n_chosen, split)
-        rejected = _response(rng, topic, [rng.choice(bad_attributes) for _ in range(n_rejected)], split)
+        chosen = _response(rng, topic, [(True, True)] * n_chosen, nouns)
+        rejected = _response(rng, topic, [rng.choice(bad_attributes) for _ in range(n_rejected)], nouns)
         pairs.append(PreferencePair(prompt, chosen, rejected))
     return pairs
 

@@ -399,8 +399,9 @@ def sweep(cfg: train.Config, device) -> None:
         tag = sweep_tag(overrides)
         path = out / f"{tag}_results.json"
         print(f"sweep: run {number}/{len(grid)} ({label}, {overrides}) | {time.time() - started:.0f}s", flush=True)
-        if path.exists() and json.loads(path.read_text()).get("made_from") == made_from:
-            runs[tag] = json.loads(path.read_text())
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        if saved.get("made_from") == made_from:
+            runs[tag] = saved
             continue
         run_cfg = with_method(cfg, overrides | {"pref_steps": 2 * cfg.prefer.pref_steps})
         train.train_preference(run_cfg, device, cfg.run.seed, tag, snapshot_every=every)

@@ -482,6 +482,10 @@ def train_preference(cfg: Config, device, seed: int, tag: str = "policy", measur
     log_path.write_text("".join(line + "\n" for line in logged if json.loads(line)["step"] < start_step))  # steps from start_step are logged again
     policy.train()
     step_times, started = [], time.time()
+
+    def save_policy(path: Path) -> None:
+        save_checkpoint(path, "policy", settings, inputs.made_from, model_config=asdict(policy.config), state_dict=policy.state_dict())
+
     with stop_at_step_boundary() as stop, log_path.open("a") as log, measure:
         for step in range(start_step, pref.pref_steps):
             if stop.is_set():
@@ -504,7 +508,7 @@ def train_preference(cfg: Config, device, seed: int, tag: str = "policy", measur
             synchronize(device)
             step_times.append(time.perf_counter() - step_started)
             if snapshot_every and (step + 1) % snapshot_every == 0:
-                save_checkpoint(out / f"{tag}_step{step + 1}.pt", "policy", settings, inputs.made_from, model_config=asdict(policy.config), state_dict=policy.state_dict())
+                save_policy(out / f"{tag}_step{step + 1}.pt")
             if drift is None:  # other methods: measure the same drift, outside the timed step
                 drift = measure_drift(pref, cfg.sae.sae_layer, policy, batch, inputs)
             record = {
@@ -516,7 +520,7 @@ def train_preference(cfg: Config, device, seed: int, tag: str = "policy", measur
             if step % cfg.run.log_every == 0 or step == pref.pref_steps - 1:
                 log.flush()
                 print(log_line("prefer", step, pref.pref_steps, started, **{k: v for k, v in record.items() if k != "step"}), flush=True)
-    save_checkpoint(out / f"{tag}.pt", "policy", settings, inputs.made_from, model_config=asdict(policy.config), state_dict=policy.state_dict())
+    save_policy(out / f"{tag}.pt")
     resume_path.unlink(missing_ok=True)
     print(f"prefer: saved {out / f'{tag}.pt'} and {log_path}")
     return {"median_step_s": statistics.median(step_times) if step_times else float("nan")}
