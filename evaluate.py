@@ -109,7 +109,7 @@ def evaluate(cfg: train.Config, device, seed: int, tag: str = "policy", referenc
     if ckpt["model_config"] != asdict(reference.config):
         raise UsageError(f"{path} was trained from another GPT than {cfg.run.out_dir}/gpt.pt: rerun `--stage prefer`")
     check_made_from(path, ckpt, inputs.made_from, "rerun `--stage prefer`")
-    trained = train.PreferenceConfig(**{key: value for key, value in ckpt["config"].items() if key in train.PreferenceConfig.__dataclass_fields__})
+    trained = made_with(train.PreferenceConfig, ckpt["config"])
     policy = GPT(GPTConfig(**ckpt["model_config"])).to(device)
     policy.load_state_dict(ckpt["state_dict"])
     policy.eval().requires_grad_(False)
@@ -170,9 +170,20 @@ def evaluate(cfg: train.Config, device, seed: int, tag: str = "policy", referenc
         for t, r, p in list(zip(prompt_texts, reference_samples["responses"], policy_responses))[:5]
     ]
     results["trained_with"], results["cpu_threads"] = ckpt["config"], torch.get_num_threads()
-    # every config section of this command, but the preference settings the policy was trained with
-    results["config"] = {type(section).__name__: asdict(section) for section in vars(cfg).values()} | {"PreferenceConfig": asdict(trained)}
+    # Every config section of this command, but the settings gpt.pt, sae.pt and the policy were made
+    # with: `--resume` skips finished stages, whatever their flags say now.
+    out = Path(cfg.run.out_dir)
+    results["config"] = {type(section).__name__: asdict(section) for section in vars(cfg).values()} | {
+        "PretrainConfig": asdict(made_with(train.PretrainConfig, load_checkpoint(out / "gpt.pt", "gpt", "")["config"])),
+        "SAEConfig": asdict(made_with(train.SAEConfig, load_checkpoint(out / "sae.pt", "sae", "")["config"])),
+        "PreferenceConfig": asdict(trained),
+    }
     return results
+
+
+def made_with(section_type: type, settings: dict):
+    """A config section as a checkpoint saved it (`train.stage_settings`), without the extra keys."""
+    return section_type(**{key: value for key, value in settings.items() if key in section_type.__dataclass_fields__})
 
 
 def eval_stage(cfg: train.Config, device) -> None:

@@ -342,10 +342,13 @@ def test_resume_refuses_a_changed_method_or_lr_and_eval_records_how_the_policy_w
     capsys.readouterr()
 
     # after a finished run, new training flags change nothing: eval only, and the record says how policy.pt was trained
-    train.main(argv + ["--resume", "--pref_steps", "5", "--pref_lr", "0.5"])
+    train.main(argv + ["--resume", "--pref_steps", "5", "--pref_lr", "0.5", "--pretrain_steps", "7", "--sae_lr", "0.5"])
     assert f"prefer: finished earlier ({out_dir / 'policy'}.pt); skipped (--resume)" in capsys.readouterr().out
     results = json.loads((out_dir / "results.json").read_text())
     assert (out_dir / "policy.pt").read_bytes() == policy
     assert results["trained_with"]["pref_steps"] == 8 and results["trained_with"]["pref_lr"] == 1e-3 and results["trained_with"]["method"] == "fpo"
     assert results["config"]["PreferenceConfig"]["pref_steps"] == 8 and results["config"]["PreferenceConfig"]["pref_lr"] == 1e-3
+    tiny = json.loads((tiny_run[0] / "results.json").read_text())["config"]  # the GPT and the SAE skipped too: as they were made
+    assert results["config"]["PretrainConfig"] == tiny["PretrainConfig"] and results["config"]["SAEConfig"] == tiny["SAEConfig"]
+    assert results["config"]["PretrainConfig"]["pretrain_steps"] != 7 and results["config"]["SAEConfig"]["sae_lr"] != 0.5
     assert results["reward_accuracy"] == first["reward_accuracy"] and results["feature_drift"] == first["feature_drift"]
