@@ -405,23 +405,26 @@ def sweep(cfg: train.Config, device) -> None:
     grid += [("FPO alpha ablation", {"method": "fpo", "beta": cfg.prefer.beta, "alpha": alpha, "pref_lr": cfg.prefer.pref_lr}) for alpha in ALPHA_ABLATION]
     print(f"\n== sweep: {len(grid)} runs of {2 * cfg.prefer.pref_steps} steps, judged every {every} steps on validation prompts ==")
     runs, reference_samples, started = {}, {}, time.time()
-    made_from = {"GPT": train.load_gpt(cfg, device)[1], "seed": cfg.run.seed}  # a finished run counts only for this reference
+    gpt_fingerprint = train.load_gpt(cfg, device)[1]
+    # A finished run counts only for this reference GPT and SAE, its training settings and the judging.
+    made_from = {"GPT": gpt_fingerprint, "SAE": train.load_trained_sae(cfg, gpt_fingerprint, device)[1], "eval": dataclasses.asdict(cfg.eval)}
     for number, (label, overrides) in enumerate(grid, 1):
         tag = sweep_tag(overrides)
         path = out / f"{tag}_results.json"
         print(f"sweep: run {number}/{len(grid)} ({label}, {overrides}) | {time.time() - started:.0f}s", flush=True)
+        run_cfg = with_method(cfg, overrides | {"pref_steps": 2 * cfg.prefer.pref_steps})
+        run_made_from = made_from | {"settings": train.stage_settings(run_cfg, "prefer")}
         saved = json.loads(path.read_text()) if path.exists() else {}
-        if saved.get("made_from") == made_from:
+        if saved.get("made_from") == run_made_from:
             runs[tag] = saved
             continue
-        run_cfg = with_method(cfg, overrides | {"pref_steps": 2 * cfg.prefer.pref_steps})
         train.train_preference(run_cfg, device, cfg.run.seed, tag, snapshot_every=every)
         points = []
         for step in range(every, 2 * cfg.prefer.pref_steps + 1, every):
             results = evaluate(run_cfg, device, cfg.run.seed, f"{tag}_step{step}", reference_samples)
             points.append({"step": step} | {key: nested(results, key_path) for key, key_path in POINT_KEYS.items()})
             (out / f"{tag}_step{step}.pt").unlink()
-        runs[tag] = {"label": label, "tag": tag, "overrides": overrides, "points": points, "reference": results["reference"], "made_from": made_from}
+        runs[tag] = {"label": label, "tag": tag, "overrides": overrides, "points": points, "reference": results["reference"], "made_from": run_made_from}
         path.write_text(json.dumps(runs[tag], indent=2))
     reference = next(iter(runs.values()))["reference"]
     # By grid membership, not by each saved run's label: one run can be a grid point and an ablation point.
