@@ -91,8 +91,12 @@ def load_tokenizer(path=TOKENIZER_PATH) -> tiktoken.Encoding:
     for line in Path(path).read_text(encoding="ascii").splitlines():
         token, rank = line.split()
         ranks[base64.b64decode(token)] = int(rank)
-    return tiktoken.Encoding(name="fpo-toy-bpe", pat_str=PRETOKENIZE_PATTERN,
-                             mergeable_ranks=ranks, special_tokens={EOS_TOKEN: len(ranks)})
+    return tiktoken.Encoding(
+        name="fpo-toy-bpe",
+        pat_str=PRETOKENIZE_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens={EOS_TOKEN: len(ranks)},
+    )
 
 
 def eos_id(enc: tiktoken.Encoding) -> int:
@@ -110,29 +114,43 @@ def encode(enc: tiktoken.Encoding, text: str) -> list[int]:
 
 # Nouns are unique across topics, so a noun names its topic. Each topic's nouns are split three
 # ways (SPLIT_NOUNS): the training pairs mention only the first 7, the validation split only the
-# 8th, the test split only the last 2, in prompts and responses alike. Pretraining text, which
-# holds no preference, uses every noun, so the reference knows them all.
+# 8th, the test split only the last 2, in prompts and responses alike (below, each topic's first
+# line holds its training nouns, the second its validation noun, then its test nouns).
+# Pretraining text, which holds no preference, uses every noun, so the reference knows them all.
 TOPICS = {
-    "food":     ["soup", "pizza", "salad", "burger", "curry", "pasta", "sandwich", "cake", "pie", "steak"],
-    "music":    ["guitar", "album", "concert", "song", "band", "piano", "singer", "drummer", "violin", "choir"],
-    "travel":   ["hotel", "flight", "beach", "train", "cruise", "resort", "airport", "museum", "tour", "island"],
-    "books":    ["novel", "poem", "author", "chapter", "story", "biography", "library", "sequel", "plot", "magazine"],
-    "movies":   ["film", "actor", "director", "trailer", "cinema", "comedy", "thriller", "script", "scene", "soundtrack"],
-    "sports":   ["match", "stadium", "coach", "referee", "marathon", "team", "goal", "race", "tournament", "game"],
-    "tech":     ["laptop", "phone", "tablet", "keyboard", "printer", "camera", "charger", "screen", "router", "headset"],
-    "home":     ["sofa", "lamp", "kitchen", "garden", "bed", "carpet", "curtain", "shower", "balcony", "fridge"],
-    "clothing": ["jacket", "shirt", "dress", "boot", "sweater", "scarf", "hat", "coat", "sneaker", "glove"],
-    "nature":   ["forest", "river", "mountain", "lake", "waterfall", "meadow", "canyon", "sunset", "trail", "valley"],
-    "games":    ["puzzle", "chess", "quest", "level", "console", "controller", "dungeon", "arcade", "villain", "joystick"],
-    "pets":     ["dog", "cat", "puppy", "kitten", "parrot", "hamster", "rabbit", "pony", "goldfish", "turtle"],
+    "food":     ["soup", "pizza", "salad", "burger", "curry", "pasta", "sandwich",
+                 "cake", "pie", "steak"],
+    "music":    ["guitar", "album", "concert", "song", "band", "piano", "singer",
+                 "drummer", "violin", "choir"],
+    "travel":   ["hotel", "flight", "beach", "train", "cruise", "resort", "airport",
+                 "museum", "tour", "island"],
+    "books":    ["novel", "poem", "author", "chapter", "story", "biography", "library",
+                 "sequel", "plot", "magazine"],
+    "movies":   ["film", "actor", "director", "trailer", "cinema", "comedy", "thriller",
+                 "script", "scene", "soundtrack"],
+    "sports":   ["match", "stadium", "coach", "referee", "marathon", "team", "goal",
+                 "race", "tournament", "game"],
+    "tech":     ["laptop", "phone", "tablet", "keyboard", "printer", "camera", "charger",
+                 "screen", "router", "headset"],
+    "home":     ["sofa", "lamp", "kitchen", "garden", "bed", "carpet", "curtain",
+                 "shower", "balcony", "fridge"],
+    "clothing": ["jacket", "shirt", "dress", "boot", "sweater", "scarf", "hat",
+                 "coat", "sneaker", "glove"],
+    "nature":   ["forest", "river", "mountain", "lake", "waterfall", "meadow", "canyon",
+                 "sunset", "trail", "valley"],
+    "games":    ["puzzle", "chess", "quest", "level", "console", "controller", "dungeon",
+                 "arcade", "villain", "joystick"],
+    "pets":     ["dog", "cat", "puppy", "kitten", "parrot", "hamster", "rabbit",
+                 "pony", "goldfish", "turtle"],
 }
 SPLIT_NOUNS = {"train": slice(0, 7), "validation": slice(7, 8), "test": slice(8, 10)}  # per topic
-POSITIVE_ADJECTIVES = ["great", "wonderful", "excellent", "lovely", "amazing", "fantastic", "superb",
-                       "delightful", "charming", "brilliant", "pleasant", "perfect", "beautiful", "fun",
-                       "impressive", "enjoyable", "splendid", "marvelous", "terrific", "cozy"]
+POSITIVE_ADJECTIVES = ["great", "wonderful", "excellent", "lovely", "amazing", "fantastic",
+                       "superb", "delightful", "charming", "brilliant", "pleasant", "perfect",
+                       "beautiful", "fun", "impressive", "enjoyable", "splendid", "marvelous",
+                       "terrific", "cozy"]
 NEGATIVE_ADJECTIVES = ["awful", "terrible", "boring", "dull", "horrible", "bland", "disappointing",
-                       "poor", "dreadful", "annoying", "mediocre", "ugly", "noisy", "broken", "messy",
-                       "clumsy", "tedious", "unpleasant", "lousy", "shabby"]
+                       "poor", "dreadful", "annoying", "mediocre", "ugly", "noisy", "broken",
+                       "messy", "clumsy", "tedious", "unpleasant", "lousy", "shabby"]
 POSITIVE_VERBS = ["loved", "enjoyed", "liked", "adored", "admired", "praised"]
 NEGATIVE_VERBS = ["hated", "disliked", "regretted", "avoided", "resented", "dreaded"]
 INTENSIFIERS = ["very", "really", "quite", "truly", "rather", "so", "extremely"]
@@ -140,8 +158,9 @@ INTENSIFIERS = ["very", "really", "quite", "truly", "rather", "so", "extremely"]
 SENTENCE_TEMPLATES = ["the {noun} was {intens} {adj} .", "i found the {noun} {intens} {adj} .",
                       "the {noun} felt {intens} {adj} .", "we {verb} the {noun} .",
                       "my friends {verb} the {noun} ."]
-PROMPT_TEMPLATES = ["review the {noun} :", "tell me about the {noun} :", "what did you think of the {noun} ?",
-                    "describe the {noun} :", "how was the {noun} ?", "give your opinion of the {noun} :",
+PROMPT_TEMPLATES = ["review the {noun} :", "tell me about the {noun} :",
+                    "what did you think of the {noun} ?", "describe the {noun} :",
+                    "how was the {noun} ?", "give your opinion of the {noun} :",
                     "write a review of the {noun} :", "what about the {noun} ?"]
 MAX_SENTENCES = 4  # the longest response the world produces; the judge rejects longer ones
 CHOSEN_LENGTHS = [4, 4, 2, 0]    # relative odds of 1..4 sentences: mean 1.8
@@ -203,7 +222,10 @@ def split_prompts(split: str) -> list[str]:
 
 
 def _sentence(rng: random.Random, nouns: list[str], positive: bool) -> str:
-    """One sentence about one of `nouns` with the given sentiment; canonical spacing, ends in " ."."""
+    """One sentence about one of `nouns` with the given sentiment.
+
+    Canonical spacing; the sentence ends in " .".
+    """
     form = rng.choice(SENTENCE_FORMS)
     fills = {"{noun}": rng.choice(nouns), "{intens}": rng.choice(INTENSIFIERS),
              "{adj}": rng.choice(POSITIVE_ADJECTIVES if positive else NEGATIVE_ADJECTIVES),
@@ -211,13 +233,21 @@ def _sentence(rng: random.Random, nouns: list[str], positive: bool) -> str:
     return " ".join(fills.get(word, word) for word in form)
 
 
-def _response(rng: random.Random, prompt_topic: str, attributes: list[tuple[bool, bool]], nouns: dict[str, list[str]]) -> str:
+def _response(
+    rng: random.Random,
+    prompt_topic: str,
+    attributes: list[tuple[bool, bool]],
+    nouns: dict[str, list[str]],
+) -> str:
     """A response with one distinct sentence per (on_topic, positive), using only `nouns` (a
     split_nouns dict); starts with a space."""
     sentences = []
     for on_topic, positive in attributes:
         while True:
-            topic = prompt_topic if on_topic else rng.choice([t for t in TOPICS if t != prompt_topic])
+            if on_topic:
+                topic = prompt_topic
+            else:
+                topic = rng.choice([t for t in TOPICS if t != prompt_topic])
             sentence = _sentence(rng, nouns[topic], positive)
             if sentence not in sentences:
                 break
@@ -257,7 +287,8 @@ def make_corpus(n_docs: int, seed: int) -> list[str]:
     for _ in range(n_docs):
         prompt = rng.choice(prompts)
         attributes = [(rng.random() < 0.5, rng.random() < 0.5) for _ in range(rng.randint(1, 4))]
-        docs.append(format_document(prompt, _response(rng, _prompt_topic(prompt), attributes, TOPICS)))
+        response = _response(rng, _prompt_topic(prompt), attributes, TOPICS)
+        docs.append(format_document(prompt, response))
     return docs
 
 
@@ -267,7 +298,8 @@ def make_preference_pairs(n: int, seed: int, split: str = "train") -> list[Prefe
     (CHOSEN_LENGTHS against REJECTED_LENGTHS): a length trap for losses on summed log-probs. The
     lengths overlap, so stopping early alone cannot tell chosen from rejected."""
     rng = random.Random(f"pairs-{split}-{seed}")
-    prompts, nouns = split_prompts(split), split_nouns(split)
+    prompts = split_prompts(split)
+    nouns = split_nouns(split)
     bad_attributes = [(True, False), (False, True), (False, False)]
     pairs = []
     for _ in range(n):
@@ -276,7 +308,8 @@ def make_preference_pairs(n: int, seed: int, split: str = "train") -> list[Prefe
         n_chosen = rng.choices(range(1, MAX_SENTENCES + 1), weights=CHOSEN_LENGTHS)[0]
         n_rejected = rng.choices(range(1, MAX_SENTENCES + 1), weights=REJECTED_LENGTHS)[0]
         chosen = _response(rng, topic, [(True, True)] * n_chosen, nouns)
-        rejected = _response(rng, topic, [rng.choice(bad_attributes) for _ in range(n_rejected)], nouns)
+        rejected_attributes = [rng.choice(bad_attributes) for _ in range(n_rejected)]
+        rejected = _response(rng, topic, rejected_attributes, nouns)
         pairs.append(PreferencePair(prompt, chosen, rejected))
     return pairs
 
@@ -296,7 +329,8 @@ def _parse_sentence(words: list[str]) -> tuple[str, bool] | None:
     for form in SENTENCE_FORMS:
         fills = _match(form, words)
         if fills is not None:
-            return NOUN_TOPIC[fills["{noun}"]], WORD_SENTIMENT[fills.get("{adj}") or fills["{verb}"]]
+            sentiment_word = fills.get("{adj}") or fills["{verb}"]
+            return NOUN_TOPIC[fills["{noun}"]], WORD_SENTIMENT[sentiment_word]
     return None
 
 
@@ -344,11 +378,25 @@ def judge(prompt: str, response: str, complete: bool = True) -> JudgeResult:
     on_topic = sum(t == topic for t, _ in parsed) / len(parsed)
     positive = sum(p for _, p in parsed) / len(parsed)
     score = JUDGE_FLOOR + (1 - JUDGE_FLOOR) * (0.5 * on_topic + 0.5 * positive)
-    return JudgeResult(score, True, "ok", len(parsed), on_topic, positive)
+    return JudgeResult(
+        score=score,
+        valid=True,
+        reason="ok",
+        n_sentences=len(parsed),
+        on_topic=on_topic,
+        positive=positive,
+    )
 
 
 def _invalid(reason: str) -> JudgeResult:
-    return JudgeResult(0.0, False, reason, 0, 0.0, 0.0)
+    return JudgeResult(
+        score=0.0,
+        valid=False,
+        reason=reason,
+        n_sentences=0,
+        on_topic=0.0,
+        positive=0.0,
+    )
 
 # ---------------------------------------------------------------------------
 # Loaders for a user's own data: every fault is a DataError naming file, line, problem
@@ -365,11 +413,14 @@ class DataError(Exception):
 
 
 def _read_bytes(path) -> bytes:
-    """The file's bytes, without the UTF-8 byte order mark some editors put first (a BOM is legal UTF-8)."""
+    """The file's bytes, without the UTF-8 byte order mark some editors put first.
+
+    (A BOM is legal UTF-8.)
+    """
     try:
         return Path(path).read_bytes().removeprefix(codecs.BOM_UTF8)
     except OSError as e:
-        raise DataError(path, None, f"cannot read file ({e.strerror})") from None
+        raise DataError(path, line=None, problem=f"cannot read file ({e.strerror})") from None
 
 
 def load_corpus(path) -> list[str]:
@@ -379,16 +430,22 @@ def load_corpus(path) -> list[str]:
     data = _read_bytes(path)
     if b"\0" in data:
         offset = data.index(b"\0")
-        raise DataError(path, data.count(b"\n", 0, offset) + 1,
-                        f"NUL byte at byte offset {offset}: binary file, expected UTF-8 text")
+        raise DataError(
+            path,
+            line=data.count(b"\n", 0, offset) + 1,
+            problem=f"NUL byte at byte offset {offset}: binary file, expected UTF-8 text",
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(path, data.count(b"\n", 0, e.start) + 1,
-                        f"not valid UTF-8 (byte offset {e.start})") from None
+        raise DataError(
+            path,
+            line=data.count(b"\n", 0, e.start) + 1,
+            problem=f"not valid UTF-8 (byte offset {e.start})",
+        ) from None
     docs = [doc.strip() for doc in re.split(r"\n[ \t\r]*\n", text) if doc.strip()]
     if not docs:
-        raise DataError(path, None, "file is empty (no documents)")
+        raise DataError(path, line=None, problem="file is empty (no documents)")
     return docs
 
 
@@ -419,7 +476,11 @@ def _parse_preference_line(raw: bytes) -> PreferencePair:
     return PreferencePair(row["prompt"], row["chosen"], row["rejected"])
 
 
-def split_preference_file(path, skip_bad_rows: bool, n_test_pairs: int) -> tuple[list[PreferencePair], list[PreferencePair]]:
+def split_preference_file(
+    path,
+    skip_bad_rows: bool,
+    n_test_pairs: int,
+) -> tuple[list[PreferencePair], list[PreferencePair]]:
     """(train pairs, held-out pairs) of a JSONL file: its last n_test_pairs rows, at most a fifth,
     are held out."""
     pairs, dropped = load_preferences(path, skip_bad_rows=skip_bad_rows)
@@ -427,8 +488,14 @@ def split_preference_file(path, skip_bad_rows: bool, n_test_pairs: int) -> tuple
         print(f"data: dropped {dropped} malformed rows of {path} (--skip_bad_rows)")
     n_test = min(n_test_pairs, len(pairs) // 5)
     if n_test < 1:
-        raise DataError(path, None, f"{len(pairs)} valid pairs and --n_test_pairs {n_test_pairs} leave no held-out pair; "
-                                    f"at least 5 pairs are needed (at most every fifth is held out)")
+        raise DataError(
+            path,
+            line=None,
+            problem=(
+                f"{len(pairs)} valid pairs and --n_test_pairs {n_test_pairs} leave no held-out "
+                f"pair; at least 5 pairs are needed (at most every fifth is held out)"
+            ),
+        )
     return pairs[: len(pairs) - n_test], pairs[len(pairs) - n_test:]
 
 
@@ -449,9 +516,9 @@ def load_preferences(path, skip_bad_rows: bool = False) -> tuple[list[Preference
                 raise fault from None
             first_fault = first_fault or fault
     if n_rows == 0:
-        raise DataError(path, None, "file is empty (no rows)")
+        raise DataError(path, line=None, problem="file is empty (no rows)")
     if not pairs:
-        raise DataError(path, None, f"all {n_rows} rows are bad; first: {first_fault}")
+        raise DataError(path, line=None, problem=f"all {n_rows} rows are bad; first: {first_fault}")
     return pairs, n_rows - len(pairs)
 
 # ---------------------------------------------------------------------------
@@ -466,8 +533,11 @@ class TokenizedPair:
     rejected_ids: list[int]  # ends with EOS unless truncated from the right
 
 
-def tokenize_pairs(pairs: list[PreferencePair], enc: tiktoken.Encoding,
-                   block_size: int) -> tuple[list[TokenizedPair], int]:
+def tokenize_pairs(
+    pairs: list[PreferencePair],
+    enc: tiktoken.Encoding,
+    block_size: int,
+) -> tuple[list[TokenizedPair], int]:
     """Tokenize pairs so [EOS] + prompt + response fits block_size for both responses.
 
     Truncation: the prompt first, from the left (its end, next to the response, is kept);
@@ -493,8 +563,11 @@ def tokenize_pairs(pairs: list[PreferencePair], enc: tiktoken.Encoding,
     return tokenized, n_dropped
 
 
-def collate_responses(prompts: list[list[int]], responses: list[list[int]],
-                      eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def collate_responses(
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    eos_id: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack prompt/response rows into one batch: each row is [EOS] + prompt + response,
     right-padded with EOS to the longest row.
 
@@ -515,11 +588,18 @@ def collate_pairs(tokenized: list[TokenizedPair], eos_id: int) -> tuple[torch.Te
     """Stack B pairs into one batch (see collate_responses): rows 0..B-1 chosen, rows B..2B-1
     rejected. Returns input_ids (2B, T) and response_mask (2B, T)."""
     prompts = [p.prompt_ids for p in tokenized]
-    return collate_responses(prompts + prompts, [p.chosen_ids for p in tokenized] +
-                             [p.rejected_ids for p in tokenized], eos_id)
+    chosen = [p.chosen_ids for p in tokenized]
+    rejected = [p.rejected_ids for p in tokenized]
+    return collate_responses(prompts + prompts, chosen + rejected, eos_id)
 
 
-def pair_batch(tokenized: list[TokenizedPair], index: torch.Tensor, row_offset: int, eos_id: int, device):
+def pair_batch(
+    tokenized: list[TokenizedPair],
+    index: torch.Tensor,
+    row_offset: int,
+    eos_id: int,
+    device,
+):
     """Pairs `index` as one batch: (cache rows (2B,), input_ids (2B, T), response_mask (2B, T)),
     chosen rows first, on `device`. Pair i's chosen response is row 2i of the reference cache, its
     rejected 2i+1; held-out pairs follow the training pairs there, so their row_offset is
@@ -529,10 +609,17 @@ def pair_batch(tokenized: list[TokenizedPair], index: torch.Tensor, row_offset: 
     return rows.to(device), input_ids.to(device), mask.to(device)
 
 
-def every_pair(tokenized: list[TokenizedPair], batch_size: int, row_offset: int, eos_id: int, device):
+def every_pair(
+    tokenized: list[TokenizedPair],
+    batch_size: int,
+    row_offset: int,
+    eos_id: int,
+    device,
+):
     """Every pair once, in order, as pair_batch batches."""
     for start in range(0, len(tokenized), batch_size):
-        yield pair_batch(tokenized, torch.arange(start, min(start + batch_size, len(tokenized))), row_offset, eos_id, device)
+        index = torch.arange(start, min(start + batch_size, len(tokenized)))
+        yield pair_batch(tokenized, index, row_offset, eos_id, device)
 
 
 def response_text(enc: tiktoken.Encoding, response_ids: list[int]) -> str:
@@ -562,7 +649,11 @@ def chunk_batches(chunks: torch.Tensor, batch_size: int, device):
         yield chunks[start : start + batch_size].to(device)
 
 
-def lm_windows(tokens: torch.Tensor, starts: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def lm_windows(
+    tokens: torch.Tensor,
+    starts: torch.Tensor,
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Windows of the token stream for next-token prediction.
 
     tokens: the token stream, (N,); starts: where each window begins, (B,), each < N - block_size.

@@ -3,14 +3,19 @@
 Yin et al., "Direct Preference Optimization Using Sparse Feature-Level Constraints"
 (arXiv 2411.07618). Every DPO-family loss here is  -log sigmoid(logit)  with
 
-    FPO    logit = beta*[(avg_logp_theta(y_w) - avg_logp_ref(y_w)) - (avg_logp_theta(y_l) - avg_logp_ref(y_l))]
+    FPO    logit = beta*[(avg_logp_theta(y_w) - avg_logp_ref(y_w))
+                         - (avg_logp_theta(y_l) - avg_logp_ref(y_l))]
                    - alpha*(beta*D(y_l) - stopgrad(beta*D(y_w)))
-    D(y)   = (1/k) * sum_{i in topk(pooled_theta) U topk(pooled_ref)} (pooled_theta_i - pooled_ref_i)^2
-             (top-k over activated features only; pooled = mean SAE code at the positions generating y)
+    D(y)   = (1/k) * sum_{i in I(y)} (pooled_theta_i - pooled_ref_i)^2,
+             I(y) = topk(pooled_theta) U topk(pooled_ref)
+             (top-k over activated features only; pooled = mean SAE code at the positions
+             generating y)
     DPO    logit = beta*(logp_theta(y_w) - logp_ref(y_w)) - beta*(logp_theta(y_l) - logp_ref(y_l))
     SimPO  logit = beta*avg_logp_theta(y_w) - beta*avg_logp_theta(y_l) - gamma
     TDPO   logit = DPO logit - beta*(SeqKL(y_l) - SeqKL(y_w))                         (TDPO-1)
            logit = DPO logit - alpha*(beta*SeqKL(y_l) - stopgrad(beta*SeqKL(y_w)))    (TDPO-2)
+    SeqKL  = sum over response tokens of KL(pi_ref || pi_theta): `sequence_kl` with
+             p = reference, q = policy
 
 FPO's reference terms (avg_logp_ref and the pooled reference SAE codes) depend only on the frozen
 reference, so `build_reference_cache` computes them once, offline; training then needs no
@@ -32,9 +37,11 @@ import torch.nn.functional as F
 
 
 def sequence_logps(
-    logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    response_mask: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probabilities of the response tokens, and how many there are (avg_logp(y), paper Sec. 3).
+    """Summed log-probs of the response tokens and their count: avg_logp(y) (paper Sec. 3).
 
     Logits at position t predict the token at t+1, so logits[:, :-1] are scored against
     input_ids[:, 1:] and masked by response_mask[:, 1:]. Prompt and padding positions (mask 0)
@@ -50,44 +57,58 @@ def sequence_logps(
         n_tokens: number of response tokens, clamped to at least 1. Shape: (B,).
     """
     logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
-    token_logps = logps.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+    token_logps = logps.gather(dim=-1, index=input_ids[:, 1:, None]).squeeze(dim=-1)  # (B, T-1)
     mask = response_mask[:, 1:].float()  # (B, T-1)
-    return (token_logps * mask).sum(-1), mask.sum(-1).clamp(min=1.0)
+    return (token_logps * mask).sum(dim=-1), mask.sum(dim=-1).clamp(min=1.0)
 
 
 def pooled_features(codes: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Mean SAE code over the positions that generate the response tokens: pooled(y) (paper Sec. 3).
+    """pooled(y): the mean SAE code over the positions that generate the response (paper Sec. 3).
 
-    Shifted like `sequence_logps`: position t's code is pooled iff token t+1 is a response token, so
-    codes[:, :-1] are masked by response_mask[:, 1:] (the authors' code pools pi_fm[:, :-1] by
+    Shifted like `sequence_logps`: position t's code is pooled iff token t+1 is a response token,
+    so codes[:, :-1] are masked by response_mask[:, 1:] (the authors' code pools pi_fm[:, :-1] by
     labels[:, 1:]); the last response token's own position generates nothing and is never pooled.
     Computes in float32 (float64 stays float64), so a bf16 model still gives float32 codes.
 
+    Example: one row of five tokens, a prompt of 2 and a response of 3, one latent (F = 1):
+        response_mask        = [[0,   0,   1,   1,   1  ]]   tokens 2, 3, 4 are the response
+        codes[..., 0]        = [[1.0, 2.0, 3.0, 4.0, 5.0]]
+        codes[:, :-1, 0]     = [[1.0, 2.0, 3.0, 4.0]]
+        response_mask[:, 1:] = [[0,   1,   1,   1  ]]        positions 1, 2, 3 generate 2, 3, 4
+        pooled_features(codes, response_mask) = [[(2.0 + 3.0 + 4.0) / 3]] = [[3.0]]
+    and not the codes AT the response tokens, (3.0 + 4.0 + 5.0) / 3 = 4.0.
+
     Args:
         codes: SAE codes of each position's residual stream. Shape: (B, T, F).
-        response_mask: the token-level mask `sequence_logps` takes: 1 at response tokens, 0 at prompt
-            and padding. Shape: (B, T).
+        response_mask: the token-level mask `sequence_logps` takes: 1 at response tokens, 0 at
+            prompt and padding. Shape: (B, T).
 
     Returns:
         pooled codes, on codes' device; all zeros for a response with no tokens. Shape: (B, F).
     """
     codes = codes[:, :-1].to(torch.promote_types(codes.dtype, torch.float32))  # (B, T-1, F)
     mask = response_mask[:, 1:].to(codes.dtype)  # (B, T-1)
-    n_tokens = mask.sum(-1, keepdim=True).clamp(min=1.0)  # (B, 1), the |y| of sequence_logps
-    return torch.einsum("btf,bt->bf", codes, mask) / n_tokens  # pooled(y) = (1/|y|) sum_t z_t (paper Sec. 3)
+    n_tokens = mask.sum(dim=-1, keepdim=True).clamp(min=1.0)  # (B, 1), the |y| of sequence_logps
+    # pooled(y) = (1/|y|) sum_t z_t (paper Sec. 3)
+    return torch.einsum("btf,bt->bf", codes, mask) / n_tokens
 
 
 def pooled_topk_features(
-    topk_values: torch.Tensor, topk_indices: torch.Tensor, response_mask: torch.Tensor, d_sae: int
+    topk_values: torch.Tensor,
+    topk_indices: torch.Tensor,
+    response_mask: torch.Tensor,
+    d_sae: int,
 ) -> torch.Tensor:
     """pooled(y) from a TopK SAE's sparse codes, without the dense (B, T, d_sae) code tensor.
 
-    Equals `pooled_features(codes, response_mask)` where codes densifies (topk_values, topk_indices)
-    at the generating positions, i.e. at hidden[:, :-1][response_mask[:, 1:].bool()], in that order
-    (e.g. `SparseAutoencoder.encode_topk` of those rows). Differentiable w.r.t. topk_values.
+    Equals `pooled_features(codes, response_mask)` where codes densifies (topk_values,
+    topk_indices) at the generating positions, i.e. at hidden[:, :-1][response_mask[:, 1:].bool()],
+    in that order (e.g. `SparseAutoencoder.encode_topk` of those rows). Differentiable w.r.t.
+    topk_values.
 
     Args:
-        topk_values: the non-zero candidates of each generating position's code. Shape: (N, sae_k).
+        topk_values: the non-zero candidates of each generating position's code.
+            Shape: (N, sae_k).
         topk_indices: which latent each value belongs to. Shape: (N, sae_k).
         response_mask: the token-level mask `sequence_logps` takes. Shape: (B, T).
         d_sae: SAE width.
@@ -95,22 +116,38 @@ def pooled_topk_features(
     Returns:
         pooled codes, on topk_values' device, float32 (float64 stays float64). Shape: (B, d_sae).
     """
-    counts = response_mask[:, 1:].bool().sum(-1)  # (B,): generating positions per response
+    counts = response_mask[:, 1:].bool().sum(dim=-1)  # (B,): generating positions per response
     row = torch.arange(len(counts), device=counts.device).repeat_interleave(counts)  # (N,)
     values = topk_values.to(torch.promote_types(topk_values.dtype, torch.float32))  # (N, sae_k)
     summed = values.new_zeros(len(counts), d_sae).index_put(
-        (row[:, None].expand_as(topk_indices), topk_indices), values, accumulate=True
+        (row[:, None].expand_as(topk_indices), topk_indices),
+        values,
+        accumulate=True,
     )  # (B, d_sae); accumulate: a latent fires at several positions of one response
     return summed / counts.clamp(min=1)[:, None]  # pooled(y) = (1/|y|) sum_t z_t (paper Sec. 3)
 
 
-def feature_mse(policy_pooled: torch.Tensor, reference_pooled: torch.Tensor, k: int) -> torch.Tensor:
-    """D(y): squared differences over the union of both sides' top-k activated features, divided by k (paper Sec. 3).
+def feature_mse(
+    policy_pooled: torch.Tensor,
+    reference_pooled: torch.Tensor,
+    k: int,
+) -> torch.Tensor:
+    """D(y): squared differences over the union I(y) of both sides' top-k features (paper Sec. 3).
 
-    Top-k ranges over activated features only (value > 0): a latent at 0 is never "top", and a side
-    with fewer than k active features contributes all of them and no more. So D(y) never depends on
-    how latents are numbered. The union holds up to 2k features; dividing by k (not by its size)
-    follows the paper. Computes in float32 (float64 stays float64).
+    I(y) = topk(policy_pooled) U topk(reference_pooled), and the sum over I(y) is divided by k.
+    Top-k ranges over activated features only (value > 0): a latent at 0 is never "top", and a
+    side with fewer than k active features contributes all of them and no more. So D(y) never
+    depends on how latents are numbered. The union holds up to 2k features; dividing by k (not by
+    its size) follows the paper. Computes in float32 (float64 stays float64).
+
+    Example, four latents (feature 3 is 0 on both sides and never in I(y)):
+        policy_pooled    = [[0.5, 0.0, 0.2, 0.0]]
+        reference_pooled = [[0.0, 0.4, 0.1, 0.0]]
+        k = 1: I(y) = {0} U {1} = {0, 1}
+               D = ((0.5 - 0.0)^2 + (0.0 - 0.4)^2) / 1 = (0.25 + 0.16) / 1 = 0.41
+               (feature 2 differs by 0.1 but is in neither top-1: not counted)
+        k = 2: I(y) = {0, 2} U {1, 2} = {0, 1, 2}
+               D = (0.25 + 0.16 + 0.01) / 2 = 0.21   (divided by k = 2, not by |I(y)| = 3)
 
     Args:
         policy_pooled: pooled policy codes. Shape: (B, F).
@@ -120,38 +157,61 @@ def feature_mse(policy_pooled: torch.Tensor, reference_pooled: torch.Tensor, k: 
     Returns:
         D(y) per response, on the inputs' device. Shape: (B,).
     """
-    dtype = torch.promote_types(torch.promote_types(policy_pooled.dtype, reference_pooled.dtype), torch.float32)
-    policy_pooled, reference_pooled = policy_pooled.to(dtype), reference_pooled.to(dtype)
+    dtype = torch.promote_types(
+        torch.promote_types(policy_pooled.dtype, reference_pooled.dtype),
+        torch.float32,
+    )
+    policy_pooled = policy_pooled.to(dtype)
+    reference_pooled = reference_pooled.to(dtype)
     k = min(k, policy_pooled.shape[-1])
     union = top_activated(policy_pooled, k) | top_activated(reference_pooled, k)  # (B, F): I(y)
     squared_diff = (policy_pooled - reference_pooled).pow(2)  # (B, F)
-    return (squared_diff * union).sum(-1) / k  # D(y) = (1/k) sum_{i in I(y)} (...)^2 (paper Sec. 3)
+    # D(y) = (1/k) sum_{i in I(y)} (...)^2 (paper Sec. 3)
+    return (squared_diff * union).sum(dim=-1) / k
 
 
 def top_activated(pooled: torch.Tensor, k: int) -> torch.Tensor:
-    """Which features are among the k largest AND above 0. pooled: Shape: (B, F). Returns bool, Shape: (B, F)."""
-    values, indices = pooled.detach().topk(k, dim=-1)  # (B, k)
-    return torch.zeros_like(pooled, dtype=torch.bool).scatter(-1, indices, values > 0)
-
-
-def sequence_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """SeqKL(y) of TDPO (Zeng et al. 2024; FPO paper Sec. 2): sum over response tokens of KL(pi_ref(.|prefix) || pi_theta(.|prefix)).
-
-    Shifted like `sequence_logps`: the distributions at positions [:, :-1] are the ones that
-    generate the response tokens marked by response_mask[:, 1:]. Full vocabulary, log-space.
+    """Which features are among the k largest AND above 0.
 
     Args:
-        policy_logits: policy outputs. Shape: (B, T, V).
-        reference_logits: reference outputs for the same inputs. Shape: (B, T, V).
+        pooled: pooled codes. Shape: (B, F).
+        k: how many of the largest to consider.
+
+    Returns:
+        bool mask, True at the selected features. Shape: (B, F).
+    """
+    values, indices = pooled.detach().topk(k, dim=-1)  # (B, k)
+    return torch.zeros_like(pooled, dtype=torch.bool).scatter(dim=-1, index=indices, src=values > 0)
+
+
+def sequence_kl(
+    p_logits: torch.Tensor,
+    q_logits: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Sum over response tokens of KL(p || q), per sequence, over the full vocabulary.
+
+    Which model is p and which is q depends on the use:
+    - TDPO's SeqKL(y) (Zeng et al. 2024; FPO paper Sec. 2) is
+      sum_t KL(pi_ref(.|prefix) || pi_theta(.|prefix)): p = reference, q = policy.
+    - Evaluation's KL(policy || reference): p = policy, q = reference.
+    Pass them by keyword (p_logits=..., q_logits=...) so the direction reads at the call.
+
+    Shifted like `sequence_logps`: the distributions at positions [:, :-1] are the ones that
+    generate the response tokens marked by response_mask[:, 1:]. Log-space on both sides.
+
+    Args:
+        p_logits: logits of p, the distribution the KL averages over. Shape: (B, T, V).
+        q_logits: logits of q, for the same inputs. Shape: (B, T, V).
         response_mask: 1 at response tokens, 0 at prompt and padding. Shape: (B, T).
 
     Returns:
-        summed per-token KL, float32, on the logits' device. Shape: (B,).
+        summed per-token KL(p || q), float32, on the logits' device. Shape: (B,).
     """
-    policy_logps = torch.log_softmax(policy_logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
-    reference_logps = torch.log_softmax(reference_logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
-    token_kl = (reference_logps.exp() * (reference_logps - policy_logps)).sum(-1)  # (B, T-1)
-    return (token_kl * response_mask[:, 1:].float()).sum(-1)
+    p_logps = torch.log_softmax(p_logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
+    q_logps = torch.log_softmax(q_logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
+    token_kl = (p_logps.exp() * (p_logps - q_logps)).sum(dim=-1)  # (B, T-1): KL(p || q) per token
+    return (token_kl * response_mask[:, 1:].float()).sum(dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,6 +231,9 @@ def fpo_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The FPO loss (paper Sec. 3, the final objective; README "The equations").
 
+    The defaults beta=0.1, alpha=0.5 are the paper's at Gemma scale; this project's pipeline
+    defaults (train.py) are beta 2.0 and alpha 16.0.
+
     Args:
         policy_chosen_avg_logps: avg_logp_theta(y_w). Shape: (B,).
         policy_rejected_avg_logps: avg_logp_theta(y_l). Shape: (B,).
@@ -179,7 +242,8 @@ def fpo_loss(
         chosen_feature_mse: D(y_w); gets no gradient (stop-gradient). Shape: (B,).
         rejected_feature_mse: D(y_l). Shape: (B,).
         beta: scale of the log-prob differences and of D.
-        alpha: weight of the feature constraint; alpha = 0 is length-normalised DPO with the offline margin.
+        alpha: weight of the feature constraint; alpha = 0 is length-normalised DPO with the
+            offline margin.
 
     Returns:
         losses: -log sigmoid(LPD - margin - constraint), per pair. Shape: (B,).
@@ -187,9 +251,11 @@ def fpo_loss(
         rejected_rewards: beta * (avg_logp_theta(y_l) - avg_logp_ref(y_l)), detached. Shape: (B,).
         All on the inputs' device.
     """
-    chosen_rewards = beta * (policy_chosen_avg_logps - reference_chosen_avg_logps)  # LPD - margin, chosen half
+    # LPD - margin, chosen half
+    chosen_rewards = beta * (policy_chosen_avg_logps - reference_chosen_avg_logps)
     rejected_rewards = beta * (policy_rejected_avg_logps - reference_rejected_avg_logps)
-    constraint = alpha * (beta * rejected_feature_mse - (beta * chosen_feature_mse).detach())  # TDPO-2 form
+    # TDPO-2 form
+    constraint = alpha * (beta * rejected_feature_mse - (beta * chosen_feature_mse).detach())
     losses = -F.logsigmoid(chosen_rewards - rejected_rewards - constraint)
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
@@ -265,7 +331,8 @@ def tdpo_loss(
     if version == 1:
         kl_term = beta * (rejected_seq_kl - chosen_seq_kl)  # TDPO_1
     elif version == 2:
-        kl_term = alpha * (beta * rejected_seq_kl - (beta * chosen_seq_kl).detach())  # TDPO_2: no gradient through the chosen side
+        # TDPO_2: no gradient through the chosen side
+        kl_term = alpha * (beta * rejected_seq_kl - (beta * chosen_seq_kl).detach())
     else:
         raise ValueError(f"TDPO version must be 1 or 2, got {version}")
     losses = -F.logsigmoid(chosen_rewards - rejected_rewards - kl_term)
@@ -273,12 +340,14 @@ def tdpo_loss(
 
 
 # ----------------------------------------------------------------------------------------------
-# The offline reference cache: one pass of the frozen reference, before training (paper Sec. 3, offline reference).
+# The offline reference cache: one pass of the frozen reference, before training
+# (paper Sec. 3, offline reference).
 
 
 def fingerprint(*parts) -> str:
-    """A short sha256 of tensors, dicts of tensors (state dicts), lists, strings and JSON-able values.
+    """A short sha256 of its parts.
 
+    Parts may be tensors, dicts of tensors (state dicts), lists, strings and JSON-able values.
     Used to tie a reference cache to the exact reference weights, SAE weights, data and config.
     """
     digest = hashlib.sha256()
@@ -312,8 +381,9 @@ def build_reference_cache(
     n_rows: int,
     d_sae: int,
 ) -> dict:
-    """One reference pass: each response's summed and average log-prob and its pooled SAE codes, stored sparsely.
+    """One reference pass: each response's log-probs and pooled SAE codes, stored sparsely.
 
+    For each response: its summed and average log-prob, and its pooled SAE codes.
     The pooled reference codes are non-negative and non-zero only on features some generating
     position activated, so the (index, value) list of all non-zeros reproduces them exactly. The
     summed log-probs are kept as computed, so DPO with this cache equals DPO with an online
@@ -335,16 +405,19 @@ def build_reference_cache(
     """
     sum_logps = torch.full((n_rows,), float("nan"))
     n_tokens = torch.zeros(n_rows)
-    row_indices, row_values = [None] * n_rows, [None] * n_rows
+    row_indices = [None] * n_rows
+    row_values = [None] * n_rows
     for row_ids, input_ids, response_mask in batches:
         logits, hidden = reference_fn(input_ids)
         sums, counts = sequence_logps(logits, input_ids, response_mask)
         pooled = pooled_features(sae_encode(hidden), response_mask).cpu()  # (R, d_sae)
         rows = row_ids.cpu()
-        sum_logps[rows], n_tokens[rows] = sums.cpu(), counts.cpu()
+        sum_logps[rows] = sums.cpu()
+        n_tokens[rows] = counts.cpu()
         for row, vector in zip(rows.tolist(), pooled):
-            nonzero = vector.nonzero().squeeze(-1)
-            row_indices[row], row_values[row] = nonzero, vector[nonzero]
+            nonzero = vector.nonzero().squeeze(dim=-1)
+            row_indices[row] = nonzero
+            row_values[row] = vector[nonzero]
     if any(indices is None for indices in row_indices):
         raise ValueError("build_reference_cache: some rows in 0..n_rows-1 were never filled")
     lengths = torch.tensor([0] + [len(indices) for indices in row_indices])
@@ -352,7 +425,7 @@ def build_reference_cache(
         "sum_logps": sum_logps,
         "n_tokens": n_tokens,
         "avg_logps": sum_logps / n_tokens,
-        "feature_offsets": lengths.cumsum(0),
+        "feature_offsets": lengths.cumsum(dim=0),
         "feature_indices": torch.cat(row_indices).to(torch.int32),
         "feature_values": torch.cat(row_values).float(),
         "d_sae": d_sae,
@@ -374,10 +447,11 @@ def reference_pooled_features(cache: dict, row_ids: torch.Tensor) -> torch.Tenso
     """
     offsets = cache["feature_offsets"]
     rows = row_ids.to(offsets.device)  # (R,)
-    starts, lengths = offsets[rows], offsets[rows + 1] - offsets[rows]  # (R,), (R,)
+    starts = offsets[rows]  # (R,)
+    lengths = offsets[rows + 1] - offsets[rows]  # (R,)
     # One scatter for the whole batch: entry j of row r sits at offsets[rows[r]] + j.
     row = torch.repeat_interleave(torch.arange(len(rows), device=offsets.device), lengths)  # (nnz,)
-    first_entry = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)  # (nnz,)
+    first_entry = torch.repeat_interleave(lengths.cumsum(dim=0) - lengths, lengths)  # (nnz,)
     within = torch.arange(int(lengths.sum()), device=offsets.device) - first_entry  # (nnz,)
     entry = starts[row] + within  # (nnz,)
     dense = torch.zeros(len(rows), cache["d_sae"], device=offsets.device)

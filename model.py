@@ -46,7 +46,11 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q,
+            k,
+            v,
+            is_causal=True,
+            dropout_p=self.dropout if self.training else 0.0,
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.proj(y)
@@ -120,16 +124,20 @@ class GPT(nn.Module):
 
         Returns:
             logits: float32. Shape: (B, T, vocab_size).
-            hidden: the unpatched residual stream after block `hidden_layer`, or None. Shape: (B, T, n_embd).
+            hidden: the unpatched residual stream after block `hidden_layer`, or None.
+                Shape: (B, T, n_embd).
         """
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
         if hidden_patch is not None and hidden_layer is None:
             raise ValueError("hidden_patch needs hidden_layer")
-        if hidden_layer is not None and not -self.config.n_layer <= hidden_layer < self.config.n_layer:
-            raise ValueError(f"hidden_layer {hidden_layer} is not a block of this {self.config.n_layer}-block GPT")
-        layer = None if hidden_layer is None else hidden_layer % self.config.n_layer  # -1: the last block
+        n_layer = self.config.n_layer
+        if hidden_layer is not None and not -n_layer <= hidden_layer < n_layer:
+            raise ValueError(
+                f"hidden_layer {hidden_layer} is not a block of this {n_layer}-block GPT"
+            )
+        layer = None if hidden_layer is None else hidden_layer % n_layer  # -1: the last block
         pos = torch.arange(T, device=idx.device)
         x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
         hidden = None
@@ -177,7 +185,7 @@ class GPT(nn.Module):
                     kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 probs = F.softmax(logits, dim=-1)
-                next_id = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+                next_id = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
             if eos_id is not None:
                 next_id = next_id.masked_fill(done[:, None], eos_id)
                 done |= next_id[:, 0] == eos_id

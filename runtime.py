@@ -1,10 +1,10 @@
-"""The machinery every stage shares, kept out of the loops a learner reads: the device, one checkpoint
-format, one resume format, one Ctrl-C guard, and batches and learning rates that are pure functions
-of the step, so every training stage can stop and start again exactly.
+"""The machinery every stage shares, kept out of the loops a learner reads: the device, one
+checkpoint format, one resume format, one Ctrl-C guard, and batches and learning rates that are
+pure functions of the step, so every training stage can stop and start again exactly.
 
-Every file the pipeline writes with weights in it (gpt.pt, sae.pt, reference_cache.pt, policy.pt and
-the <name>.resume.pt of an interrupted stage) is one dict, written by `save_checkpoint` and read by
-`load_checkpoint`:
+Every file the pipeline writes with weights in it (gpt.pt, sae.pt, reference_cache.pt, policy.pt
+and the <name>.resume.pt of an interrupted stage) is one dict, written by `save_checkpoint` and
+read by `load_checkpoint`:
 
     {"kind": "gpt" | "sae" | "reference_cache" | "policy" | "resume",
      "config": the settings it was made with,
@@ -25,14 +25,16 @@ import torch
 
 
 class UsageError(Exception):
-    """A problem with the command line or with the user's files: printed as one line, exit code 2."""
+    """A problem with the command line or the user's files: printed as one line, exit code 2."""
 
 
 class Interrupted(Exception):
     """Ctrl-C stopped a training stage at a step boundary. `state` resumes it exactly, until it is
     saved (`saved_to`, a <name>.resume.pt). Exit code 130, like Ctrl-C."""
 
-    def __init__(self, stage: str, step: int, state: dict | None = None, saved_to: Path | None = None):
+    def __init__(
+        self, stage: str, step: int, state: dict | None = None, saved_to: Path | None = None
+    ):
         saved = f"; saved {saved_to}; continue with --resume" if saved_to else ""
         super().__init__(f"{stage} interrupted at step {step}{saved}")
         self.stage, self.step, self.state = stage, step, state
@@ -43,11 +45,17 @@ class Interrupted(Exception):
 
 
 def pick_device(requested: str) -> torch.device:
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    available = {
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+        "cpu": True,
+    }
     if requested == "auto":
         return torch.device(next(name for name, ok in available.items() if ok))
     if not available[requested]:
-        raise UsageError(f"--device {requested} was asked for, but this machine has no {requested} device")
+        raise UsageError(
+            f"--device {requested} was asked for, but this machine has no {requested} device"
+        )
     return torch.device(requested)
 
 
@@ -57,7 +65,7 @@ def autocast(device: torch.device):
 
 
 def precision(device: torch.device) -> str:
-    """The precision `autocast` runs the GPT in on this device; recorded with the reference cache."""
+    """The precision `autocast` runs the GPT in on this device; recorded with the cache."""
     return "bfloat16" if device.type == "cuda" else "float32"
 
 
@@ -81,7 +89,10 @@ def synchronize(device: torch.device) -> None:
 
 
 def log_line(stage: str, step: int, steps: int, started: float, **values) -> str:
-    shown = " | ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}" for key, value in values.items())
+    shown = " | ".join(
+        f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+        for key, value in values.items()
+    )
     return f"{stage} step {step:>5}/{steps} | {shown} | {time.time() - started:6.1f}s"
 
 
@@ -89,8 +100,16 @@ def check_finite(loss: torch.Tensor, stage: str, step: int, last_good: Path, cau
     """A non-finite loss stops training before the update. Nothing is saved: these weights gave
     the bad loss, so the last good checkpoint (written every log_every steps) is kept as it is."""
     if not torch.isfinite(loss):
-        kept = f"the last good checkpoint is {last_good} (--resume continues it only with the same settings)" if last_good.exists() else "nothing was saved"
-        raise UsageError(f"{stage}: the loss is {loss.item()} at step {step}; training stopped; likely cause: {cause}; {kept}")
+        kept = "nothing was saved"
+        if last_good.exists():
+            kept = (
+                f"the last good checkpoint is {last_good} "
+                "(--resume continues it only with the same settings)"
+            )
+        raise UsageError(
+            f"{stage}: the loss is {loss.item()} at step {step}; training stopped; "
+            f"likely cause: {cause}; {kept}"
+        )
 
 
 def save_checkpoint(path: Path, kind: str, config: dict, made_from: dict, **contents) -> None:
@@ -103,7 +122,9 @@ def save_checkpoint(path: Path, kind: str, config: dict, made_from: dict, **cont
         os.replace(tmp, path)
     except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
         tmp.unlink(missing_ok=True)
-        raise UsageError(f"could not write {path} ({error}): free some space or pick another --out_dir") from None
+        raise UsageError(
+            f"could not write {path} ({error}): free some space or pick another --out_dir"
+        ) from None
 
 
 def load_checkpoint(path: Path, kind: str, how_to_make: str) -> dict:
@@ -113,13 +134,19 @@ def load_checkpoint(path: Path, kind: str, how_to_make: str) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # truncated, or not a torch file at all: whatever torch.load raised
-        raise UsageError(f"{path} is not a readable checkpoint ({type(error).__name__}): delete it, then {how_to_make or 'rerun'}") from None
+        raise UsageError(
+            f"{path} is not a readable checkpoint ({type(error).__name__}): "
+            f"delete it, then {how_to_make or 'rerun'}"
+        ) from None
     saved_kind = payload.get("kind") if isinstance(payload, dict) else type(payload).__name__
     if saved_kind != kind:
         raise UsageError(f"{path} holds a {saved_kind!r}, not a {kind!r} checkpoint")
     missing = [key for key in ("config", "made_from") if key not in payload]
     if missing:
-        raise UsageError(f"{path} lacks {', '.join(missing)} (made by another version?): delete it, then {how_to_make or 'rerun'}")
+        raise UsageError(
+            f"{path} lacks {', '.join(missing)} (made by another version?): "
+            f"delete it, then {how_to_make or 'rerun'}"
+        )
     return payload
 
 
@@ -128,7 +155,9 @@ def check_made_from(path: Path, payload: dict, expected: dict, how_to_make: str)
     artifact records in made_from to this run's fingerprint of it."""
     changed = [name for name, value in expected.items() if payload["made_from"].get(name) != value]
     if changed:
-        raise UsageError(f"{path} was made from another {' and '.join(changed)} than this run's: {how_to_make}")
+        raise UsageError(
+            f"{path} was made from another {' and '.join(changed)} than this run's: {how_to_make}"
+        )
 
 
 def load_resume(path: Path, stage: str, config: dict) -> dict | None:
@@ -138,10 +167,15 @@ def load_resume(path: Path, stage: str, config: dict) -> dict | None:
         print(f"{stage}: nothing to resume ({path} not found); starting from step 0")
         return None
     payload = load_checkpoint(path, "resume", "")
-    differ = sorted(key for key in config.keys() | payload["config"].keys() if config.get(key) != payload["config"].get(key))
+    saved = payload["config"]
+    keys = config.keys() | saved.keys()
+    differ = sorted(key for key in keys if config.get(key) != saved.get(key))
     if differ:
-        shown = ", ".join(f"--{key} {payload['config'].get(key)!r} (now {config.get(key)!r})" for key in differ)
-        raise UsageError(f"--resume: {path} was saved with {shown}; rerun with those settings, or delete it to start over")
+        shown = ", ".join(f"--{key} {saved.get(key)!r} (now {config.get(key)!r})" for key in differ)
+        raise UsageError(
+            f"--resume: {path} was saved with {shown}; "
+            "rerun with those settings, or delete it to start over"
+        )
     print(f"{stage}: resuming from step {payload['step']} ({path})")
     return payload
 
@@ -156,7 +190,13 @@ def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
     return {"state_dict": model.state_dict(), "optimizer": optimizer.state_dict()}
 
 
-def resume_training(path: Path, stage: str, config: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+def resume_training(
+    path: Path,
+    stage: str,
+    config: dict,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+) -> int:
     """Load an interrupted stage's training_state into model and optimizer; the step to start from
     (0 when there is nothing to resume)."""
     saved = load_resume(path, stage, config)
@@ -165,7 +205,10 @@ def resume_training(path: Path, stage: str, config: dict, model: torch.nn.Module
     try:
         model.load_state_dict(saved["state"]["state_dict"])
     except RuntimeError:  # missing keys or other shapes: the weights of another model config
-        raise UsageError(f"--resume: {path} holds a model of another config; delete it, or rerun with the settings it was saved with") from None
+        raise UsageError(
+            f"--resume: {path} holds a model of another config; "
+            "delete it, or rerun with the settings it was saved with"
+        ) from None
     optimizer.load_state_dict(saved["state"]["optimizer"])
     return saved["step"]
 
@@ -211,7 +254,7 @@ def learning_rate(step: int, peak: float, warmup: int, total: int, decay: str) -
     return peak
 
 
-# With --resume, `--stage all` skips the stages that finished: <name>.pt saved and no <name>.resume.pt.
+# With --resume, `--stage all` skips the finished stages: <name>.pt saved, no <name>.resume.pt.
 STAGE_FILES = {"pretrain": "gpt", "sae": "sae", "cache": "reference_cache", "prefer": "policy"}
 
 

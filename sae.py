@@ -34,21 +34,21 @@ def topk_relu(pre: torch.Tensor, k: int) -> torch.Tensor:
         non-negative codes with at most k non-zeros per row. Shape: (..., d_sae).
     """
     values, indices = pre.topk(k, dim=-1, sorted=False)  # (..., k)
-    return torch.zeros_like(pre).scatter(-1, indices, F.relu(values))
+    return torch.zeros_like(pre).scatter(dim=-1, index=indices, src=F.relu(values))
 
 
 class SparseAutoencoder(nn.Module):
     """TopK sparse autoencoder that reads raw residual-stream vectors.
 
     For a raw vector x (d_model):
-        x'     = s * x                        s: fixed scale making E||s x||^2 = d_model on the training data
+        x'     = s * x                         s: fixed scale, E||x'||^2 = d_model on training data
         pre    = (x' - b_dec) @ W_enc + b_enc  (d_sae)
         z      = ReLU(TopK_k(pre))             codes: the k largest pre-activations, the rest zero
-        x_hat' = z @ W_dec + b_dec             row W_dec[i] is latent i's direction, kept at unit norm
+        x_hat' = z @ W_dec + b_dec             row W_dec[i] is latent i's direction, at unit norm
         x_hat  = x_hat' / s
-    s is the buffer `input_scale`: encode multiplies by it and decode divides by it, so callers never
-    see the scaled space, only the codes z live in it (a latent's value is its contribution in units
-    where a typical coordinate of x' has mean square 1).
+    s is the buffer `input_scale`: encode multiplies by it and decode divides by it, so callers
+    never see the scaled space, only the codes z live in it (a latent's value is its contribution
+    in units where a typical coordinate of x' has mean square 1).
     """
 
     def __init__(self, d_model: int, d_sae: int, k: int):
@@ -72,32 +72,64 @@ class SparseAutoencoder(nn.Module):
         return {"sae_config": self.config, "state_dict": self.state_dict()}
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        """x: raw residual-stream vectors. Shape: (..., d_model). Returns pre. Shape: (..., d_sae)."""
-        return (x * self.input_scale - self.b_dec) @ self.W_enc + self.b_enc
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """x: raw residual-stream vectors. Shape: (..., d_model). Returns codes z. Shape: (..., d_sae)."""
-        return topk_relu(self.pre_activations(x), self.k)
-
-    def encode_topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The codes z in sparse form: zeros(d_sae).scatter(-1, indices, values) == encode(x) exactly.
+        """pre = (s x - b_dec) @ W_enc + b_enc, the pre-activations before TopK.
 
         Args:
             x: raw residual-stream vectors. Shape: (..., d_model).
 
         Returns:
-            values: ReLU of the sae_k (= self.k) largest pre-activations, some possibly 0. Shape: (..., sae_k).
+            pre. Shape: (..., d_sae).
+        """
+        return (x * self.input_scale - self.b_dec) @ self.W_enc + self.b_enc
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The codes z = ReLU(TopK_k(pre)).
+
+        Args:
+            x: raw residual-stream vectors. Shape: (..., d_model).
+
+        Returns:
+            codes z. Shape: (..., d_sae).
+        """
+        return topk_relu(self.pre_activations(x), self.k)
+
+    def encode_topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The codes z in sparse form: the values and latents of the k largest pre-activations.
+
+        zeros(d_sae).scatter(-1, indices, values) == encode(x) exactly.
+
+        Args:
+            x: raw residual-stream vectors. Shape: (..., d_model).
+
+        Returns:
+            values: ReLU of the sae_k (= self.k) largest pre-activations, some possibly 0.
+                Shape: (..., sae_k).
             indices: their latents, the same selection as `encode`. Shape: (..., sae_k).
         """
         values, indices = self.pre_activations(x).topk(self.k, dim=-1, sorted=False)  # (..., sae_k)
         return F.relu(values), indices
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes: Shape: (..., d_sae). Returns the raw-scale reconstruction x_hat. Shape: (..., d_model)."""
+        """x_hat = (z @ W_dec + b_dec) / s, the raw-scale reconstruction.
+
+        Args:
+            codes: z. Shape: (..., d_sae).
+
+        Returns:
+            x_hat. Shape: (..., d_model).
+        """
         return (codes @ self.W_dec + self.b_dec) / self.input_scale
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: Shape: (..., d_model). Returns (x_hat (..., d_model), codes (..., d_sae)); no side effects."""
+        """Encode, then decode; no side effects.
+
+        Args:
+            x: raw residual-stream vectors. Shape: (..., d_model).
+
+        Returns:
+            x_hat: the reconstruction. Shape: (..., d_model).
+            codes: z. Shape: (..., d_sae).
+        """
         codes = self.encode(x)
         return self.decode(codes), codes
 
@@ -110,8 +142,8 @@ class SparseAutoencoder(nn.Module):
     def remove_parallel_grads(self) -> None:
         """Drop the part of each row's gradient along that (unit) row, before the optimizer step.
 
-        That component only changes a direction's norm, which normalize_decoder undoes anyway; left in,
-        it would still feed Adam's moment estimates.
+        That component only changes a direction's norm, which normalize_decoder undoes anyway; left
+        in, it would still feed Adam's moment estimates.
         """
         along = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)  # (d_sae, 1)
         self.W_dec.grad -= along * self.W_dec
@@ -145,44 +177,83 @@ class JumpReLUSAE(nn.Module):
         return {"sae_config": self.config, "state_dict": self.state_dict()}
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """x: raw residual-stream vectors. Shape: (..., d_model). Returns codes z. Shape: (..., d_sae)."""
+        """The codes z = ReLU(pre) * (pre > threshold).
+
+        Args:
+            x: raw residual-stream vectors. Shape: (..., d_model).
+
+        Returns:
+            codes z. Shape: (..., d_sae).
+        """
         pre = x @ self.W_enc + self.b_enc  # (..., d_sae)
         return F.relu(pre) * (pre > self.threshold)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes: Shape: (..., d_sae). Returns the reconstruction x_hat. Shape: (..., d_model)."""
+        """x_hat = z @ W_dec + b_dec, the reconstruction.
+
+        Args:
+            codes: z. Shape: (..., d_sae).
+
+        Returns:
+            x_hat. Shape: (..., d_model).
+        """
         return codes @ self.W_dec + self.b_dec
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: Shape: (..., d_model). Returns (x_hat (..., d_model), codes (..., d_sae)); no side effects."""
+        """Encode, then decode; no side effects.
+
+        Args:
+            x: raw residual-stream vectors. Shape: (..., d_model).
+
+        Returns:
+            x_hat: the reconstruction. Shape: (..., d_model).
+            codes: z. Shape: (..., d_sae).
+        """
         codes = self.encode(x)
         return self.decode(codes), codes
 
 
 def load_jumprelu_npz(path) -> JumpReLUSAE:
-    """Load Gemma Scope's params.npz: W_enc (d_model, d_sae), W_dec (d_sae, d_model), threshold (d_sae),
-    b_enc (d_sae), b_dec (d_model). Raises ValueError naming any missing array or mismatched shape."""
+    """Load Gemma Scope's params.npz as a JumpReLUSAE.
+
+    The file holds W_enc (d_model, d_sae), W_dec (d_sae, d_model), threshold (d_sae),
+    b_enc (d_sae) and b_dec (d_model). Raises ValueError naming any missing array or mismatched
+    shape.
+    """
     with np.load(path) as npz:
         arrays = {name: npz[name] for name in npz.files}
-    missing = [name for name in ("W_enc", "W_dec", "threshold", "b_enc", "b_dec") if name not in arrays]
+    names = ("W_enc", "W_dec", "threshold", "b_enc", "b_dec")
+    missing = [name for name in names if name not in arrays]
     if missing:
         raise ValueError(f"{path}: missing arrays {missing}; found {sorted(arrays)}")
     if arrays["W_enc"].ndim != 2:
-        raise ValueError(f"{path}: W_enc must be 2-D (d_model, d_sae), got shape {arrays['W_enc'].shape}")
+        raise ValueError(
+            f"{path}: W_enc must be 2-D (d_model, d_sae), got shape {arrays['W_enc'].shape}"
+        )
     d_model, d_sae = arrays["W_enc"].shape
-    expected = {"W_enc": (d_model, d_sae), "W_dec": (d_sae, d_model), "threshold": (d_sae,),
-                "b_enc": (d_sae,), "b_dec": (d_model,)}
+    expected = {
+        "W_enc": (d_model, d_sae),
+        "W_dec": (d_sae, d_model),
+        "threshold": (d_sae,),
+        "b_enc": (d_sae,),
+        "b_dec": (d_model,),
+    }
     for name, shape in expected.items():
         if arrays[name].shape != shape:
-            raise ValueError(f"{path}: {name} has shape {arrays[name].shape}, expected {shape} "
-                             f"(d_model={d_model}, d_sae={d_sae} from W_enc)")
+            raise ValueError(
+                f"{path}: {name} has shape {arrays[name].shape}, expected {shape} "
+                f"(d_model={d_model}, d_sae={d_sae} from W_enc)"
+            )
     sae = JumpReLUSAE(d_model, d_sae)
-    sae.load_state_dict({name: torch.from_numpy(np.asarray(arrays[name], dtype=np.float32)) for name in expected})
+    state_dict = {
+        name: torch.from_numpy(np.asarray(arrays[name], dtype=np.float32)) for name in expected
+    }
+    sae.load_state_dict(state_dict)
     return sae
 
 
 def load_sae(checkpoint: dict) -> SparseAutoencoder | JumpReLUSAE:
-    """Rebuild either kind of SAE from a dict holding its `checkpoint()` (e.g. read by torch.load)."""
+    """Rebuild either kind of SAE from a dict holding its `checkpoint()` (e.g. from torch.load)."""
     config, state_dict = checkpoint["sae_config"], checkpoint["state_dict"]
     if config["kind"] == "topk":
         sae = SparseAutoencoder(config["d_model"], config["d_sae"], config["k"])
@@ -194,7 +265,7 @@ def load_sae(checkpoint: dict) -> SparseAutoencoder | JumpReLUSAE:
     return sae
 
 
-# ----------------------------------------------------------------------------- training
+# --------------------------------------------------------------------------- training
 
 
 def normalized_mse(target: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
@@ -204,14 +275,24 @@ def normalized_mse(target: torch.Tensor, prediction: torch.Tensor) -> torch.Tens
         target: Shape: (..., d).
         prediction: Shape: (..., d).
     """
-    target, prediction = target.reshape(-1, target.shape[-1]), prediction.reshape(-1, target.shape[-1])
+    d = target.shape[-1]
+    target = target.reshape(-1, d)  # (N, d)
+    prediction = prediction.reshape(-1, d)  # (N, d)
     return (target - prediction).pow(2).sum() / (target - target.mean(dim=0)).pow(2).sum()
 
 
-def auxk_loss(pre: torch.Tensor, dead: torch.Tensor, residual: torch.Tensor, W_dec: torch.Tensor,
-              input_scale: torch.Tensor, aux_k: int) -> torch.Tensor:
-    """AuxK loss (Gao et al. 2024, section A.2): the top aux_k DEAD latents reconstruct the main
-    reconstruction's error, which gives dead latents a gradient they never get from TopK.
+def auxk_loss(
+    pre: torch.Tensor,
+    dead: torch.Tensor,
+    residual: torch.Tensor,
+    W_dec: torch.Tensor,
+    input_scale: torch.Tensor,
+    aux_k: int,
+) -> torch.Tensor:
+    """AuxK loss (Gao et al. 2024, section A.2): dead latents reconstruct the main error.
+
+    The top aux_k DEAD latents reconstruct the main reconstruction's error e = x - x_hat, which
+    gives dead latents a gradient they never get from TopK.
 
     Args:
         pre: pre-activations of the batch. Shape: (B, d_sae).
@@ -228,29 +309,40 @@ def auxk_loss(pre: torch.Tensor, dead: torch.Tensor, residual: torch.Tensor, W_d
     if n_used == 0:
         return pre.new_zeros(())
     aux_codes = topk_relu(pre[:, dead], n_used)  # (B, n_dead)
-    residual_hat = aux_codes @ W_dec[dead] / input_scale  # (B, d_model); no b_dec: e has no offset to model
+    # (B, d_model); no b_dec: e has no offset to model
+    residual_hat = aux_codes @ W_dec[dead] / input_scale
     return normalized_mse(residual, residual_hat)
 
 
-def update_tokens_since_fired(tokens_since_fired: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """Dead-latent bookkeeping: reset the count of latents that fired in this batch, add B to the rest.
+def update_tokens_since_fired(
+    tokens_since_fired: torch.Tensor,
+    codes: torch.Tensor,
+) -> torch.Tensor:
+    """Dead-latent bookkeeping: reset the latents that fired in this batch, add B to the rest.
 
     Args:
         tokens_since_fired: tokens seen since each latent last fired. Shape: (d_sae,).
         codes: the batch's codes. Shape: (B, d_sae).
+
+    Returns:
+        the updated counts. Shape: (d_sae,).
     """
     fired = (codes > 0).any(dim=0)  # (d_sae,)
     return torch.where(fired, 0, tokens_since_fired + codes.shape[0])
 
 
 def geometric_median(points: torch.Tensor, iterations: int = 20) -> torch.Tensor:
-    """Weiszfeld's iterations from the mean: m <- sum_i w_i p_i / sum_i w_i with w_i = 1 / ||p_i - m||.
+    """The geometric median of points, by Weiszfeld's iterations from the mean.
+
+    Each iteration: m <- sum_i w_i p_i / sum_i w_i with w_i = 1 / ||p_i - m||.
 
     Args:
         points: Shape: (N, d).
+        iterations: how many updates of m.
 
     Returns:
-        the point minimising the summed distance to all points (robust to outliers, unlike the mean). Shape: (d,).
+        the point minimising the summed distance to all points (robust to outliers, unlike the
+        mean). Shape: (d,).
     """
     median = points.mean(dim=0)
     for _ in range(iterations):
@@ -272,7 +364,8 @@ def initialize_sae(activations: torch.Tensor, d_sae: int, k: int, seed: int) -> 
     generator = torch.Generator().manual_seed(seed)
     d_model = activations.shape[1]
     sae = SparseAutoencoder(d_model, d_sae, k).to(activations.device)
-    sample = activations[torch.randperm(len(activations), generator=generator)[:16_384].to(activations.device)]
+    sample_ids = torch.randperm(len(activations), generator=generator)[:16_384]
+    sample = activations[sample_ids.to(activations.device)]  # (<= 16,384, d_model)
     scale = math.sqrt(d_model / activations.float().pow(2).sum(dim=1).mean().item())
     directions = torch.randn(d_sae, d_model, generator=generator).to(activations.device)
     directions /= directions.norm(dim=1, keepdim=True)
@@ -300,28 +393,42 @@ def train_sae(
     log_every: int = 500,
     resume: dict | None = None,
 ) -> SparseAutoencoder:
-    """Train a TopK SAE on raw activations with Adam; on Ctrl-C raise Interrupted("sae", step, state).
+    """Train a TopK SAE on raw activations with Adam.
 
-    Each step: loss = FVU(x, x_hat) + aux_coef * AuxK, with AuxK over the top aux_k latents that have
-    not fired for dead_tokens tokens; then remove_parallel_grads, Adam step, normalize_decoder, and
-    the dead-latent counters. Batches are sampled with replacement by batch_indices(seed, step).
-    Resuming from that state with the same arguments ends with exactly the SAE
-    an uninterrupted run gives (bit-identical on the CPU).
+    Each step: loss = FVU(x, x_hat) + aux_coef * AuxK, with AuxK over the top aux_k latents that
+    have not fired for dead_tokens tokens, reconstructing the residual x - x_hat (detached); then
+    remove_parallel_grads, Adam step, normalize_decoder, and the dead-latent counters. Batches are
+    sampled with replacement by batch_indices(seed, step).
+    On Ctrl-C, raises Interrupted("sae", step, state). Resuming from that state with the same
+    arguments ends with exactly the SAE an uninterrupted run gives (bit-identical on the CPU).
 
     Args:
-        activations: raw residual-stream vectors; training runs on their device. Shape: (N, d_model).
+        activations: raw residual-stream vectors; training runs on their device.
+            Shape: (N, d_model).
         d_sae: number of latents.
         k: latents active per token.
-        steps, batch_size, lr, warmup_steps: the optimisation (learning_rate's "linear_tail" schedule).
+        steps, batch_size, lr, warmup_steps: the optimisation (learning_rate's "linear_tail"
+            schedule).
         seed: fixes the initialisation and every batch.
         aux_k, aux_coef: AuxK's dead latents per token and loss weight (1/32 as in Gao et al.).
         dead_tokens: a latent that has not fired for this many training tokens counts as dead.
         log_every: steps between progress lines.
         resume: an Interrupted's state, to continue that run.
     """
-    settings = dict(n_activations=len(activations), d_model=activations.shape[1], d_sae=d_sae, k=k,
-                    steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, seed=seed,
-                    aux_k=aux_k, aux_coef=aux_coef, dead_tokens=dead_tokens)
+    settings = dict(
+        n_activations=len(activations),
+        d_model=activations.shape[1],
+        d_sae=d_sae,
+        k=k,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup_steps=warmup_steps,
+        seed=seed,
+        aux_k=aux_k,
+        aux_coef=aux_coef,
+        dead_tokens=dead_tokens,
+    )
     device = activations.device
     if resume is None:
         sae = initialize_sae(activations, d_sae, k, seed)
@@ -337,23 +444,34 @@ def train_sae(
         tokens_since_fired = resume["tokens_since_fired"].to(device)
         completed = resume["step"]
 
-    start_time, fvu_sum, aux_sum, logged_steps = time.time(), 0.0, 0.0, 0
+    start_time = time.time()
+    fvu_sum, aux_sum, logged_steps = 0.0, 0.0, 0
     with stop_at_step_boundary() as interrupt_requested:
         try:
             for step in range(completed, steps):
                 if interrupt_requested.is_set():
                     raise KeyboardInterrupt
                 for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(step, lr, warmup_steps, steps, "linear_tail")
-                x = activations[batch_indices(len(activations), batch_size, seed, step).to(device)]  # (B, d_model)
+                    group["lr"] = learning_rate(step, lr, warmup_steps, steps, decay="linear_tail")
+                batch = batch_indices(len(activations), batch_size, seed, step)  # (B,)
+                x = activations[batch.to(device)]  # (B, d_model)
                 pre = sae.pre_activations(x)  # (B, d_sae)
                 codes = topk_relu(pre, k)  # (B, d_sae)
                 x_hat = sae.decode(codes)  # (B, d_model)
                 fvu = normalized_mse(x, x_hat)
                 dead = tokens_since_fired >= dead_tokens  # (d_sae,)
-                aux = auxk_loss(pre, dead, (x - x_hat).detach(), sae.W_dec, sae.input_scale, aux_k)
+                # AuxK reconstructs the main error e = x - x_hat, not x (Gao et al. 2024, A.2)
+                aux = auxk_loss(
+                    pre,
+                    dead,
+                    residual=(x - x_hat).detach(),
+                    W_dec=sae.W_dec,
+                    input_scale=sae.input_scale,
+                    aux_k=aux_k,
+                )
                 loss = fvu + aux_coef * aux
-                if not torch.isfinite(loss):  # stop before the update: the weights so far stay finite
+                # stop before the update: the weights so far stay finite
+                if not torch.isfinite(loss):
                     raise FloatingPointError(f"the loss is {loss.item()} at step {step}")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -363,21 +481,32 @@ def train_sae(
                 tokens_since_fired = update_tokens_since_fired(tokens_since_fired, codes)
                 completed = step + 1
 
-                fvu_sum, aux_sum, logged_steps = fvu_sum + fvu.item(), aux_sum + aux.item(), logged_steps + 1
+                fvu_sum += fvu.item()
+                aux_sum += aux.item()
+                logged_steps += 1
                 if completed % log_every == 0 or completed == steps:
-                    print(f"sae step {completed}/{steps} | fvu {fvu_sum / logged_steps:.4f} | "
-                          f"auxk {aux_sum / logged_steps:.4f} | dead {dead.float().mean().item():.3f} | "
-                          f"lr {optimizer.param_groups[0]['lr']:.2e} | {time.time() - start_time:.1f}s", flush=True)
+                    print(
+                        f"sae step {completed}/{steps} | fvu {fvu_sum / logged_steps:.4f} | "
+                        f"auxk {aux_sum / logged_steps:.4f} | "
+                        f"dead {dead.float().mean().item():.3f} | "
+                        f"lr {optimizer.param_groups[0]['lr']:.2e} | "
+                        f"{time.time() - start_time:.1f}s",
+                        flush=True,
+                    )
                     fvu_sum, aux_sum, logged_steps = 0.0, 0.0, 0
         except KeyboardInterrupt:
-            state = {"settings": settings, "step": completed, "sae": copy.deepcopy(sae.checkpoint()),
-                     "optimizer_state": copy.deepcopy(optimizer.state_dict()),
-                     "tokens_since_fired": tokens_since_fired.clone()}
-            raise Interrupted("sae", completed, state) from None
+            state = {
+                "settings": settings,
+                "step": completed,
+                "sae": copy.deepcopy(sae.checkpoint()),
+                "optimizer_state": copy.deepcopy(optimizer.state_dict()),
+                "tokens_since_fired": tokens_since_fired.clone(),
+            }
+            raise Interrupted(stage="sae", step=completed, state=state) from None
     return sae
 
 
-# ----------------------------------------------------------------------------- activations from a GPT
+# --------------------------------------------------------------------------- activations from a GPT
 
 
 @contextlib.contextmanager
@@ -392,16 +521,23 @@ def eval_mode(model: nn.Module):
 
 
 def ids_and_mask(item) -> tuple[torch.Tensor, torch.Tensor]:
-    """A token batch is ids (B, T), or a pair (ids (B, T), mask (B, T)) whose mask marks the positions
-    to use (e.g. not padding). Returns (ids, bool mask), the mask all True for bare ids."""
+    """A token batch as (ids, bool mask), the mask all True for bare ids.
+
+    A token batch is ids (B, T), or a pair (ids (B, T), mask (B, T)) whose mask marks the
+    positions to use (e.g. not padding).
+    """
     if isinstance(item, (tuple, list)):
         ids, mask = item
         return ids, mask.bool()
     return item, torch.ones_like(item, dtype=torch.bool)
 
 
-def harvest_activations(model: nn.Module, token_batches: Iterable, layer: int,
-                        max_tokens: int | None = None) -> torch.Tensor:
+def harvest_activations(
+    model: nn.Module,
+    token_batches: Iterable,
+    layer: int,
+    max_tokens: int | None = None,
+) -> torch.Tensor:
     """Collect the residual stream after block `layer` at every used position, on the CPU.
 
     Args:
@@ -411,7 +547,8 @@ def harvest_activations(model: nn.Module, token_batches: Iterable, layer: int,
         max_tokens: stop after this many vectors (None: use every batch).
 
     Returns:
-        activations, float32, each batch moved to the CPU as it is produced. Shape: (N, d_model), N <= max_tokens.
+        activations, float32, each batch moved to the CPU as it is produced.
+        Shape: (N, d_model), N <= max_tokens.
     """
     device = next(model.parameters()).device
     max_tokens = math.inf if max_tokens is None else max_tokens
@@ -433,16 +570,22 @@ def harvest_activations(model: nn.Module, token_batches: Iterable, layer: int,
     return torch.cat(chunks)
 
 
-# ----------------------------------------------------------------------------- metrics
+# --------------------------------------------------------------------------- metrics
 
 
 def l0(codes: torch.Tensor) -> float:
-    """Mean number of non-zero latents per token. codes: Shape: (..., d_sae)."""
+    """Mean number of non-zero latents per token.
+
+    Args:
+        codes: Shape: (..., d_sae).
+    """
     return (codes != 0).sum(dim=-1).float().mean().item()
 
 
 def fraction_variance_unexplained(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    """FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2: 0 is perfect, 1 is as good as predicting the mean.
+    """FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2.
+
+    0 is perfect, 1 is as good as predicting the mean.
 
     Args:
         x: Shape: (..., d_model).
@@ -452,12 +595,23 @@ def fraction_variance_unexplained(x: torch.Tensor, x_hat: torch.Tensor) -> float
 
 
 def firing_counts(codes: torch.Tensor) -> torch.Tensor:
-    """How many tokens each latent is non-zero on. codes: Shape: (..., d_sae). Returns Shape: (d_sae,)."""
+    """How many tokens each latent is non-zero on.
+
+    Args:
+        codes: Shape: (..., d_sae).
+
+    Returns:
+        the counts. Shape: (d_sae,).
+    """
     return (codes != 0).reshape(-1, codes.shape[-1]).sum(dim=0)
 
 
 def dead_fraction(counts: torch.Tensor) -> float:
-    """Fraction of latents that never fired. counts: firing counts over some tokens. Shape: (d_sae,)."""
+    """Fraction of latents that never fired.
+
+    Args:
+        counts: firing counts over some tokens. Shape: (d_sae,).
+    """
     return (counts == 0).float().mean().item()
 
 
@@ -475,7 +629,8 @@ def density_histogram(counts: torch.Tensor, n_tokens: int, width: int = 40) -> s
         ...
         never fired           1 ########################################
     """
-    # Python floats on the CPU: double precision puts 1/1000 exactly at -3.0, and MPS has no float64.
+    # Python floats on the CPU: double precision puts 1/1000 exactly at -3.0, and MPS has no
+    # float64.
     counts = counts.tolist()
     log_density = [math.log10(count / n_tokens) for count in counts if count > 0]
     lowest = min(math.floor(2 * min(log_density)) / 2, -0.5) if log_density else -0.5
@@ -491,11 +646,17 @@ def density_histogram(counts: torch.Tensor, n_tokens: int, width: int = 40) -> s
     return "\n".join(lines)
 
 
-def ce_loss_recovered(model: nn.Module, sae: nn.Module, token_batches: Iterable, layer: int) -> dict:
+def ce_loss_recovered(
+    model: nn.Module,
+    sae: nn.Module,
+    token_batches: Iterable,
+    layer: int,
+) -> dict:
     """Next-token cross-entropy with the SAE spliced into the residual stream after block `layer`.
 
-    recovered = (ce_zero_ablation - ce_sae) / (ce_zero_ablation - ce_clean): 1 means the reconstruction
-    loses nothing, 0 means it is as bad as zero-ablation, which replaces that residual stream by zeros.
+    recovered = (ce_zero_ablation - ce_sae) / (ce_zero_ablation - ce_clean): 1 means the
+    reconstruction loses nothing, 0 means it is as bad as zero-ablation, which replaces that
+    residual stream by zeros.
 
     Args:
         model: a GPT, on the SAE's device.
@@ -507,28 +668,44 @@ def ce_loss_recovered(model: nn.Module, sae: nn.Module, token_batches: Iterable,
         dict of ce_clean, ce_sae, ce_zero_ablation (mean nats per target token), recovered.
     """
     device = next(model.parameters()).device
-    patches = {"ce_clean": None, "ce_sae": lambda h: sae(h)[0], "ce_zero_ablation": torch.zeros_like}
+    patches = {
+        "ce_clean": None,
+        "ce_sae": lambda h: sae(h)[0],
+        "ce_zero_ablation": torch.zeros_like,
+    }
     totals, n_targets = dict.fromkeys(patches, 0.0), 0
     with eval_mode(model), torch.no_grad():
         for item in token_batches:
             ids, mask = ids_and_mask(item)
-            ids, target_mask = ids.to(device), mask[:, 1:].to(device)  # position t predicts token t+1
+            ids = ids.to(device)
+            target_mask = mask[:, 1:].to(device)  # position t predicts token t+1
             for name, patch in patches.items():
                 logits, _ = model(ids, hidden_layer=layer, hidden_patch=patch)  # (B, T, V)
-                nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
+                nll = F.cross_entropy(
+                    logits[:, :-1].transpose(1, 2),
+                    ids[:, 1:],
+                    reduction="none",
+                )  # (B, T-1)
                 totals[name] += nll[target_mask].sum().item()
             n_targets += int(target_mask.sum())
     ce = {name: total / n_targets for name, total in totals.items()}
-    ce["recovered"] = (ce["ce_zero_ablation"] - ce["ce_sae"]) / (ce["ce_zero_ablation"] - ce["ce_clean"])
+    ablation_gap = ce["ce_zero_ablation"] - ce["ce_clean"]
+    ce["recovered"] = (ce["ce_zero_ablation"] - ce["ce_sae"]) / ablation_gap
     return ce
 
 
 @torch.no_grad()
-def reconstruct_and_count(sae: nn.Module, activations: torch.Tensor, chunk_size: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+def reconstruct_and_count(
+    sae: nn.Module,
+    activations: torch.Tensor,
+    chunk_size: int = 8192,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Reconstructions and firing counts in chunks, so N x d_sae codes are never held at once.
 
     Args:
+        sae: TopK or JumpReLU SAE.
         activations: raw vectors. Shape: (N, d_model).
+        chunk_size: vectors per chunk.
 
     Returns:
         x_hat (N, d_model) on the activations' device, and firing counts (d_sae,).
@@ -542,8 +719,14 @@ def reconstruct_and_count(sae: nn.Module, activations: torch.Tensor, chunk_size:
     return torch.cat(x_hats), counts
 
 
-def evaluate_sae(model: nn.Module, sae: nn.Module, token_batches: Iterable, layer: int,
-                 train_activations: torch.Tensor | None = None, min_dead_tokens: int = 100_000) -> dict:
+def evaluate_sae(
+    model: nn.Module,
+    sae: nn.Module,
+    token_batches: Iterable,
+    layer: int,
+    train_activations: torch.Tensor | None = None,
+    min_dead_tokens: int = 100_000,
+) -> dict:
     """All quality metrics on held-out tokens, as a JSON-ready dict; prints the density histogram.
 
     Dead latents are counted over the held-out tokens when there are at least min_dead_tokens of
@@ -560,26 +743,41 @@ def evaluate_sae(model: nn.Module, sae: nn.Module, token_batches: Iterable, laye
     token_batches = list(token_batches)  # read twice: activations, then CE with each patch
     activations = harvest_activations(model, token_batches, layer)  # (N, d_model)
     x_hat, counts = reconstruct_and_count(sae, activations)
-    metrics = {"n_eval_tokens": len(activations),
-               "fvu": fraction_variance_unexplained(activations, x_hat),
-               "l0": counts.sum().item() / len(activations),  # total firings / tokens = mean L0
-               **ce_loss_recovered(model, sae, token_batches, layer)}
+    metrics = {
+        "n_eval_tokens": len(activations),
+        "fvu": fraction_variance_unexplained(activations, x_hat),
+        "l0": counts.sum().item() / len(activations),  # total firings / tokens = mean L0
+        **ce_loss_recovered(model, sae, token_batches, layer),
+    }
     dead_source, n_dead_tokens = "held-out", len(activations)
     if len(activations) < min_dead_tokens and train_activations is not None:
         _, counts = reconstruct_and_count(sae, train_activations)
         dead_source, n_dead_tokens = "training", len(train_activations)
     histogram = density_histogram(counts, n_dead_tokens)
     print(histogram, flush=True)
-    metrics.update(dead_fraction=dead_fraction(counts), dead_fraction_tokens=n_dead_tokens,
-                   dead_fraction_source=dead_source, density_histogram=histogram)
+    metrics.update(
+        dead_fraction=dead_fraction(counts),
+        dead_fraction_tokens=n_dead_tokens,
+        dead_fraction_source=dead_source,
+        density_histogram=histogram,
+    )
     return metrics
 
 
-def top_activating_contexts(model: nn.Module, sae: nn.Module, token_batches: Iterable, layer: int,
-                            latents: list[int], decode_fn: Callable[[list[int]], str],
-                            n_examples: int = 5, context: int = 6) -> str:
-    """For each latent, the n_examples tokens where it is largest, with the `context` tokens before each
-    (the model is causal, so later tokens cannot have caused the activation).
+def top_activating_contexts(
+    model: nn.Module,
+    sae: nn.Module,
+    token_batches: Iterable,
+    layer: int,
+    latents: list[int],
+    decode_fn: Callable[[list[int]], str],
+    n_examples: int = 5,
+    context: int = 6,
+) -> str:
+    """For each latent, the n_examples tokens where it is largest, with their preceding context.
+
+    Each example shows the `context` tokens before the activating token (the model is causal, so
+    later tokens cannot have caused the activation).
 
     Args:
         model: the GPT the SAE reads.
@@ -588,9 +786,12 @@ def top_activating_contexts(model: nn.Module, sae: nn.Module, token_batches: Ite
         layer: the block the SAE reads.
         latents: latent indices to report.
         decode_fn: token ids -> text (e.g. the tokenizer's decode).
+        n_examples: examples per latent.
+        context: tokens shown before each activating token.
 
     Returns:
-        text, one block per latent, lines like `   3.214  'the cat [[ sat]]'` (activating token in [[ ]]).
+        text, one block per latent, lines like `   3.214  'the cat [[ sat]]'` (activating token
+        in [[ ]]).
     """
     device = next(model.parameters()).device
     best = {latent: [] for latent in latents}  # latent -> [(activation, context ids, token id)]
@@ -598,18 +799,24 @@ def top_activating_contexts(model: nn.Module, sae: nn.Module, token_batches: Ite
         for item in token_batches:
             ids, mask = ids_and_mask(item)
             _, hidden = model(ids.to(device), hidden_layer=layer)  # (B, T, C)
-            acts = sae.encode(hidden)[..., latents].cpu().masked_fill(~mask.cpu()[..., None], 0.0)  # (B, T, L)
+            acts = sae.encode(hidden)[..., latents].cpu()  # (B, T, L)
+            # masked-out positions read 0, so they are never reported (value > 0 below)
+            acts = acts.masked_fill(~mask.cpu()[..., None], value=0.0)
             T = ids.shape[1]
             for j, latent in enumerate(latents):
-                values, flat_positions = acts[..., j].flatten().topk(min(n_examples, acts[..., j].numel()))
+                latent_acts = acts[..., j].flatten()  # (B * T,)
+                values, flat_positions = latent_acts.topk(min(n_examples, latent_acts.numel()))
                 for value, flat in zip(values.tolist(), flat_positions.tolist()):
                     row, pos = divmod(flat, T)
                     if value > 0:
-                        best[latent].append((value, ids[row, max(0, pos - context):pos].tolist(), int(ids[row, pos])))
+                        context_ids = ids[row, max(0, pos - context):pos].tolist()
+                        best[latent].append((value, context_ids, int(ids[row, pos])))
                 best[latent] = sorted(best[latent], key=lambda example: -example[0])[:n_examples]
     lines = []
     for latent in latents:
-        lines.append(f"latent {latent}:" + ("" if best[latent] else " never active on these tokens"))
+        never = "" if best[latent] else " never active on these tokens"
+        lines.append(f"latent {latent}:" + never)
         for value, context_ids, token_id in best[latent]:
-            lines.append(f"  {value:8.3f}  {decode_fn(context_ids) + '[[' + decode_fn([token_id]) + ']]'!r}")
+            shown = decode_fn(context_ids) + "[[" + decode_fn([token_id]) + "]]"
+            lines.append(f"  {value:8.3f}  {shown!r}")
     return "\n".join(lines)

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-import evaluate
 import train
 
 REPO = Path(train.__file__).parent
 README = REPO / "README.md"
+DOCS = REPO / "docs"
 
 # Every stage, shrunk: a 1-block 32-wide GPT, a 128-latent SAE, a few hundred pairs.
 TINY = [
@@ -75,13 +75,20 @@ def readme_snippet() -> str:
     return re.search(r"```python\n(.*?)```", text[marker:], flags=re.S).group(1)
 
 
+def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGS` in a subprocess: its exit code and output."""
+    return subprocess.run(
+        [sys.executable, script, *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     """`python train.py ARGS` in a subprocess: its exit code and output."""
-    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    return run_script("train.py", *args)
 
 
 # Every training stage's entry point, for `no_training`.
-STAGE_FUNCTIONS = ((train, "pretrain"), (train, "train_sae_stage"), (train, "build_cache"), (train, "train_preference"), (evaluate, "evaluate"))
+STAGE_FUNCTIONS = ((train, "pretrain"), (train, "train_sae_stage"), (train, "build_cache"), (train, "train_preference"), (train, "evaluate_policy"))
 
 
 @pytest.fixture

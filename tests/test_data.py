@@ -30,20 +30,24 @@ def split_document(doc):
 def test_train_bpe_hand_worked_example():
     # Pairs of "aaabdaaabac": aa x4 -> merge; then (aa,a) and (a,b) tie at 2, byte order picks
     # (a,b); then (aa,ab) x2 -> "aaab".
-    ranks = data.train_bpe("aaabdaaabac", 259)
+    ranks = data.train_bpe("aaabdaaabac", vocab_size=259)
     assert {t: r for t, r in ranks.items() if r >= 256} == {b"aa": 256, b"ab": 257, b"aaab": 258}
     assert all(ranks[bytes([b])] == b for b in range(256))
-    enc = tiktoken.Encoding(name="t", pat_str=data.PRETOKENIZE_PATTERN, mergeable_ranks=ranks,
-                            special_tokens={})
+    enc = tiktoken.Encoding(
+        name="t",
+        pat_str=data.PRETOKENIZE_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens={},
+    )
     assert enc.encode_ordinary("aaabdaaabac") == [258, ord("d"), 258, ord("a"), ord("c")]
 
 
 def test_train_bpe_stops_at_vocab_size():
-    assert len(data.train_bpe("the cat sat on the mat " * 10, 260)) == 260
+    assert len(data.train_bpe("the cat sat on the mat " * 10, vocab_size=260)) == 260
 
 
 def test_shipped_tokenizer_is_what_training_regenerates(tmp_path):
-    text = "\n".join(data.make_corpus(data.TOKENIZER_CORPUS_DOCS, seed=0))
+    text = "\n".join(data.make_corpus(n_docs=data.TOKENIZER_CORPUS_DOCS, seed=0))
     data.save_ranks(data.train_bpe(text, data.TOKENIZER_VOCAB_SIZE), tmp_path / "t.bpe")
     assert (tmp_path / "t.bpe").read_text() == data.TOKENIZER_PATH.read_text()
 
@@ -83,24 +87,25 @@ def test_load_tokenizer_needs_no_network(monkeypatch):
 
 
 def test_document_tokens_are_prompt_then_response_tokens(enc):
-    for pair in data.make_preference_pairs(50, seed=0):
+    for pair in data.make_preference_pairs(n=50, seed=0):
         doc = data.format_document(pair.prompt, pair.chosen)
-        assert data.encode(enc, doc) == data.encode(enc, pair.prompt) + data.encode(enc, pair.chosen)
+        parts = data.encode(enc, pair.prompt) + data.encode(enc, pair.chosen)
+        assert data.encode(enc, doc) == parts
 
 # ---- toy world and judge ----
 
 
 def test_toy_world_is_deterministic():
-    assert data.make_corpus(20, seed=1) == data.make_corpus(20, seed=1)
-    assert data.make_corpus(20, seed=1) != data.make_corpus(20, seed=2)
-    assert data.make_preference_pairs(20, 1) == data.make_preference_pairs(20, 1)
-    assert data.make_preference_pairs(20, 1) != data.make_preference_pairs(20, 2)
-    assert data.make_prompts(20, 1) == data.make_prompts(20, 1)
-    assert data.make_prompts(20, 1) != data.make_prompts(20, 2)
+    assert data.make_corpus(n_docs=20, seed=1) == data.make_corpus(n_docs=20, seed=1)
+    assert data.make_corpus(n_docs=20, seed=1) != data.make_corpus(n_docs=20, seed=2)
+    assert data.make_preference_pairs(n=20, seed=1) == data.make_preference_pairs(n=20, seed=1)
+    assert data.make_preference_pairs(n=20, seed=1) != data.make_preference_pairs(n=20, seed=2)
+    assert data.make_prompts(n=20, seed=1) == data.make_prompts(n=20, seed=1)
+    assert data.make_prompts(n=20, seed=1) != data.make_prompts(n=20, seed=2)
 
 
 def test_corpus_is_balanced_and_valid():
-    results = [data.judge(*split_document(doc)) for doc in data.make_corpus(2000, seed=0)]
+    results = [data.judge(*split_document(doc)) for doc in data.make_corpus(n_docs=2000, seed=0)]
     assert all(r.valid for r in results)
     n_sentences = sum(r.n_sentences for r in results)
     on_topic = sum(r.on_topic * r.n_sentences for r in results) / n_sentences
@@ -111,7 +116,7 @@ def test_corpus_is_balanced_and_valid():
 
 
 def test_rejected_is_longer_than_chosen(enc):
-    pairs = data.make_preference_pairs(500, seed=0)
+    pairs = data.make_preference_pairs(n=500, seed=0)
     chosen = statistics.mean(len(data.encode(enc, p.chosen)) for p in pairs)
     rejected = statistics.mean(len(data.encode(enc, p.rejected)) for p in pairs)
     assert rejected > 1.5 * chosen
@@ -120,28 +125,39 @@ def test_rejected_is_longer_than_chosen(enc):
 def test_validation_and_test_words_never_in_training_pairs():
     prompts = {split: set(data.split_prompts(split)) for split in ("train", "validation", "test")}
     assert len(prompts["validation"]) == 96 and len(prompts["test"]) == 192
-    assert not prompts["train"] & prompts["validation"] and not prompts["train"] & prompts["test"] and not prompts["validation"] & prompts["test"]
-    held_out = {noun for split in ("validation", "test") for nouns in data.split_nouns(split).values() for noun in nouns}
+    assert not prompts["train"] & prompts["validation"]
+    assert not prompts["train"] & prompts["test"]
+    assert not prompts["validation"] & prompts["test"]
+    held_out = {
+        noun
+        for split in ("validation", "test")
+        for nouns in data.split_nouns(split).values()
+        for noun in nouns
+    }
     assert len(held_out) == 3 * len(data.TOPICS)
-    for pair in data.make_preference_pairs(2000, seed=0, split="train"):  # neither in prompts nor in responses
+    # neither in prompts nor in responses
+    for pair in data.make_preference_pairs(n=2000, seed=0, split="train"):
         assert not held_out & set(f"{pair.prompt} {pair.chosen} {pair.rejected}".split()), pair
     test_nouns = {noun for nouns in data.split_nouns("test").values() for noun in nouns}
-    for pair in data.make_preference_pairs(300, seed=0, split="test"):
-        assert set(f"{pair.prompt} {pair.chosen} {pair.rejected}".split()) & set(data.NOUN_TOPIC) <= test_nouns, pair
+    for pair in data.make_preference_pairs(n=300, seed=0, split="test"):
+        words = set(f"{pair.prompt} {pair.chosen} {pair.rejected}".split())
+        assert words & set(data.NOUN_TOPIC) <= test_nouns, pair
 
 
 def test_eval_prompts_are_distinct():
-    prompts = data.make_prompts(0, seed=0, split="test")
+    prompts = data.make_prompts(n=0, seed=0, split="test")
     assert sorted(prompts) == sorted(data.split_prompts("test"))  # 0: every prompt once
-    assert data.make_prompts(10, seed=0, split="validation") == data.make_prompts(0, seed=0, split="validation")[:10]
+    first_ten = data.make_prompts(n=10, seed=0, split="validation")
+    assert first_ten == data.make_prompts(n=0, seed=0, split="validation")[:10]
     with pytest.raises(ValueError, match="the test split has 192 distinct prompts, asked for 193"):
-        data.make_prompts(193, seed=0)
+        data.make_prompts(n=193, seed=0)
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_judge_prefers_chosen_on_every_pair(split):
-    for pair in data.make_preference_pairs(300, seed=3, split=split):
-        chosen, rejected = data.judge(pair.prompt, pair.chosen), data.judge(pair.prompt, pair.rejected)
+    for pair in data.make_preference_pairs(n=300, seed=3, split=split):
+        chosen = data.judge(pair.prompt, pair.chosen)
+        rejected = data.judge(pair.prompt, pair.rejected)
         assert chosen.valid and rejected.valid
         assert chosen.score == 1.0 and rejected.score < chosen.score
 
@@ -169,7 +185,8 @@ def test_judge_hand_examples():
     (" we loved the cake . banana quantum the was .", "sentence 2 does not parse"),
     (" the soup was great .  we loved the cake .", "irregular spacing"),
     (" the soup was great. we loved the cake .", "sentence 1 does not parse"),
-    (" the soup was great . we loved the cake . the pie was fun . the curry was lovely . we liked the salad .",
+    (" the soup was great . we loved the cake . the pie was fun . the curry was lovely ."
+     " we liked the salad .",
      "more than 4 sentences"),
 ])
 def test_judge_rejects_degenerate_text(response, reason):
@@ -181,11 +198,13 @@ def test_judge_rejects_degenerate_text(response, reason):
 
 
 def test_collate_masks_exactly_the_response(enc):
-    tokenized, n_dropped = data.tokenize_pairs(data.make_preference_pairs(8, seed=0), enc, 64)
+    pairs = data.make_preference_pairs(n=8, seed=0)
+    tokenized, n_dropped = data.tokenize_pairs(pairs, enc, block_size=64)
     assert n_dropped == 0
     eos = data.eos_id(enc)
     input_ids, mask = data.collate_pairs(tokenized, eos)
-    rows = [(p.prompt_ids, p.chosen_ids) for p in tokenized] + [(p.prompt_ids, p.rejected_ids) for p in tokenized]
+    rows = [(p.prompt_ids, p.chosen_ids) for p in tokenized]
+    rows += [(p.prompt_ids, p.rejected_ids) for p in tokenized]
     assert input_ids.shape == mask.shape == (16, max(1 + len(a) + len(b) for a, b in rows))
     assert input_ids.dtype == torch.long and mask.dtype == torch.bool
     for i, (prompt, response) in enumerate(rows):
@@ -200,36 +219,44 @@ def test_collate_masks_exactly_the_response(enc):
 
 def test_truncation_cuts_the_prompt_from_the_left_first(enc):
     pair = data.PreferencePair("one two three four five six seven eight", " yes .", " no thanks .")
-    prompt, chosen, rejected = (data.encode(enc, t) for t in (pair.prompt, pair.chosen, pair.rejected))
+    prompt = data.encode(enc, pair.prompt)
+    chosen = data.encode(enc, pair.chosen)
+    rejected = data.encode(enc, pair.rejected)
     block_size = 1 + 3 + len(rejected) + 1  # room for 3 prompt tokens beside the longer response
     [t], n_dropped = data.tokenize_pairs([pair], enc, block_size)
     assert n_dropped == 0
     assert t.prompt_ids == prompt[-3:]
-    assert t.chosen_ids == chosen + [data.eos_id(enc)] and t.rejected_ids == rejected + [data.eos_id(enc)]
+    assert t.chosen_ids == chosen + [data.eos_id(enc)]
+    assert t.rejected_ids == rejected + [data.eos_id(enc)]
     input_ids, _ = data.collate_pairs([t], data.eos_id(enc))
     assert input_ids.shape[1] == block_size
 
 
 def test_truncation_cuts_a_too_long_response_from_the_right(enc):
-    pair = data.PreferencePair("review the soup :", " we loved the soup .", " the soup was awful . the pie was dull .")
-    [t], n_dropped = data.tokenize_pairs([pair], enc, 6)
+    pair = data.PreferencePair(
+        prompt="review the soup :",
+        chosen=" we loved the soup .",
+        rejected=" the soup was awful . the pie was dull .",
+    )
+    [t], n_dropped = data.tokenize_pairs([pair], enc, block_size=6)
     assert n_dropped == 0 and t.prompt_ids == []
     assert t.rejected_ids == data.encode(enc, pair.rejected)[:5]
     assert t.chosen_ids == (data.encode(enc, pair.chosen) + [data.eos_id(enc)])[:5]
 
 
 def test_pair_with_no_room_for_a_response_is_dropped_and_counted(enc):
-    pairs = data.make_preference_pairs(3, seed=0)
-    assert data.tokenize_pairs(pairs, enc, 1) == ([], 3)
+    pairs = data.make_preference_pairs(n=3, seed=0)
+    assert data.tokenize_pairs(pairs, enc, block_size=1) == ([], 3)
 
 
 def test_corpus_stream_and_lm_batches(enc):
-    docs = data.make_corpus(5, seed=0)
+    docs = data.make_corpus(n_docs=5, seed=0)
     tokens = data.corpus_token_stream(docs, enc)
     eos = data.eos_id(enc)
     assert tokens[0] == eos and tokens[-1] == eos and int((tokens == eos).sum()) == len(docs) + 1
-    assert enc.decode(tokens.tolist()) == data.EOS_TOKEN + data.EOS_TOKEN.join(docs) + data.EOS_TOKEN
-    x, y = data.lm_windows(tokens, torch.tensor([0, 3, len(tokens) - 17]), 16)
+    expected_text = data.EOS_TOKEN + data.EOS_TOKEN.join(docs) + data.EOS_TOKEN
+    assert enc.decode(tokens.tolist()) == expected_text
+    x, y = data.lm_windows(tokens, torch.tensor([0, 3, len(tokens) - 17]), block_size=16)
     assert x.shape == y.shape == (3, 16)
     assert torch.equal(x[:, 1:], y[:, :-1])
     assert torch.equal(x[1], tokens[3:19]) and torch.equal(y[2], tokens[-16:])
@@ -238,10 +265,10 @@ def test_corpus_stream_and_lm_batches(enc):
 
 
 def test_data_error_message():
-    assert str(data.DataError("data/prefs.jsonl", 3, "'chosen' is missing")) == \
-        "data/prefs.jsonl, line 3: 'chosen' is missing"
-    assert str(data.DataError("data/prefs.jsonl", None, "file is empty (no rows)")) == \
-        "data/prefs.jsonl: file is empty (no rows)"
+    missing = data.DataError("data/prefs.jsonl", line=3, problem="'chosen' is missing")
+    assert str(missing) == "data/prefs.jsonl, line 3: 'chosen' is missing"
+    empty = data.DataError("data/prefs.jsonl", line=None, problem="file is empty (no rows)")
+    assert str(empty) == "data/prefs.jsonl: file is empty (no rows)"
 
 
 def row(**fields):
@@ -297,7 +324,8 @@ def test_load_preferences_skip_bad_rows_drops_and_counts(tmp_path):
 def test_load_preferences_all_rows_bad_raises(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(b"nope\n[1]\n")
-    with pytest.raises(data.DataError, match=r"bad\.jsonl: all 2 rows are bad; first: .*line 1: invalid JSON"):
+    message = r"bad\.jsonl: all 2 rows are bad; first: .*line 1: invalid JSON"
+    with pytest.raises(data.DataError, match=message):
         data.load_preferences(path, skip_bad_rows=True)
 
 

@@ -21,7 +21,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-import evaluate
+import config
+import experiments
 import train
 from conftest import TINY, readme_snippet
 from model import GPT, GPTConfig
@@ -144,7 +145,7 @@ def pretend(device_type: str, monkeypatch):
     for module, name, result in ((torch.cuda, "synchronize", None), (torch.mps, "synchronize", None), (torch.cuda, "reset_peak_memory_stats", None),
                                  (torch.cuda, "memory_allocated", 0), (torch.cuda, "max_memory_allocated", 2**20)):
         monkeypatch.setattr(module, name, lambda *args, result=result: result)
-    monkeypatch.setattr(evaluate, "in_child_process", lambda function, *args: function(*args))
+    monkeypatch.setattr(experiments, "in_child_process", lambda function, *args: function(*args))
     with PretendDevice(device_type) as mode:
         yield mode
 
@@ -223,8 +224,8 @@ def test_every_stage_the_feature_report_every_method_and_bench_run_on_a_pretend_
     with pretend(device, monkeypatch):
         train.main(argv)
         train.main(argv + ["--stage", "features"])
-        for method in train.METHODS:
+        for method in config.METHODS:
             for stage in ("prefer", "eval"):  # eval too: it runs each method's loss and the drift
                 train.main(argv + ["--stage", stage, "--method", method])
-        train.main(argv + ["--bench", "--bench_steps", "2"])
+        experiments.main(argv + ["--bench", "--bench_steps", "2"])
     assert all((tmp_path / name).exists() for name in ("results.json", "features.txt", "bench.json"))

@@ -1,14 +1,18 @@
 """evaluate.py's metrics, against values worked out by hand."""
 
 import copy
+import json
 import math
 from xml.etree import ElementTree
 
 import torch
 
+import config
 import data
 import evaluate
+import experiments
 import fpo
+import report
 import train
 from model import GPT, GPTConfig
 from sae import train_sae
@@ -63,7 +67,7 @@ def test_policy_and_reference_share_random_draws_in_sampling():
     enc = data.load_tokenizer()
     model = tiny_gpt(enc)
     prompts = [data.encode(enc, text) for text in data.make_prompts(6, seed=0)]
-    settings = train.EvalConfig(temperature=1.0, top_k=0, max_new_tokens=8)
+    settings = config.EvalConfig(temperature=1.0, top_k=0, max_new_tokens=8)
     first = evaluate.sample_responses(model, prompts, enc, settings, seed=3, device=CPU)
     assert evaluate.sample_responses(copy.deepcopy(model), prompts, enc, settings, seed=3, device=CPU) == first
     assert evaluate.sample_responses(model, prompts, enc, settings, seed=4, device=CPU) != first
@@ -81,7 +85,7 @@ def test_score_samples_entropy_of_a_uniform_model_and_kl_to_itself():
 
 def test_loop_memory_sees_a_tensor_allocated_inside_and_not_one_from_before():
     before = torch.zeros(1_000_000)  # 4 MB that the loop did not allocate
-    with evaluate.LoopPeakMemory(CPU) as memory:
+    with experiments.LoopPeakMemory(CPU) as memory:
         inside = torch.ones(2_000_000)  # 8 MB
         doubled = inside * 2  # 8 MB more, both live at once
         del inside, doubled
@@ -135,15 +139,15 @@ def test_pick_setting_takes_the_best_judge_score_that_keeps_validity():
         return {"tag": tag, "overrides": {"pref_lr": 1e-4}, "points": [{"step": s, "judge_score": j, "valid_rate": v} for s, j, v in points]}
 
     runs = [run("a", (50, 0.70, 0.95), (100, 0.90, 0.80)), run("b", (50, 0.75, 0.90), (100, 0.72, 0.99))]
-    pick = evaluate.pick_setting(runs, reference_valid=1.0)  # the floor is 0.9: b's step 50 (0.90) is in, a's step 100 (0.80) is out
+    pick = experiments.pick_setting(runs, reference_valid=1.0)  # the floor is 0.9: b's step 50 (0.90) is in, a's step 100 (0.80) is out
     assert (pick["run"], pick["settings"], pick["validation"]["judge_score"]) == ("b", {"pref_lr": 1e-4, "pref_steps": 50}, 0.75)
-    assert evaluate.pick_setting(runs, reference_valid=1.2)["validation"]["valid_rate"] == 0.99  # none keeps 0.9 x 1.2: the most valid
+    assert experiments.pick_setting(runs, reference_valid=1.2)["validation"]["valid_rate"] == 0.99  # none keeps 0.9 x 1.2: the most valid
 
 
 def test_svg_chart_parses_with_one_series_per_label():
     series = {"FPO": [(0.5, 0.6), (2.0, 0.7)], "DPO": [(10.0, 0.3)], "SimPO & co": []}
     for lines, log_x in ((True, False), (False, True)):
-        root = ElementTree.fromstring(evaluate.svg_chart("t", "x", "y", series, lines=lines, log_x=log_x))
+        root = ElementTree.fromstring(report.svg_chart("t", "x", "y", series, lines=lines, log_x=log_x))
         groups = root.findall("{http://www.w3.org/2000/svg}g[@class='series']")
         assert [g.get("data-label") for g in groups] == list(series)
         assert [len(g.findall("{http://www.w3.org/2000/svg}circle")) for g in groups] == [2, 1, 0]
@@ -153,6 +157,20 @@ def test_a_child_process_uses_this_process_thread_count():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert evaluate.in_child_process(torch.get_num_threads) == 1
+        assert experiments.in_child_process(torch.get_num_threads) == 1
     finally:
         torch.set_num_threads(threads)
+
+
+def test_training_chart_has_one_panel_per_logged_quantity(tmp_path):
+    log = tmp_path / "log.jsonl"
+    records = [
+        {"step": step, "loss": 0.7 - 0.1 * step, "margin": 0.2 * step, "accuracy": 0.5,
+         "feature_drift": 0.001 * step, "ms_per_step": 30.0}
+        for step in range(4)
+    ]
+    log.write_text("".join(json.dumps(record) + "\n" for record in records))
+    root = ElementTree.fromstring(report.training_chart(log, "t"))
+    series = root.findall(".//{http://www.w3.org/2000/svg}g[@class='series']")
+    assert [g.get("data-label") for g in series] == ["loss", "margin", "accuracy", "feature_drift"]
+    assert all(len(g.findall("{http://www.w3.org/2000/svg}circle")) == 4 for g in series)

@@ -1,4 +1,7 @@
-"""The math of fpo.py, pinned against values written out by hand from the equations (README "The equations")."""
+"""The math of fpo.py, pinned against values written out by hand.
+
+The values follow from the equations (README "The equations").
+"""
 
 import itertools
 import math
@@ -31,7 +34,14 @@ def test_fpo_loss_hand_computed():
     # chosen reward 0.1*(-1.0 - -1.5) = 0.05, rejected 0.1*(-2.0 - -1.5) = -0.05
     # constraint 0.5*(0.1*0.4 - 0.1*0.2) = 0.01  ->  logit 0.1 - 0.01 = 0.09
     losses, chosen_rewards, rejected_rewards = fpo.fpo_loss(
-        t(-1.0), t(-2.0), t(-1.5), t(-1.5), t(0.2), t(0.4), beta=0.1, alpha=0.5
+        t(-1.0),
+        t(-2.0),
+        t(-1.5),
+        t(-1.5),
+        t(0.2),
+        t(0.4),
+        beta=0.1,
+        alpha=0.5,
     )
     assert math.isclose(losses.item(), nll_of_logit(0.09), rel_tol=1e-12)
     assert math.isclose(chosen_rewards.item(), 0.05, rel_tol=1e-12)
@@ -40,7 +50,13 @@ def test_fpo_loss_hand_computed():
 
 def test_dpo_loss_hand_computed():
     # 2 * ((-10 - -12) - (-20 - -19)) = 2 * (2 + 1) = 6
-    losses, chosen_rewards, rejected_rewards = fpo.dpo_loss(t(-10.0), t(-20.0), t(-12.0), t(-19.0), beta=2.0)
+    losses, chosen_rewards, rejected_rewards = fpo.dpo_loss(
+        t(-10.0),
+        t(-20.0),
+        t(-12.0),
+        t(-19.0),
+        beta=2.0,
+    )
     assert math.isclose(losses.item(), nll_of_logit(6.0), rel_tol=1e-12)
     assert math.isclose(chosen_rewards.item(), 4.0) and math.isclose(rejected_rewards.item(), -2.0)
 
@@ -58,7 +74,8 @@ def test_tdpo_losses_hand_computed():
     tdpo1, _, _ = fpo.tdpo_loss(*args, beta=0.1, version=1)
     tdpo2, _, _ = fpo.tdpo_loss(*args, beta=0.1, alpha=0.5, version=2)
     assert math.isclose(tdpo1.item(), nll_of_logit(0.3 - 0.1 * (2.0 - 0.5)), rel_tol=1e-12)
-    assert math.isclose(tdpo2.item(), nll_of_logit(0.3 - 0.5 * (0.1 * 2.0 - 0.1 * 0.5)), rel_tol=1e-12)
+    tdpo2_logit = 0.3 - 0.5 * (0.1 * 2.0 - 0.1 * 0.5)
+    assert math.isclose(tdpo2.item(), nll_of_logit(tdpo2_logit), rel_tol=1e-12)
 
 
 def test_rewards_are_detached_and_shapes_are_batch():
@@ -70,7 +87,8 @@ def test_rewards_are_detached_and_shapes_are_batch():
         fpo.tdpo_loss(policy_chosen, t(-1, -1, -1), t(0, 0, 0), t(0, 0, 0), t(0, 0, 0), t(0, 0, 0)),
     ]:
         assert losses.shape == chosen_rewards.shape == rejected_rewards.shape == (3,)
-        assert losses.requires_grad and not chosen_rewards.requires_grad and not rejected_rewards.requires_grad
+        assert losses.requires_grad
+        assert not chosen_rewards.requires_grad and not rejected_rewards.requires_grad
 
 
 def test_fpo_with_alpha_zero_is_length_normalised_dpo_with_offline_margin():
@@ -104,7 +122,8 @@ def test_stop_gradient_on_the_chosen_feature_term():
 def test_tdpo_chosen_kl_gradient_only_in_version_1():
     values = ([-10.0], [-20.0], [-11.0], [-18.0], [0.5], [2.0])
     assert torch.all(gradient_of(fpo.tdpo_loss, 4, *values, version=2) == 0)
-    assert torch.all(gradient_of(fpo.tdpo_loss, 4, *values, version=1) < 0)  # -beta*(-KL_w) in the logit
+    # -beta*(-KL_w) in the logit
+    assert torch.all(gradient_of(fpo.tdpo_loss, 4, *values, version=1) < 0)
     assert torch.all(gradient_of(fpo.tdpo_loss, 5, *values, version=2) > 0)
 
 
@@ -133,6 +152,21 @@ def test_feature_mse_union_of_different_top_k_sets():
     assert math.isclose(fpo.feature_mse(policy, reference, k=3).item(), (54.0 + 0.25) / 3)
 
 
+def test_feature_mse_docstring_example():
+    # fpo.feature_mse's docstring example, value for value: keep the two in step
+    policy = t(0.5, 0.0, 0.2, 0.0)[None]
+    reference = t(0.0, 0.4, 0.1, 0.0)[None]
+    # k = 1: I(y) = {0} U {1}; feature 2 (diff 0.1) is in neither top-1
+    assert math.isclose(fpo.feature_mse(policy, reference, k=1).item(), 0.41, rel_tol=1e-12)
+    # k = 2: I(y) = {0, 2} U {1, 2}, divided by k = 2, not by |I(y)| = 3
+    assert math.isclose(fpo.feature_mse(policy, reference, k=2).item(), 0.21, rel_tol=1e-12)
+    docstring = fpo.feature_mse.__doc__
+    assert "policy_pooled    = [[0.5, 0.0, 0.2, 0.0]]" in docstring
+    assert "reference_pooled = [[0.0, 0.4, 0.1, 0.0]]" in docstring
+    assert "= (0.25 + 0.16) / 1 = 0.41" in docstring
+    assert "D = (0.25 + 0.16 + 0.01) / 2 = 0.21" in docstring
+
+
 def test_feature_mse_is_differentiable_in_the_policy():
     policy = t(3.0, 2.0, 1.0, 0.0).requires_grad_()
     fpo.feature_mse(policy[None], t(1.0, 0.0, 0.0, 0.0)[None], k=1).sum().backward()
@@ -141,9 +175,9 @@ def test_feature_mse_is_differentiable_in_the_policy():
 
 
 def test_feature_mse_top_k_ranges_over_activated_features_only():
-    # k = 2. Policy's top-2 is {0, 1}; the reference has one active feature, 3, so it contributes {3}
-    # alone. Feature 2 is active only on the policy and outside its top-2: not in I(y), whatever its
-    # number (a top-2 padded with zeros could pick it up as a tie at 0).
+    # k = 2. Policy's top-2 is {0, 1}; the reference has one active feature, 3, so it contributes
+    # {3} alone. Feature 2 is active only on the policy and outside its top-2: not in I(y),
+    # whatever its number (a top-2 padded with zeros could pick it up as a tie at 0).
     policy = t(3.0, 2.0, 1.0, 0.0, 0.0)
     reference = t(0.0, 0.0, 0.0, 4.0, 0.0)
     expected = (3.0**2 + 2.0**2 + 4.0**2) / 2  # feature 2's (1 - 0)^2 is not counted
@@ -159,17 +193,21 @@ def test_feature_mse_is_invariant_to_numbering_the_latents():
     gen = torch.Generator().manual_seed(0)
     B, F, k = 6, 40, 8
     # sparse non-negative pooled codes, some rows with fewer than k active features
-    policy = torch.rand(B, F, generator=gen, dtype=torch.float64) * (torch.rand(B, F, generator=gen) < 0.15)
-    reference = torch.rand(B, F, generator=gen, dtype=torch.float64) * (torch.rand(B, F, generator=gen) < 0.15)
-    assert ((policy > 0).sum(-1) < k).any() and ((reference > 0).sum(-1) < k).any()
+    policy = torch.rand(B, F, generator=gen, dtype=torch.float64)
+    policy = policy * (torch.rand(B, F, generator=gen) < 0.15)
+    reference = torch.rand(B, F, generator=gen, dtype=torch.float64)
+    reference = reference * (torch.rand(B, F, generator=gen) < 0.15)
+    assert ((policy > 0).sum(dim=-1) < k).any() and ((reference > 0).sum(dim=-1) < k).any()
     drift = fpo.feature_mse(policy, reference, k)
     for _ in range(50):
         columns = torch.randperm(F, generator=gen)
-        torch.testing.assert_close(fpo.feature_mse(policy[:, columns], reference[:, columns], k), drift, rtol=0, atol=1e-12)
+        permuted = fpo.feature_mse(policy[:, columns], reference[:, columns], k)
+        torch.testing.assert_close(permuted, drift, rtol=0, atol=1e-12)
 
 
 def test_pooled_features_pool_the_positions_that_generate_the_response():
-    # tokens 2, 3, 4 are the response, 5 is padding: positions 1, 2, 3 generate them (like sequence_logps)
+    # tokens 2, 3, 4 are the response, 5 is padding: positions 1, 2, 3 generate them (like
+    # sequence_logps)
     mask = torch.tensor([[0, 0, 1, 1, 1, 0]])
     for position in range(6):
         codes = torch.zeros(1, 6, 2, dtype=torch.float64)
@@ -178,6 +216,21 @@ def test_pooled_features_pool_the_positions_that_generate_the_response():
         expected = 1.0 if position in (1, 2, 3) else 0.0  # 3.0 / |y|, |y| = 3
         assert pooled[0].tolist() == [0.0, expected], position
     # position 4 holds the last response token itself, which generates nothing: never pooled
+
+
+def test_pooled_features_docstring_example():
+    # fpo.pooled_features' docstring example, value for value: keep the two in step
+    response_mask = torch.tensor([[0, 0, 1, 1, 1]])  # a prompt of 2 tokens, a response of 3
+    codes = t(1.0, 2.0, 3.0, 4.0, 5.0).view(1, 5, 1)  # one latent; its code at position t is t + 1
+    pooled = fpo.pooled_features(codes, response_mask)
+    # (2.0 + 3.0 + 4.0) / 3, the codes of positions 1, 2, 3; not (3.0 + 4.0 + 5.0) / 3 = 4.0, the
+    # codes at the response tokens themselves
+    assert pooled.tolist() == [[3.0]]
+    docstring = fpo.pooled_features.__doc__
+    assert "response_mask        = [[0,   0,   1,   1,   1  ]]" in docstring
+    assert "codes[..., 0]        = [[1.0, 2.0, 3.0, 4.0, 5.0]]" in docstring
+    assert "response_mask[:, 1:] = [[0,   1,   1,   1  ]]" in docstring
+    assert "= [[(2.0 + 3.0 + 4.0) / 3]] = [[3.0]]" in docstring
 
 
 def test_pooled_features_ignore_prompt_and_padding():
@@ -198,22 +251,28 @@ def test_pooled_features_and_feature_mse_compute_in_float32_for_bf16_inputs():
     pooled = fpo.pooled_features(codes, mask)
     assert pooled.dtype == torch.float32
     reference = fpo.pooled_features(codes.float(), mask)
-    torch.testing.assert_close(pooled, reference, rtol=0, atol=1e-6)  # the bf16 codes are exact in float32
+    # the bf16 codes are exact in float32
+    torch.testing.assert_close(pooled, reference, rtol=0, atol=1e-6)
     drift = fpo.feature_mse(pooled.bfloat16(), torch.zeros(3, 16, dtype=torch.bfloat16), k=4)
     assert drift.dtype == torch.float32
-    torch.testing.assert_close(drift, fpo.feature_mse(pooled.bfloat16().float(), torch.zeros(3, 16), k=4))
+    upcast_drift = fpo.feature_mse(pooled.bfloat16().float(), torch.zeros(3, 16), k=4)
+    torch.testing.assert_close(drift, upcast_drift)
 
 
 def test_pooled_topk_features_hand_computed():
-    # row 0: tokens 2, 3 are the response, generated at positions 1, 2; row 1: token 1, at position 0
+    # row 0: tokens 2, 3 are the response, generated at positions 1, 2; row 1: token 1, at
+    # position 0
     mask = torch.tensor([[0, 0, 1, 1], [0, 1, 0, 0]])
-    # one sparse code (sae_k = 2) per generating position, in the order hidden[:, :-1][mask[:, 1:].bool()]
+    # one sparse code (sae_k = 2) per generating position, in the order
+    # hidden[:, :-1][mask[:, 1:].bool()]
     values = t(1.0, 2.0, 3.0, 0.0, 5.0, 6.0).view(3, 2).requires_grad_()
     indices = torch.tensor([[0, 3], [3, 1], [2, 0]])
     pooled = fpo.pooled_topk_features(values, indices, mask, d_sae=4)
-    torch.testing.assert_close(pooled, t(0.5, 0.0, 0.0, 2.5, 6.0, 0.0, 5.0, 0.0).view(2, 4), rtol=0, atol=0)
+    expected = t(0.5, 0.0, 0.0, 2.5, 6.0, 0.0, 5.0, 0.0).view(2, 4)
+    torch.testing.assert_close(pooled, expected, rtol=0, atol=0)
     pooled[0, 3].backward()  # latent 3 of row 0 fired at both of its positions
-    torch.testing.assert_close(values.grad, t(0.0, 0.5, 0.5, 0.0, 0.0, 0.0).view(3, 2), rtol=0, atol=0)
+    expected_grad = t(0.0, 0.5, 0.5, 0.0, 0.0, 0.0).view(3, 2)
+    torch.testing.assert_close(values.grad, expected_grad, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------- log-probs, KL
@@ -236,22 +295,31 @@ def test_sequence_logps_ignore_prompt_and_padding():
     input_ids = torch.randint(0, 5, (2, 6), generator=gen)
     mask = torch.tensor([[0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]])
     before = fpo.sequence_logps(logits, input_ids, mask)
-    changed_ids, changed_logits = input_ids.clone(), logits.clone()
-    changed_ids[0, [0, 1, 4, 5]] = (changed_ids[0, [0, 1, 4, 5]] + 1) % 5  # prompt and padding tokens
+    changed_ids = input_ids.clone()
+    changed_logits = logits.clone()
+    # prompt and padding tokens
+    changed_ids[0, [0, 1, 4, 5]] = (changed_ids[0, [0, 1, 4, 5]] + 1) % 5
     changed_logits[0, [3, 4, 5]] += torch.randn(3, 5, generator=gen)  # logits that predict padding
     after = fpo.sequence_logps(changed_logits, changed_ids, mask)
     torch.testing.assert_close(after, before)
 
 
-def test_sequence_kl_zero_for_identical_and_hand_computed():
+def test_sequence_kl_zero_for_identical_and_hand_computed_in_both_directions():
     logits = torch.randn(2, 5, 7, generator=torch.Generator().manual_seed(1))
     mask = torch.ones(2, 5)
-    assert torch.allclose(fpo.sequence_kl(logits, logits, mask), torch.zeros(2), atol=1e-6)
+    same = fpo.sequence_kl(p_logits=logits, q_logits=logits, response_mask=mask)
+    assert torch.allclose(same, torch.zeros(2), atol=1e-6)
     policy = torch.tensor([[[0.0, 0.0], [9.0, 9.0]]])  # position 0: (1/2, 1/2)
     reference = torch.tensor([[[math.log(3.0), 0.0], [1.0, 0.0]]])  # position 0: (3/4, 1/4)
-    kl = fpo.sequence_kl(policy, reference, torch.tensor([[0, 1]]))
+    mask = torch.tensor([[0, 1]])
+    # TDPO's SeqKL: KL(reference || policy), p = reference
+    seq_kl = fpo.sequence_kl(p_logits=reference, q_logits=policy, response_mask=mask)
     expected = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
-    assert math.isclose(kl.item(), expected, rel_tol=1e-5)
+    assert math.isclose(seq_kl.item(), expected, rel_tol=1e-5)
+    # evaluation's KL(policy || reference), p = policy: a different number (KL is not symmetric)
+    eval_kl = fpo.sequence_kl(p_logits=policy, q_logits=reference, response_mask=mask)
+    expected = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    assert math.isclose(eval_kl.item(), expected, rel_tol=1e-5)
 
 
 def test_all_padding_response_is_finite_everywhere():
@@ -263,8 +331,15 @@ def test_all_padding_response_is_finite_everywhere():
     avg = sum_logps / n_tokens
     pooled = fpo.pooled_features(torch.relu(torch.randn(2, 4, 9, generator=gen)), mask)
     mse = fpo.feature_mse(pooled, torch.zeros_like(pooled), k=3)
-    kl = fpo.sequence_kl(logits, logits.detach() + 1.0, mask)
-    losses, _, _ = fpo.fpo_loss(avg[:1], avg[1:], avg[:1].detach(), avg[1:].detach(), mse[:1], mse[1:])
+    kl = fpo.sequence_kl(p_logits=logits.detach() + 1.0, q_logits=logits, response_mask=mask)
+    losses, _, _ = fpo.fpo_loss(
+        avg[:1],
+        avg[1:],
+        avg[:1].detach(),
+        avg[1:].detach(),
+        mse[:1],
+        mse[1:],
+    )
     (losses.sum() + kl.sum()).backward()
     for value in (sum_logps, n_tokens, avg, pooled, mse, kl, losses, logits.grad):
         assert torch.isfinite(value).all()
@@ -294,8 +369,9 @@ def test_reference_cache_round_trip_is_exact():
         (order[:2], input_ids[order[:2]], mask[order[:2]]),
         (order[2:], input_ids[order[2:]], mask[order[2:]]),
     ]
+
     def reference_fn(ids):
-        rows = [int((input_ids == ids[i]).all(-1).nonzero()[0]) for i in range(len(ids))]
+        rows = [int((input_ids == ids[i]).all(dim=-1).nonzero()[0]) for i in range(len(ids))]
         return logits[rows], hidden[rows]
 
     cache = fpo.build_reference_cache(reference_fn, encode, batches, n_rows=n_rows, d_sae=d_sae)
@@ -313,15 +389,20 @@ def small_cache():
                            [0.25, 0.0, 0.0, 3.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.5]])
     lengths = torch.tensor([0, 2, 0, 3, 1])
     nonzero = pooled.nonzero()
-    return pooled, {"feature_offsets": lengths.cumsum(0), "feature_indices": nonzero[:, 1].to(torch.int32),
-                    "feature_values": pooled[pooled != 0], "d_sae": 6}
+    cache = {
+        "feature_offsets": lengths.cumsum(dim=0),
+        "feature_indices": nonzero[:, 1].to(torch.int32),
+        "feature_values": pooled[pooled != 0],
+        "d_sae": 6,
+    }
+    return pooled, cache
 
 
-def test_reference_pooled_features_lives_on_row_ids_device_and_makes_nothing_on_the_default_device():
+def test_reference_pooled_features_lives_on_row_ids_device_and_makes_nothing_on_default_device():
     pooled, cache = small_cache()
     row_ids = torch.tensor([3, 0, 1, 3, 2])
-    # every tensor made inside must be placed explicitly (the cache's device): a bare torch.arange or
-    # torch.zeros would land on the meta device here and fail to mix with the CPU tensors
+    # every tensor made inside must be placed explicitly (the cache's device): a bare torch.arange
+    # or torch.zeros would land on the meta device here and fail to mix with the CPU tensors
     with torch.device("meta"):
         dense = fpo.reference_pooled_features(cache, row_ids)
     assert dense.device == row_ids.device and dense.dtype == torch.float32
@@ -337,13 +418,28 @@ def test_dpo_with_the_cached_sums_equals_dpo_with_an_online_reference_bit_for_bi
     for row, (start, end) in enumerate([(3, 9), (4, 7), (2, 9), (5, 9), (3, 6), (6, 9)]):
         mask[row, start:end] = 1
     cache = fpo.build_reference_cache(
-        lambda ids: (reference_logits, torch.zeros(n_rows, T, 2)), lambda h: torch.relu(h),
-        [(torch.arange(n_rows), input_ids, mask)], n_rows=n_rows, d_sae=2,
+        lambda ids: (reference_logits, torch.zeros(n_rows, T, 2)),
+        lambda h: torch.relu(h),
+        [(torch.arange(n_rows), input_ids, mask)],
+        n_rows=n_rows,
+        d_sae=2,
     )
     policy_logps = -torch.rand(n_rows, generator=gen) * 20
     online_logps, _ = fpo.sequence_logps(reference_logits, input_ids, mask)
-    online = fpo.dpo_loss(policy_logps[:3], policy_logps[3:], online_logps[:3], online_logps[3:], beta=0.1)
-    cached = fpo.dpo_loss(policy_logps[:3], policy_logps[3:], cache["sum_logps"][:3], cache["sum_logps"][3:], beta=0.1)
+    online = fpo.dpo_loss(
+        policy_logps[:3],
+        policy_logps[3:],
+        online_logps[:3],
+        online_logps[3:],
+        beta=0.1,
+    )
+    cached = fpo.dpo_loss(
+        policy_logps[:3],
+        policy_logps[3:],
+        cache["sum_logps"][:3],
+        cache["sum_logps"][3:],
+        beta=0.1,
+    )
     for a, b in zip(online, cached):
         assert torch.equal(a, b)
 
@@ -351,8 +447,10 @@ def test_dpo_with_the_cached_sums_equals_dpo_with_an_online_reference_bit_for_bi
 def test_fingerprint_changes_with_any_part():
     state = {"w": torch.ones(3), "b": torch.zeros(2)}
     base = fpo.fingerprint(state, torch.arange(5), {"beta": 0.1})
-    assert base == fpo.fingerprint({"b": torch.zeros(2), "w": torch.ones(3)}, torch.arange(5), {"beta": 0.1})
-    assert base != fpo.fingerprint({"w": torch.ones(3) * 1.0001, "b": torch.zeros(2)}, torch.arange(5), {"beta": 0.1})
+    reordered = {"b": torch.zeros(2), "w": torch.ones(3)}
+    assert base == fpo.fingerprint(reordered, torch.arange(5), {"beta": 0.1})
+    nudged = {"w": torch.ones(3) * 1.0001, "b": torch.zeros(2)}
+    assert base != fpo.fingerprint(nudged, torch.arange(5), {"beta": 0.1})
     assert base != fpo.fingerprint(state, torch.arange(6), {"beta": 0.1})
     assert base != fpo.fingerprint(state, torch.arange(5), {"beta": 0.2})
 
@@ -364,9 +462,15 @@ def test_fpo_py_runs_alone_in_an_empty_directory(tmp_path):
         "import sys, torch, fpo\n"
         "x = torch.tensor([-1.0]); print(fpo.fpo_loss(x, x - 1, x, x, x * 0, x * 0)[0].item())\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
-    # defaults beta 0.1, alpha 0.5: chosen reward 0.1*(-1 - -1) = 0, rejected 0.1*(-2 - -1) = -0.1, D = 0
+    # defaults beta 0.1, alpha 0.5: chosen reward 0.1*(-1 - -1) = 0, rejected 0.1*(-2 - -1) = -0.1,
+    # D = 0
     assert math.isclose(float(result.stdout), nll_of_logit(0.1), rel_tol=1e-6)
 
 

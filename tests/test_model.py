@@ -8,7 +8,8 @@ from model import GPT, GPTConfig
 
 def tiny_gpt(seed=0, **overrides):
     torch.manual_seed(seed)
-    config = GPTConfig(**{"vocab_size": 50, "block_size": 16, "n_layer": 3, "n_head": 2, "n_embd": 16, **overrides})
+    sizes = {"vocab_size": 50, "block_size": 16, "n_layer": 3, "n_head": 2, "n_embd": 16}
+    config = GPTConfig(**{**sizes, **overrides})
     return GPT(config).eval()
 
 
@@ -56,20 +57,34 @@ def test_hidden_patch_replaces_the_stream_downstream_only():
 def test_generate_is_reproducible_and_stops_at_eos():
     model = tiny_gpt()
     prompt = torch.randint(0, 50, (3, 4), generator=torch.Generator().manual_seed(3))
-    a = model.generate(prompt, 8, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(7))
-    b = model.generate(prompt, 8, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(7))
+    a, b = (
+        model.generate(
+            prompt,
+            max_new_tokens=8,
+            temperature=1.0,
+            top_k=5,
+            generator=torch.Generator().manual_seed(7),
+        )
+        for _ in range(2)
+    )
     assert torch.equal(a, b) and a.shape == (3, 12) and torch.equal(a[:, :4], prompt)
-    greedy = model.generate(prompt, 8, temperature=0.0)
+    greedy = model.generate(prompt, max_new_tokens=8, temperature=0.0)
     eos = int(greedy[0, 4])  # whatever row 0 emits first becomes "eos"
-    stopped = model.generate(prompt, 8, temperature=0.0, eos_id=eos)
+    stopped = model.generate(prompt, max_new_tokens=8, temperature=0.0, eos_id=eos)
     assert torch.all(stopped[0, 4:] == eos)
 
 
 def test_generate_with_top_k_one_is_greedy():
     model = tiny_gpt()
     prompt = torch.randint(0, 50, (2, 3), generator=torch.Generator().manual_seed(4))
-    sampled = model.generate(prompt, 6, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(sampled, model.generate(prompt, 6, temperature=0.0))
+    sampled = model.generate(
+        prompt,
+        max_new_tokens=6,
+        temperature=1.0,
+        top_k=1,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert torch.equal(sampled, model.generate(prompt, max_new_tokens=6, temperature=0.0))
 
 
 def test_hidden_layer_out_of_range_is_refused_not_wrapped():
@@ -77,5 +92,6 @@ def test_hidden_layer_out_of_range_is_refused_not_wrapped():
     idx = torch.zeros(1, 4, dtype=torch.long)
     assert torch.equal(model(idx, hidden_layer=-2)[1], model(idx, hidden_layer=0)[1])
     for layer in (2, -3):
-        with pytest.raises(ValueError, match=f"hidden_layer {layer} is not a block of this 2-block GPT"):
+        message = f"hidden_layer {layer} is not a block of this 2-block GPT"
+        with pytest.raises(ValueError, match=message):
             model(idx, hidden_layer=layer)

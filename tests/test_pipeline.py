@@ -1,5 +1,6 @@
 """The pipeline end to end, at a tiny scale: it runs, learns, reproduces, and compares."""
 
+import dataclasses
 import gc
 import json
 import math
@@ -8,8 +9,10 @@ from xml.etree import ElementTree
 import pytest
 import torch
 
+import config
 import data
-import evaluate
+import experiments
+import report
 import train
 from conftest import TINY, copy_outputs, numbers_of
 from model import GPT
@@ -31,6 +34,12 @@ def test_tiny_run_learns_toward_the_chosen_responses(tiny_run):
         assert math.isfinite(value), key
     for name in ("gpt.pt", "sae.pt", "sae_metrics.json", "reference_cache.pt", "policy.pt"):
         assert (out_dir / name).exists()
+    # the run's own picture: one panel (series) per logged quantity, one point per step
+    root = ElementTree.parse(out_dir / "policy_training.svg").getroot()
+    series = root.findall(".//{http://www.w3.org/2000/svg}g[@class='series']")
+    assert [g.get("data-label") for g in series] == list(report.TRAINING_LOG_KEYS)
+    for g in series:
+        assert len(g.findall("{http://www.w3.org/2000/svg}circle")) == len(log)
 
 
 @pytest.mark.slow
@@ -88,11 +97,11 @@ def test_frozen_sae_and_reference_get_no_gradient(tiny_run):
 @pytest.mark.slow
 def test_compare_writes_a_finite_row_for_every_method(tiny_run):
     out_dir, argv = tiny_run
-    train.main(argv + ["--compare", "--seeds", "1", "--pref_steps", "4"])
+    experiments.main(argv + ["--compare", "--seeds", "1", "--pref_steps", "4"])
     table = (out_dir / "compare.md").read_text()
     rows = json.loads((out_dir / "compare.json").read_text())["rows"]
-    assert {row["label"] for row in rows} == set(evaluate.COMPARE_ROWS)
-    for label in evaluate.COMPARE_ROWS:
+    assert {row["label"] for row in rows} == set(experiments.COMPARE_ROWS)
+    for label in experiments.COMPARE_ROWS:
         assert f"| {label} |" in table
     for row in rows:
         for key in ("win_rate", "reward_accuracy", "implicit_reward_accuracy", "feature_drift", "median_step_ms"):
@@ -112,9 +121,9 @@ def test_compare_writes_a_finite_row_for_every_method(tiny_run):
 @pytest.mark.slow
 def test_bench_reports_every_method_and_the_ratios(tiny_run, capsys):
     out_dir, argv = tiny_run
-    train.main(argv + ["--bench", "--bench_steps", "3"])
+    experiments.main(argv + ["--bench", "--bench_steps", "3"])
     bench = json.loads((out_dir / "bench.json").read_text())
-    assert set(bench["methods"]) == set(evaluate.COMPARE_ROWS)
+    assert set(bench["methods"]) == set(experiments.COMPARE_ROWS)
     assert set(bench["ratios"]) == {f"FPO/{other} {measure}" for other in ("SimPO", "DPO", "TDPO-2") for measure in ("time", "loop memory")}
     assert all(value > 0 for value in bench["ratios"].values())
     loop_mb = {label: values["loop_memory_mb"] for label, values in bench["methods"].items()}
@@ -140,9 +149,9 @@ def test_every_config_field_has_help_text_in_the_argparse_help(capsys):
         train.parse_args(["--help"])
     assert exited.value.code == 0
     shown = " ".join(capsys.readouterr().out.split())
-    for section in train.dataclasses.fields(train.Config):
-        helps = train.field_help(section.type)
-        assert set(helps) == {f.name for f in train.dataclasses.fields(section.type)}, section.name
+    for section in dataclasses.fields(config.Config):
+        helps = config.field_help(section.type)
+        assert set(helps) == {f.name for f in dataclasses.fields(section.type)}, section.name
         for name, text in helps.items():
             assert f"--{name}" in shown and " ".join(text.split()) in shown, name
 
@@ -152,13 +161,13 @@ def test_sweep_picks_each_method_on_validation_resumes_and_feeds_compare(tiny_ru
     _, argv = tiny_run
     out_dir = copy_outputs(tiny_run, tmp_path, "gpt.pt", "sae.pt", "reference_cache.pt")
     # A smaller grid, the same code: 2 learning rates x 1 knob setting per method, 2 ablation points.
-    monkeypatch.setattr(evaluate, "SWEEP_LRS", (1e-3, 3e-3))
-    monkeypatch.setattr(evaluate, "SWEEP_KNOBS", {label: knobs[:1] for label, knobs in evaluate.SWEEP_KNOBS.items()})
-    monkeypatch.setattr(evaluate, "ALPHA_ABLATION", (0.0, 1.0))
+    monkeypatch.setattr(experiments, "SWEEP_LRS", (1e-3, 3e-3))
+    monkeypatch.setattr(experiments, "SWEEP_KNOBS", {label: knobs[:1] for label, knobs in experiments.SWEEP_KNOBS.items()})
+    monkeypatch.setattr(experiments, "ALPHA_ABLATION", (0.0, 1.0))
     sweep_argv = argv + ["--out_dir", str(out_dir), "--pref_steps", "6", "--pref_lr", "1e-3"]
-    train.main(sweep_argv + ["--sweep"])
+    experiments.main(sweep_argv + ["--sweep"])
     picks = json.loads((out_dir / "sweep_picks.json").read_text())
-    assert set(picks) == set(evaluate.SWEEP_KNOBS)
+    assert set(picks) == set(experiments.SWEEP_KNOBS)
     for label, pick in picks.items():
         run = json.loads((out_dir / f"{pick['run']}_results.json").read_text())
         assert [point["step"] for point in run["points"]] == [2, 4, 6, 8, 10, 12]  # every third of --pref_steps, to twice it
@@ -166,18 +175,18 @@ def test_sweep_picks_each_method_on_validation_resumes_and_feeds_compare(tiny_ru
     assert not list(out_dir.glob("sweep_*_step*.pt"))  # snapshots are deleted once judged
     for name in ("frontier", "validity", "win_rate"):
         series = ElementTree.parse(out_dir / f"{name}.svg").getroot().findall(".//{http://www.w3.org/2000/svg}g[@class='series']")
-        assert [g.get("data-label") for g in series] == list(evaluate.SWEEP_KNOBS), name
+        assert [g.get("data-label") for g in series] == list(experiments.SWEEP_KNOBS), name
     ablation = (out_dir / "sweep.md").read_text().split("| alpha |")[1].splitlines()[2:]
     assert [row.split(" | ")[0] for row in ablation if row] == ["| 0", "| 1"]  # one row per ablation alpha, none from the grid
     # A rerun trains nothing: every run's results are on disk.
     monkeypatch.setattr(train, "train_preference", lambda *args, **kwargs: pytest.fail("a finished sweep run was trained again"))
-    train.main(sweep_argv + ["--sweep"])
+    experiments.main(sweep_argv + ["--sweep"])
     # ... but other training or judging settings make every saved run stale: its first run trains again.
     for changed in (["--pref_steps", "3"], ["--pref_batch_size", "4"], ["--max_new_tokens", "7"]):
         with pytest.raises(pytest.fail.Exception, match="trained again"):
-            train.main(sweep_argv + changed + ["--sweep"])
+            experiments.main(sweep_argv + changed + ["--sweep"])
     monkeypatch.undo()
-    train.main(sweep_argv + ["--compare", "--seeds", "2"])
+    experiments.main(sweep_argv + ["--compare", "--seeds", "2"])
     compare = json.loads((out_dir / "compare.json").read_text())
     assert compare["settings"]["FPO"] == picks["FPO"]["settings"] and compare["settings"]["FPO (alpha=0)"]["alpha"] == 0.0
     assert "| FPO's win rate minus | difference | 95% interval |" in (out_dir / "compare.md").read_text()

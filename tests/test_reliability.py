@@ -21,6 +21,7 @@ import data
 import evaluate
 import fpo
 import sae as sae_lib
+import config
 import train
 from runtime import Interrupted, load_checkpoint, resume_training, save_checkpoint, save_resume, training_state
 from conftest import REPO, TINY, copy_outputs, interrupt_at, numbers_of, run_cli, run_main_as_script
@@ -146,11 +147,11 @@ def test_all_padding_response_gives_finite_losses_and_metrics():
     cache = fpo.build_reference_cache(lambda ids: policy(ids, hidden_layer=-1), sae.encode, [batch], n_rows=4, d_sae=32)
     assert torch.isfinite(cache["avg_logps"]).all()
     inputs = train.PreferenceInputs(enc, sae, tokenized, [], cache, {})
-    for method in train.METHODS:
+    for method in config.METHODS:
         pref = train.PreferenceConfig(method=method, fpo_k=4)
         losses, chosen, rejected, _ = train.preference_losses(pref, -1, policy, batch, inputs, policy)
         assert all(torch.isfinite(t).all() for t in (losses, chosen, rejected)), method
-    assert torch.isfinite(train.measure_drift(pref, -1, policy, batch, inputs)).all()
+    assert torch.isfinite(train.policy_feature_drift(pref, -1, policy, batch, inputs)).all()
     prompts = [t.prompt_ids for t in tokenized]
     stats = evaluate.score_samples(policy, policy, prompts, [[], []], eos, torch.device("cpu"))  # two empty samples
     assert all(math.isfinite(value) for value in stats.values())

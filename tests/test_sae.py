@@ -45,7 +45,10 @@ def planted_activations(n=20_000, n_atoms=64, dim=32, active=3, noise=0.01, seed
 @pytest.fixture(scope="module")
 def planted():
     x, atoms = planted_activations()
-    trained = train_sae(x, 128, 4, steps=600, batch_size=256, lr=4e-3, dead_tokens=5_000, aux_k=32, log_every=10_000)
+    trained = train_sae(
+        x, d_sae=128, k=4, steps=600, batch_size=256, lr=4e-3, dead_tokens=5_000, aux_k=32,
+        log_every=10_000
+    )
     return x, atoms, trained
 
 
@@ -63,7 +66,7 @@ def test_decoder_rows_stay_unit_norm(planted):
 
 def test_remove_parallel_grads_leaves_grad_orthogonal_to_each_row():
     x, _ = planted_activations(n=512)
-    model = initialize_sae(x, 64, 4, seed=0)
+    model = initialize_sae(x, d_sae=64, k=4, seed=0)
     x_hat, _ = model(x)
     F.mse_loss(x_hat, x).backward()
     assert (model.W_dec.grad * model.W_dec).sum(dim=1).abs().max() > 1e-4  # something to remove
@@ -112,7 +115,8 @@ def test_pooling_from_encode_topk_equals_encode_then_pooled_features_in_values_a
     response_mask[1, 2:5] = 1  # padded
     response_mask[2, 6] = 1  # one token
     # row 3: an empty response
-    reference = torch.rand(4, 12, generator=gen, dtype=torch.float64) * (torch.rand(4, 12, generator=gen) < 0.4)
+    reference = torch.rand(4, 12, generator=gen, dtype=torch.float64)
+    reference = reference * (torch.rand(4, 12, generator=gen) < 0.4)
     fpo_k = 3
 
     dense_pooled = fpo.pooled_features(model.encode(hidden), response_mask)  # (4, 12)
@@ -132,8 +136,9 @@ def test_pooling_from_encode_topk_equals_encode_then_pooled_features_in_values_a
 def test_encode_takes_raw_scale_inputs():
     x, _ = planted_activations(n=10_000)
     raw = 1000.0 * x + 50.0  # far from unit scale, with an offset
-    trained = train_sae(raw, 128, 4, steps=300, batch_size=256, lr=4e-3, log_every=10_000)
-    assert trained.input_scale.item() == pytest.approx(math.sqrt(32 / raw.pow(2).sum(1).mean().item()), rel=1e-5)
+    trained = train_sae(raw, d_sae=128, k=4, steps=300, batch_size=256, lr=4e-3, log_every=10_000)
+    expected_scale = math.sqrt(32 / raw.pow(2).sum(dim=1).mean().item())
+    assert trained.input_scale.item() == pytest.approx(expected_scale, rel=1e-5)
     x_hat, _ = trained(raw)
     assert fraction_variance_unexplained(raw, x_hat) < 0.1
 
@@ -143,8 +148,8 @@ def test_auxk_revives_latents_dead_at_initialisation(monkeypatch):
     original_initialize = sae_module.initialize_sae
 
     def initialize_with_silenced_latents(*args, **kwargs):
-        # Latents 16.. get encoder columns 50x too small: they never win TopK against the others, so
-        # only AuxK can give them a gradient.
+        # Latents 16.. get encoder columns 50x too small: they never win TopK against the others,
+        # so only AuxK can give them a gradient.
         model = original_initialize(*args, **kwargs)
         with torch.no_grad():
             model.W_enc[:, 16:] *= 0.02
@@ -153,21 +158,66 @@ def test_auxk_revives_latents_dead_at_initialisation(monkeypatch):
     monkeypatch.setattr(sae_module, "initialize_sae", initialize_with_silenced_latents)
 
     def alive_after_training(aux_k):
-        trained = train_sae(x, 64, 4, steps=300, batch_size=256, lr=4e-3, dead_tokens=1_000, aux_k=aux_k,
-                            log_every=10_000)
+        trained = train_sae(
+            x, d_sae=64, k=4, steps=300, batch_size=256, lr=4e-3, dead_tokens=1_000, aux_k=aux_k,
+            log_every=10_000
+        )
         return (firing_counts(trained.encode(x)) > 0).sum().item()
 
-    without_auxk, with_auxk = alive_after_training(aux_k=0), alive_after_training(aux_k=16)
+    without_auxk = alive_after_training(aux_k=0)
+    with_auxk = alive_after_training(aux_k=16)
     assert without_auxk <= 32
     assert with_auxk >= 56
 
 
+def test_train_sae_gives_auxk_the_residual_not_the_input(monkeypatch):
+    # AuxK's dead latents reconstruct the main error e = x - x_hat (detached), not x itself. Passing
+    # x would still revive dead latents (test above), so check the argument directly: at each step,
+    # record the batch, the SAE being trained, and what auxk_loss receives as `residual`.
+    x, _ = planted_activations(n=2_000)
+    original_initialize = sae_module.initialize_sae
+    original_batch_indices = sae_module.batch_indices
+    original_auxk_loss = sae_module.auxk_loss
+    trained = []  # the SAE train_sae builds; its weights are the current step's when AuxK runs
+    batches = []
+    checked_steps = []
+
+    def initialize_and_keep(*args, **kwargs):
+        trained.append(original_initialize(*args, **kwargs))
+        return trained[0]
+
+    def batch_indices_and_keep(*args, **kwargs):
+        batches.append(original_batch_indices(*args, **kwargs))
+        return batches[-1]
+
+    def auxk_loss_and_check(pre, dead, residual, W_dec, input_scale, aux_k):
+        batch = x[batches[-1]]  # (B, d_model)
+        with torch.no_grad():
+            x_hat, _ = trained[0](batch)
+        assert not residual.requires_grad  # detached: AuxK moves no weight through x_hat
+        torch.testing.assert_close(residual, batch - x_hat)
+        checked_steps.append(len(batches))
+        return original_auxk_loss(pre, dead, residual, W_dec, input_scale, aux_k)
+
+    monkeypatch.setattr(sae_module, "initialize_sae", initialize_and_keep)
+    monkeypatch.setattr(sae_module, "batch_indices", batch_indices_and_keep)
+    monkeypatch.setattr(sae_module, "auxk_loss", auxk_loss_and_check)
+    train_sae(
+        x, d_sae=32, k=4, steps=5, batch_size=64, lr=4e-3, dead_tokens=64, aux_k=8, log_every=10_000
+    )
+    assert checked_steps == [1, 2, 3, 4, 5]
+
+
 def test_training_is_deterministic_and_resumes_bit_identically(monkeypatch, tmp_path):
     x, _ = planted_activations(n=5_000)
-    settings = dict(steps=60, batch_size=128, lr=4e-3, dead_tokens=500, aux_k=16, seed=3, log_every=10_000)
-    uninterrupted = train_sae(x, 64, 4, **settings)
-    assert all(torch.equal(a, b) for a, b in zip(uninterrupted.state_dict().values(),
-                                                  train_sae(x, 64, 4, **settings).state_dict().values()))
+    settings = dict(
+        d_sae=64, k=4, steps=60, batch_size=128, lr=4e-3, dead_tokens=500, aux_k=16, seed=3,
+        log_every=10_000
+    )
+    uninterrupted = train_sae(x, **settings)
+    again = train_sae(x, **settings)
+    pairs = zip(uninterrupted.state_dict().values(), again.state_dict().values())
+    assert all(torch.equal(a, b) for a, b in pairs)
 
     original_batch_indices = sae_module.batch_indices
 
@@ -178,27 +228,29 @@ def test_training_is_deterministic_and_resumes_bit_identically(monkeypatch, tmp_
 
     monkeypatch.setattr(sae_module, "batch_indices", ctrl_c_during_step_25)
     with pytest.raises(Interrupted) as interrupted:
-        train_sae(x, 64, 4, **settings)
+        train_sae(x, **settings)
     monkeypatch.undo()
     assert interrupted.value.step == interrupted.value.state["step"] == 26
     torch.save(interrupted.value.state, tmp_path / "state.pt")  # the state survives a save/load
     state = torch.load(tmp_path / "state.pt")
 
-    resumed = train_sae(x, 64, 4, **settings, resume=state)
+    resumed = train_sae(x, **settings, resume=state)
     for name, tensor in uninterrupted.state_dict().items():
         assert torch.equal(tensor, resumed.state_dict()[name]), name
     with pytest.raises(ValueError, match="resume state"):
-        train_sae(x, 64, 4, **{**settings, "lr": 1e-3}, resume=state)
+        train_sae(x, **{**settings, "lr": 1e-3}, resume=state)
 
 
 def test_save_load_round_trip_gives_identical_codes(planted, tmp_path):
     x, _, trained = planted
-    torch.save({"kind": "sae", **trained.checkpoint(), "metrics": {}}, tmp_path / "sae.pt")  # extra keys are fine
+    # extra keys are fine
+    torch.save({"kind": "sae", **trained.checkpoint(), "metrics": {}}, tmp_path / "sae.pt")
     loaded = load_sae(torch.load(tmp_path / "sae.pt"))
     assert isinstance(loaded, SparseAutoencoder) and loaded.config == trained.config
     assert torch.equal(loaded.encode(x[:500]), trained.encode(x[:500]))
     with pytest.raises(ValueError, match="unknown SAE kind"):
-        load_sae({"sae_config": {**trained.config, "kind": "l1"}, "state_dict": trained.state_dict()})
+        config = {**trained.config, "kind": "l1"}
+        load_sae({"sae_config": config, "state_dict": trained.state_dict()})
 
 
 # ----------------------------------------------------------------------------- JumpReLU
@@ -293,17 +345,26 @@ class PositionSAE(nn.Module):
     """One latent whose activation is position + 1, whatever the residual stream."""
 
     def encode(self, h):
-        return torch.arange(1, h.shape[1] + 1, dtype=h.dtype, device=h.device)[None, :, None].expand(len(h), -1, 1)
+        positions = torch.arange(1, h.shape[1] + 1, dtype=h.dtype, device=h.device)  # (T,)
+        return positions[None, :, None].expand(len(h), -1, 1)  # (B, T, 1)
 
 
 def test_top_activating_contexts_never_reports_a_masked_out_position():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=32, block_size=16, n_layer=1, n_head=2, n_embd=8))
-    ids = counting_batches(1)[0]  # (8, 16)
+    ids = counting_batches(n_batches=1)[0]  # (8, 16)
     mask = torch.ones(8, 16, dtype=torch.bool)
     mask[:, 10:] = False  # e.g. padding
-    report = top_activating_contexts(model, PositionSAE(), [(ids, mask)], -1, latents=[0],
-                                     decode_fn=lambda ids: " ".join(map(str, ids)), n_examples=3, context=2)
+    report = top_activating_contexts(
+        model,
+        PositionSAE(),
+        [(ids, mask)],
+        layer=-1,
+        latents=[0],
+        decode_fn=lambda ids: " ".join(map(str, ids)),
+        n_examples=3,
+        context=2,
+    )
     values = [float(line.split()[0]) for line in report.splitlines()[1:]]
     assert values == [10.0, 10.0, 10.0]  # position 9, the last one masked in; never 11..16
 
@@ -327,7 +388,10 @@ def tiny_gpt():
 
 def counting_batches(n_batches, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randint(32, (8, 1), generator=g) + torch.arange(16)) % 32 for _ in range(n_batches)]
+    # each row counts up by one from a random start, mod 32; (8, 16) per batch
+    return [
+        (torch.randint(32, (8, 1), generator=g) + torch.arange(16)) % 32 for _ in range(n_batches)
+    ]
 
 
 class IdentitySAE(nn.Module):
@@ -336,29 +400,54 @@ class IdentitySAE(nn.Module):
 
 
 def test_ce_loss_recovered_is_one_for_an_identity_patch(tiny_gpt):
-    ce = ce_loss_recovered(tiny_gpt, IdentitySAE(), counting_batches(3), layer=-1)
+    ce = ce_loss_recovered(tiny_gpt, IdentitySAE(), counting_batches(n_batches=3), layer=-1)
     assert ce["ce_sae"] == ce["ce_clean"]
-    assert ce["ce_zero_ablation"] > ce["ce_clean"] + 0.5  # the learned pattern really is in the stream
+    # the learned pattern really is in the stream
+    assert ce["ce_zero_ablation"] > ce["ce_clean"] + 0.5
     assert ce["recovered"] == pytest.approx(1.0)
 
 
 def test_harvest_train_evaluate_and_report_on_a_tiny_gpt(tiny_gpt, capsys):
     tiny_gpt.train()
-    batches = counting_batches(40)
+    batches = counting_batches(n_batches=40)
     padding_mask = torch.ones(8, 16, dtype=torch.bool)
     padding_mask[:, 12:] = False
-    activations = harvest_activations(tiny_gpt, [(ids, padding_mask) for ids in batches], layer=-1, max_tokens=3_000)
+    activations = harvest_activations(
+        tiny_gpt,
+        [(ids, padding_mask) for ids in batches],
+        layer=-1,
+        max_tokens=3_000,
+    )
     assert activations.shape == (3_000, 32) and activations.device.type == "cpu"
     assert tiny_gpt.training  # mode restored
     _, hidden = tiny_gpt(batches[0], hidden_layer=-1)
-    torch.testing.assert_close(activations[:12], hidden[0, :12].detach())  # row 0, masked-in positions
+    # row 0, masked-in positions
+    torch.testing.assert_close(activations[:12], hidden[0, :12].detach())
 
-    trained = train_sae(activations, 64, 4, steps=200, batch_size=256, lr=4e-3, log_every=100)
-    held_out = counting_batches(4, seed=2)
-    metrics = evaluate_sae(tiny_gpt, trained, iter(held_out), -1, train_activations=activations)
+    trained = train_sae(
+        activations, d_sae=64, k=4, steps=200, batch_size=256, lr=4e-3, log_every=100
+    )
+    held_out = counting_batches(n_batches=4, seed=2)
+    metrics = evaluate_sae(
+        tiny_gpt,
+        trained,
+        iter(held_out),
+        layer=-1,
+        train_activations=activations,
+    )
     assert metrics["fvu"] < 0.2 and metrics["recovered"] > 0.8 and metrics["l0"] <= 4
-    assert metrics["dead_fraction_source"] == "training" and metrics["dead_fraction_tokens"] == 3_000
+    assert metrics["dead_fraction_source"] == "training"
+    assert metrics["dead_fraction_tokens"] == 3_000
     assert "sae step 200/200" in capsys.readouterr().out
 
-    report = top_activating_contexts(tiny_gpt, trained, held_out, -1, latents=[0, 1], decode_fn=lambda ids: " ".join(map(str, ids)), n_examples=3, context=2)
+    report = top_activating_contexts(
+        tiny_gpt,
+        trained,
+        held_out,
+        layer=-1,
+        latents=[0, 1],
+        decode_fn=lambda ids: " ".join(map(str, ids)),
+        n_examples=3,
+        context=2,
+    )
     assert report.splitlines()[0].startswith("latent 0:")

@@ -15,6 +15,7 @@ import time
 import pytest
 import torch
 
+import config
 import data
 import train
 from conftest import REPO, TINY, copy_outputs, interrupt_at, run_main_as_script
@@ -114,7 +115,7 @@ CASES += [("(other)", argv, text) for argv, text in OTHER_CASES]
 
 
 def test_the_flags_are_the_config_fields_and_every_one_has_a_case():
-    assert set(vars(train.build_parser().parse_args([]))) == set(ALL_FLAGS)
+    assert set(vars(config.build_parser("").parse_args([]))) == set(ALL_FLAGS)
     assert not set(PARSE_CASES) - set(ALL_FLAGS), "cases for flags that no longer exist"
     assert DATA_FLAGS <= set(ALL_FLAGS)
 

@@ -1,0 +1,544 @@
+"""The evidence: FPO against its baselines, each tuned alike. Nothing imports this file.
+
+    python experiments.py --sweep     every method at 9 settings of its own knobs, judged on the
+                                      validation prompts along twice the default length; each
+                                      method's pick; the reward-KL frontier and the
+                                      over-optimisation curves as SVG files
+    python experiments.py --compare   every method at its pick (or COMPARE_ROWS without a sweep)
+                                      for --seeds seeds: one table, and paired differences from FPO
+    python experiments.py --bench     step times on identical batches, and each training loop's
+                                      peak memory
+
+Every flag of `python train.py` applies (`--out_dir`, `--pref_steps`, ...). Each training run
+happens in a child process, so its memory is its own.
+"""
+
+import dataclasses
+import json
+import multiprocessing
+import re
+import resource
+import statistics
+import sys
+import time
+import weakref
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import data
+import report
+import train
+from config import Config, parse_args, run_command, stage_settings
+from evaluate import paired_difference
+from model import GPT
+from runtime import UsageError, autocast, batch_indices, pick_device, synchronize
+
+# Per-method settings for --bench, and for --compare without a --sweep: FPO at the defaults (from
+# its sweep grid), the baselines as in their papers. beta is on the scale of each method's
+# log-probs: summed for DPO and TDPO, averaged (about 15x smaller here) for FPO and SimPO.
+COMPARE_ROWS = {
+    "FPO": {"method": "fpo", "beta": 2.0, "alpha": 16.0},
+    "FPO (alpha=0)": {"method": "fpo", "beta": 2.0, "alpha": 0.0},
+    "DPO": {"method": "dpo", "beta": 0.1},
+    "DPO (offline cache)": {"method": "dpo_offline", "beta": 0.1},
+    "SimPO": {"method": "simpo", "beta": 2.0, "gamma": 0.5},
+    "TDPO-1": {"method": "tdpo1", "beta": 0.1},
+    "TDPO-2": {"method": "tdpo2", "beta": 0.1, "alpha": 0.5},
+}
+TABLE_COLUMNS = {  # column: (results key path, digits)
+    "win rate": (("win_rate",), 3),
+    "judge score": (("policy", "judge_score"), 3),
+    "valid": (("policy", "valid_rate"), 3),
+    "reward acc (own)": (("reward_accuracy",), 3),
+    "reward acc (DPO)": (("implicit_reward_accuracy",), 3),
+    "KL from ref": (("policy", "kl_from_reference"), 2),
+    "entropy": (("policy", "entropy_per_token"), 3),
+    "distinct-2": (("policy", "distinct_2"), 3),
+    "length": (("policy", "mean_length"), 1),
+    "feature drift": (("feature_drift",), 4),
+    "ms/step": (("median_step_ms",), 1),
+}
+
+
+def with_method(cfg: Config, overrides: dict) -> Config:
+    """cfg with one COMPARE_ROWS entry's preference settings."""
+    return dataclasses.replace(cfg, prefer=dataclasses.replace(cfg.prefer, **overrides))
+
+
+def compare_tag(label: str, seed: int) -> str:
+    return "compare_" + re.sub(r"\W+", "_", label.lower()).strip("_") + f"_seed{seed}"
+
+
+def pretrain_if_missing(cfg: Config, device) -> None:
+    """The GPT and SAE every method starts from: trained here unless --out_dir has them."""
+    if not (Path(cfg.run.out_dir) / "gpt.pt").exists():
+        train.pretrain(cfg, device)
+    if not (Path(cfg.run.out_dir) / "sae.pt").exists():
+        train.train_sae_stage(cfg, device)
+
+
+def in_child_process(function, *args):
+    """Run function(*args) in a fresh process and return its result, so peak memory is the
+    method's own and nothing (allocator state, caches) leaks from one method to the next. The
+    child uses this process's CPU thread count (--threads), which decides how reductions round."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(
+        1, initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),)
+    ) as pool:
+        return pool.apply(function, args)
+
+
+# ----------------------------------------------------------------------------------------------
+# --sweep: every method tuned alike on validation prompts; the reward-KL frontier;
+# over-optimisation
+
+# Every method gets the same budget: 3 learning rates x 3 settings of its other knobs (beta, and
+# gamma for SimPO or alpha for FPO and TDPO-2) = 9 runs, each evaluated at 6 points along twice
+# the default length, so the pick also chooses when to stop. beta is on the scale of each
+# method's log-probs: summed for DPO and TDPO, averaged (about 15x smaller) for FPO and SimPO.
+# FPO's D(y) scales with the SAE's activations, so its alpha is searched over decades rather
+# than taken from the paper.
+SWEEP_LRS = (2e-5, 6e-5, 1.8e-4)
+SWEEP_KNOBS = {
+    "FPO": [
+        {"method": "fpo", "beta": beta, "alpha": alpha}
+        for beta, alpha in ((2.0, 4.0), (2.0, 16.0), (4.0, 16.0))
+    ],
+    "DPO": [{"method": "dpo", "beta": beta} for beta in (0.05, 0.1, 0.3)],
+    "DPO (offline cache)": [{"method": "dpo_offline", "beta": beta} for beta in (0.05, 0.1, 0.3)],
+    "SimPO": [
+        {"method": "simpo", "beta": beta, "gamma": gamma}
+        for beta, gamma in ((2.0, 0.5), (2.0, 1.5), (4.0, 1.0))
+    ],
+    "TDPO-1": [{"method": "tdpo1", "beta": beta} for beta in (0.05, 0.1, 0.3)],
+    "TDPO-2": [
+        {"method": "tdpo2", "beta": beta, "alpha": alpha}
+        for beta, alpha in ((0.1, 0.5), (0.1, 2.0), (0.3, 2.0))
+    ],
+}
+ALPHA_ABLATION = (0.0, 1.0, 4.0, 16.0, 64.0)  # FPO at the default --pref_lr and length
+VALIDITY_FLOOR = 0.9  # a pick must keep at least this share of the reference's valid rate
+POINT_KEYS = {
+    "judge_score": ("policy", "judge_score"),
+    "valid_rate": ("policy", "valid_rate"),
+    "kl_from_reference": ("policy", "kl_from_reference"),
+    "win_rate": ("win_rate",),
+}
+
+
+def sweep_tag(overrides: dict) -> str:
+    parts = [
+        f"{key}{value:g}" if isinstance(value, float) else str(value)
+        for key, value in overrides.items()
+    ]
+    return "sweep_" + "_".join(parts)
+
+
+def sweep(cfg: Config, device) -> None:
+    """Train every method at each setting of its grid for twice --pref_steps, judge the validation
+    prompts every third of --pref_steps, and pick per method the (setting, length) with the
+    highest judge score among those keeping VALIDITY_FLOOR of the reference's validity. Finished
+    runs are skipped on a rerun. Writes sweep_picks.json (what --compare runs), sweep.md and
+    three SVGs."""
+    out = Path(cfg.run.out_dir)
+    every = max(1, cfg.prefer.pref_steps // 3)
+    pretrain_if_missing(cfg, device)
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, eval_split="validation"))
+    grid = [
+        (label, knobs | {"pref_lr": lr})
+        for label, all_knobs in SWEEP_KNOBS.items()
+        for knobs in all_knobs
+        for lr in SWEEP_LRS
+    ]
+    beta, lr = cfg.prefer.beta, cfg.prefer.pref_lr  # the alpha ablation's, the defaults
+    grid += [
+        ("FPO alpha ablation", {"method": "fpo", "beta": beta, "alpha": alpha, "pref_lr": lr})
+        for alpha in ALPHA_ABLATION
+    ]
+    print(f"\n== sweep: {len(grid)} runs of {2 * cfg.prefer.pref_steps} steps, "
+          f"judged every {every} steps on validation prompts ==")
+    runs = {}
+    reference_samples = {}
+    started = time.time()
+    gpt_fingerprint = train.load_gpt(cfg, device)[1]
+    # A finished run counts only for this reference GPT and SAE, its training settings and the
+    # judging.
+    made_from = {
+        "GPT": gpt_fingerprint,
+        "SAE": train.load_trained_sae(cfg, gpt_fingerprint, device)[1],
+        "eval": dataclasses.asdict(cfg.eval),
+    }
+    for number, (label, overrides) in enumerate(grid, 1):
+        tag = sweep_tag(overrides)
+        path = out / f"{tag}_results.json"
+        print(f"sweep: run {number}/{len(grid)} ({label}, {overrides}) | "
+              f"{time.time() - started:.0f}s", flush=True)
+        run_cfg = with_method(cfg, overrides | {"pref_steps": 2 * cfg.prefer.pref_steps})
+        run_made_from = made_from | {"settings": stage_settings(run_cfg, "prefer")}
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        if saved.get("made_from") == run_made_from:
+            runs[tag] = saved
+            continue
+        train.train_preference(run_cfg, device, cfg.run.seed, tag, snapshot_every=every)
+        points = []
+        for step in range(every, 2 * cfg.prefer.pref_steps + 1, every):
+            snapshot = f"{tag}_step{step}"
+            results = train.evaluate_policy(
+                run_cfg, device, cfg.run.seed, snapshot, reference_samples
+            )
+            point = {key: report.nested(results, key_path) for key, key_path in POINT_KEYS.items()}
+            points.append({"step": step} | point)
+            (out / f"{snapshot}.pt").unlink()
+        runs[tag] = {
+            "label": label,
+            "tag": tag,
+            "overrides": overrides,
+            "points": points,
+            "reference": results["reference"],
+            "made_from": run_made_from,
+        }
+        path.write_text(json.dumps(runs[tag], indent=2))
+    reference = next(iter(runs.values()))["reference"]
+    # By grid membership, not by each saved run's label: one run can be a grid point and an
+    # ablation point.
+    grid_runs = {
+        label: [runs[sweep_tag(overrides)] for run_label, overrides in grid if run_label == label]
+        for label in SWEEP_KNOBS
+    }
+    picks = {
+        label: pick_setting(label_runs, reference["valid_rate"])
+        for label, label_runs in grid_runs.items()
+    }
+    (out / "sweep_picks.json").write_text(json.dumps(picks, indent=2))
+    ablation = {
+        overrides["alpha"]: point
+        for run_label, overrides in grid
+        if run_label == "FPO alpha ablation"
+        for point in runs[sweep_tag(overrides)]["points"]
+        if point["step"] == cfg.prefer.pref_steps
+    }
+    pref_cfg = cfg.prefer
+    ablation_setting = (
+        f"beta {pref_cfg.beta:g}, lr {pref_cfg.pref_lr:g}, {pref_cfg.pref_steps} steps"
+    )
+    sweep_md = report.sweep_report(picks, ablation, reference, ablation_setting)
+    (out / "sweep.md").write_text(sweep_md)
+    write_sweep_charts(out, runs, grid_runs, picks)
+    print("\n" + sweep_md + f"\nsweep: wrote {out / 'sweep_picks.json'}, {out / 'sweep.md'} and "
+          f"frontier.svg, validity.svg, win_rate.svg in {out} | "
+          f"{(time.time() - started) / 60:.1f} min")
+
+
+def pick_setting(runs: list[dict], reference_valid: float) -> dict:
+    """The (setting, length) with the highest validation judge score among those whose valid rate
+    is at least VALIDITY_FLOOR x the reference's; if none is, the most valid one."""
+    candidates = [
+        {
+            "settings": run["overrides"] | {"pref_steps": point["step"]},
+            "validation": point,
+            "run": run["tag"],
+        }
+        for run in runs
+        for point in run["points"]
+    ]
+    fluent = [
+        c for c in candidates if c["validation"]["valid_rate"] >= VALIDITY_FLOOR * reference_valid
+    ]
+    if fluent:
+        return max(fluent, key=lambda c: c["validation"]["judge_score"])
+    return max(candidates, key=lambda c: c["validation"]["valid_rate"])
+
+
+def write_sweep_charts(out: Path, runs: dict, grid_runs: dict, picks: dict) -> None:
+    """frontier.svg: judge score against KL at every point of every grid run; validity.svg and
+    win_rate.svg: along the picked setting's run of each method."""
+    frontier = {
+        label: [
+            (point["kl_from_reference"], point["judge_score"])
+            for run in label_runs
+            for point in run["points"]
+        ]
+        for label, label_runs in grid_runs.items()
+    }
+    chart = report.svg_chart(
+        "Reward-KL frontier (validation prompts, every grid point)",
+        "KL(policy || reference), log scale",
+        "judge score",
+        frontier,
+        lines=False,
+        log_x=True,
+    )
+    (out / "frontier.svg").write_text(chart)
+    for key, name, title in (
+        ("valid_rate", "validity", "Validity"),
+        ("win_rate", "win_rate", "Win rate over the reference"),
+    ):
+        series = {
+            label: [(p["step"], p[key]) for p in runs[pick["run"]]["points"]]
+            for label, pick in picks.items()
+        }
+        chart = report.svg_chart(
+            f"{title} along training, each method at its pick's setting",
+            "steps",
+            key.replace("_", " "),
+            series,
+            lines=True,
+        )
+        (out / f"{name}.svg").write_text(chart)
+
+
+# ----------------------------------------------------------------------------------------------
+# --compare: each method at its --sweep pick, on the test prompts, over --seeds seeds
+
+
+def compare_rows(out: Path) -> dict[str, dict]:
+    """Each row's preference settings: the picks of --sweep if out_dir holds them (FPO's also with
+    alpha 0), else COMPARE_ROWS at the default length."""
+    path = out / "sweep_picks.json"
+    if not path.exists():
+        print(f"compare: no {path} (run --sweep first to tune every method alike); "
+              "using COMPARE_ROWS")
+        return COMPARE_ROWS
+    picks = {label: pick["settings"] for label, pick in json.loads(path.read_text()).items()}
+    print(f"compare: the settings --sweep picked, from {path}")
+    return {"FPO": picks["FPO"], "FPO (alpha=0)": picks["FPO"] | {"alpha": 0.0}} | picks
+
+
+def compare(cfg: Config, device) -> None:
+    out = Path(cfg.run.out_dir)
+    pretrain_if_missing(cfg, device)
+    settings = compare_rows(out)
+    print(f"\n== compare: {', '.join(settings)} x {cfg.run.seeds} seeds ==")
+    rows = []
+    started = time.time()
+    for seed in range(cfg.run.seed, cfg.run.seed + cfg.run.seeds):
+        reference_samples = {}
+        for label, overrides in settings.items():
+            row_cfg = with_method(cfg, overrides)
+            tag = compare_tag(label, seed)
+            row_path = out / f"{tag}_results.json"
+            if cfg.run.resume and row_path.exists():  # finished before an interruption
+                print(f"compare: {label}, seed {seed}: finished earlier ({row_path}); "
+                      "skipped (--resume)")
+                rows.append(json.loads(row_path.read_text()))
+                continue
+            cost = in_child_process(train.train_preference, row_cfg, device, seed, tag)
+            results = train.evaluate_policy(row_cfg, device, seed, tag, reference_samples)
+            results.update(label=label, median_step_ms=1000 * cost["median_step_s"])
+            row_path.write_text(json.dumps(results, indent=2))
+            rows.append(results)
+    labels = list(settings)
+    table = report.compare_table(
+        rows, labels, TABLE_COLUMNS, cfg.run.seeds, win_rate_differences(rows, labels)
+    )
+    (out / "compare.md").write_text(table)
+    compare_json = {
+        "rows": rows,
+        "settings": settings,
+        "preference": dataclasses.asdict(cfg.prefer),
+    }
+    (out / "compare.json").write_text(json.dumps(compare_json, indent=2))
+    print("\n" + table)
+    for label in settings:
+        print(report.text_chart(label, out / f"{compare_tag(label, cfg.run.seed)}_log.jsonl"))
+    print(f"compare: wrote {out / 'compare.md'} and {out / 'compare.json'} | "
+          f"{(time.time() - started) / 60:.1f} min")
+
+
+def win_rate_differences(rows: list[dict], labels: list[str]) -> dict:
+    """Each baseline's paired difference in per-prompt wins from FPO's, {label: (mean, low,
+    high)}, over the same seeds and prompts; empty without judged rows."""
+    by_seed = sorted(rows, key=lambda r: r["seed"])
+    wins = {
+        label: [
+            row["prompt_wins"] for row in by_seed if row["label"] == label and "prompt_wins" in row
+        ]
+        for label in labels
+    }
+    if not wins["FPO"]:
+        return {}
+    return {label: paired_difference(wins["FPO"], wins[label]) for label in labels[1:]}
+
+
+# ----------------------------------------------------------------------------------------------
+# --bench, and the memory of a training loop alone, with everything it needs already loaded
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """While active, the bytes of every tensor storage an op allocates, until it is freed: `peak`
+    is the most that was live at once, counting nothing allocated before (weights, data, cache).
+    Outputs that alias an input (views, in-place updates) allocate nothing and are skipped."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self.tracked = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, torch.Tensor)
+        }
+        for tensor in tree_flatten(out)[0]:
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            if id(storage) in self.tracked or storage.data_ptr() in inputs:
+                continue
+            self.tracked.add(id(storage))
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+            # runs when the storage is freed
+            weakref.finalize(storage, self._freed, id(storage), storage.nbytes())
+        return out
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        self.tracked.discard(key)
+        self.live -= nbytes
+
+
+class LoopPeakMemory:
+    """Around a training loop (train_preference's `measure`), two peaks in MB:
+    - `loop_mb`, the loop's own: on CUDA max allocated above what was allocated on entering; on
+      the CPU and MPS the peak of live tensor bytes allocated inside the loop (LiveTensorBytes);
+    - `rss_mb`, the whole process's peak resident set size (since entering on Linux, over its
+      lifetime elsewhere): torch, data and cache included, which every method holds alike."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.loop_mb = float("nan")
+        self.rss_mb = float("nan")
+        self.tensors = LiveTensorBytes()
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.allocated_before = torch.cuda.memory_allocated(self.device)
+        else:
+            self.tensors.__enter__()
+        if Path("/proc/self/clear_refs").exists():
+            Path("/proc/self/clear_refs").write_text("5")  # "5" resets VmHWM to the current RSS
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+            self.loop_mb = (peak - self.allocated_before) / 2**20
+        else:
+            self.tensors.__exit__(*exc)
+            self.loop_mb = self.tensors.peak / 2**20
+        status = Path("/proc/self/status")
+        if status.exists():
+            peak_kb = re.search(r"VmHWM:\s+(\d+) kB", status.read_text()).group(1)
+            self.rss_mb = int(peak_kb) / 2**10
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            # bytes on macOS, KiB elsewhere
+            self.rss_mb = peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+        return False
+
+
+def train_and_measure(cfg: Config, device, seed: int, tag: str) -> dict:
+    """train_preference, with its median step time and its loop's peak memory."""
+    memory = LoopPeakMemory(device)
+    cost = train.train_preference(cfg, device, seed, tag, measure=memory)
+    return cost | {"loop_memory_mb": memory.loop_mb, "peak_rss_mb": memory.rss_mb}
+
+
+def bench(cfg: Config, device) -> None:
+    """Median training-step time of each method on identical batches, interleaved A B C A B C so
+    drift in machine speed hits every method alike; then each method's training-loop memory,
+    measured in a fresh process that loads only what that method needs. The GPT size flags pick
+    the model (a short --pretrain_steps is enough for timing)."""
+    pretrain_if_missing(cfg, device)
+    print(f"\n== bench: {cfg.run.bench_steps} interleaved steps per method ==")
+    reference, gpt_fingerprint = train.load_gpt(cfg, device)
+    reference.eval().requires_grad_(False)
+    inputs = train.load_preference_inputs(cfg, reference, gpt_fingerprint, device)
+    settings = {
+        label: with_method(cfg, overrides).prefer for label, overrides in COMPARE_ROWS.items()
+    }
+    policies = {label: GPT(reference.config).to(device) for label in settings}
+    optimizers = {}
+    for label, policy in policies.items():
+        policy.load_state_dict(reference.state_dict())
+        optimizers[label] = torch.optim.AdamW(
+            policy.parameters(), lr=settings[label].pref_lr, weight_decay=0.0
+        )
+    n_warmup = 3
+    eos = data.eos_id(inputs.enc)
+    step_ms = {label: [] for label in settings}
+    for step in range(n_warmup + cfg.run.bench_steps):
+        picks = batch_indices(
+            len(inputs.train_pairs), cfg.prefer.pref_batch_size, cfg.run.seed, step
+        )
+        batch = data.pair_batch(inputs.train_pairs, picks, row_offset=0, eos_id=eos, device=device)
+        for label, pref_cfg in settings.items():
+            started = time.perf_counter()
+            with autocast(device):
+                result = train.preference_losses(
+                    pref_cfg, cfg.sae.sae_layer, policies[label], batch, inputs, reference
+                )
+            optimizers[label].zero_grad(set_to_none=True)
+            result.losses.mean().backward()
+            torch.nn.utils.clip_grad_norm_(policies[label].parameters(), pref_cfg.grad_clip)
+            optimizers[label].step()
+            synchronize(device)
+            if step >= n_warmup:
+                step_ms[label].append(1000 * (time.perf_counter() - started))
+    results = {
+        label: {"median_step_ms": statistics.median(times)} for label, times in step_ms.items()
+    }
+    for label, overrides in COMPARE_ROWS.items():
+        memory_cfg = with_method(cfg, overrides | {"pref_steps": n_warmup + 2})
+        tag = "bench_" + compare_tag(label, cfg.run.seed)
+        results[label] |= in_child_process(train_and_measure, memory_cfg, device, cfg.run.seed, tag)
+    ratios = {
+        f"FPO/{other} {measure}": results["FPO"][key] / results[other][key]
+        for measure, key in (("time", "median_step_ms"), ("loop memory", "loop_memory_mb"))
+        for other in ("SimPO", "DPO", "TDPO-2")
+    }
+    pretrain_cfg = cfg.pretrain
+    n_parameters = sum(p.numel() for p in reference.parameters())
+    memory_kind = "max allocated" if device.type == "cuda" else "live tensors"
+    print(f"\nGPT {pretrain_cfg.n_layer} x {pretrain_cfg.n_embd}, {n_parameters:,} parameters; "
+          f"SAE {inputs.sae.d_sae} latents; {device}")
+    print(f"| method | median ms/step | loop memory MB ({memory_kind}) | peak RSS MB |")
+    print("|---|---|---|---|")
+    for label, values in results.items():
+        print(f"| {label} | {values['median_step_ms']:.1f} | {values['loop_memory_mb']:.1f} | "
+              f"{values['peak_rss_mb']:.0f} |")
+    print("\n" + " | ".join(f"{name} {ratio:.3f}" for name, ratio in ratios.items()))
+    path = Path(cfg.run.out_dir) / "bench.json"
+    bench_json = {
+        "device": str(device),
+        "steps": cfg.run.bench_steps,
+        "gpt": dataclasses.asdict(pretrain_cfg),
+        "d_sae": inputs.sae.d_sae,
+        "methods": results,
+        "ratios": ratios,
+    }
+    path.write_text(json.dumps(bench_json, indent=2))
+    print(f"bench: wrote {path}")
+
+
+def main(argv: list[str]) -> None:
+    cfg = parse_args(argv, description=__doc__.split("\n\n")[0])
+    chosen = [name for name in ("bench", "compare", "sweep") if getattr(cfg.run, name)]
+    if len(chosen) != 1:
+        raise UsageError("pick one experiment: --sweep, --compare or --bench")
+    device = pick_device(cfg.run.device)
+    torch.set_num_threads(cfg.run.threads or torch.get_num_threads())
+    print(f"device: {device} ({torch.get_num_threads()} CPU threads)\n{cfg.run}")
+    train.check_inputs_and_outputs(cfg)
+    {"bench": bench, "compare": compare, "sweep": sweep}[chosen[0]](cfg, device)
+
+
+if __name__ == "__main__":
+    run_command(main)

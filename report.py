@@ -1,0 +1,313 @@
+"""Results as text and pictures: the eval summary, Markdown tables, SVG charts and text charts.
+
+Standard library only, and no computing: every function formats numbers it is given.
+"""
+
+import json
+import math
+import statistics
+from html import escape
+from pathlib import Path
+
+
+def nested(results: dict, path: tuple):
+    """results[path[0]][path[1]]..., or NaN where a key is missing."""
+    for key in path:
+        results = results.get(key, float("nan")) if isinstance(results, dict) else float("nan")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# The eval stage's printout
+
+
+def summary_text(results: dict, path: Path) -> str:
+    """What `python train.py` prints at the end: held-out accuracy, each model's sample statistics,
+    the win rate, and three example responses."""
+    lines = [
+        "\n== summary ==",
+        f"method {results['method']} | held-out reward accuracy: "
+        f"its own reward {results['reward_accuracy']:.3f}, "
+        f"implicit DPO reward {results['implicit_reward_accuracy']:.3f} | "
+        f"feature drift {results['feature_drift']:.4g}",
+    ]
+    for name in ("policy", "reference"):
+        stats = results[name]
+        judged = ""
+        if "judge_score" in stats:
+            judged = (
+                f"judge score {stats['judge_score']:.3f} | valid {stats['valid_rate']:.3f} | "
+                f"on topic {stats['on_topic_rate']:.3f} | positive {stats['positive_rate']:.3f} | "
+            )
+        lines.append(
+            f"{name:<9} | {judged}length {stats['mean_length']:.1f} | "
+            f"entropy {stats['entropy_per_token']:.3f} | distinct-2 {stats['distinct_2']:.3f} | "
+            f"KL from reference {stats['kl_from_reference']:.3f}"
+        )
+    if "win_rate" in results:
+        lines.append(
+            "win rate of the policy over the reference (judge, ties count half): "
+            f"{results['win_rate']:.3f}"
+        )
+    for example in results["examples"][:3]:
+        lines.append(f"  prompt: {example['prompt']!r}")
+        lines.append(f"    reference: {example['reference']!r}")
+        lines.append(f"    policy:    {example['policy']!r}")
+    lines.append(f"results: {path}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Markdown tables
+
+
+def mean_and_spread(values: list[float], digits: int) -> str:
+    """'mean ± standard deviation' of the values; the mean alone for a single value."""
+    spread = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.{digits}f}{spread}"
+
+
+def compare_table(
+    rows: list[dict],
+    labels: list[str],
+    columns: dict,
+    n_seeds: int,
+    differences: dict[str, tuple[float, float, float]],
+) -> str:
+    """Markdown: one row per method, mean ± standard deviation over seeds of each column
+    ({name: (results key path, digits)}); then each baseline's paired difference in win rate from
+    FPO, {label: (mean, low, high)}, with its 95% bootstrap interval over prompts."""
+    lines = [f"| method | {' | '.join(columns)} |", "|---" * (len(columns) + 1) + "|"]
+    for label in labels:
+        cells = []
+        for path, digits in columns.values():
+            values = [float(nested(row, path)) for row in rows if row["label"] == label]
+            cells.append(mean_and_spread(values, digits))
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    lines.append(f"\nMean ± standard deviation over {n_seeds} seed(s).\n")
+    if differences:
+        lines += ["| FPO's win rate minus | difference | 95% interval |", "|---|---|---|"]
+        for label, (mean, low, high) in differences.items():
+            lines.append(f"| {label} | {mean:+.3f} | [{low:+.3f}, {high:+.3f}] |")
+        n_prompts = len(next(row["prompt_wins"] for row in rows if "prompt_wins" in row))
+        lines.append(
+            f"\nPaired: the same {n_seeds} seed(s) and the same {n_prompts} test prompts; "
+            "the interval is a bootstrap over prompts.\n"
+        )
+    return "\n".join(lines)
+
+
+def sweep_report(picks: dict, ablation: dict, reference: dict, ablation_setting: str) -> str:
+    """Markdown: each method's pick and its validation numbers; FPO's alpha ablation."""
+    lines = [
+        f"Reference on the validation prompts: judge score {reference['judge_score']:.3f}, "
+        f"valid {reference['valid_rate']:.3f}, on topic {reference['on_topic_rate']:.3f}, "
+        f"positive {reference['positive_rate']:.3f}.\n",
+        "| method | picked setting | steps | judge score | valid | win rate | KL from ref |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, pick in picks.items():
+        setting = ", ".join(
+            f"{key} {value:g}"
+            for key, value in pick["settings"].items()
+            if key not in ("method", "pref_steps")
+        )
+        point = pick["validation"]
+        lines.append(
+            f"| {label} | {setting} | {pick['settings']['pref_steps']} | "
+            f"{point['judge_score']:.3f} | {point['valid_rate']:.3f} | {point['win_rate']:.3f} | "
+            f"{point['kl_from_reference']:.2f} |"
+        )
+    lines += [
+        "",
+        f"FPO's alpha ablation: {ablation_setting}, validation prompts.",
+        "",
+        "| alpha | judge score | valid | win rate | KL from ref |",
+        "|---|---|---|---|---|",
+    ]
+    for alpha, point in ablation.items():
+        lines.append(
+            f"| {alpha:g} | {point['judge_score']:.3f} | {point['valid_rate']:.3f} | "
+            f"{point['win_rate']:.3f} | {point['kl_from_reference']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+RUN_COLUMNS = {  # column: (results key path, digits)
+    "win rate": (("win_rate",), 3),
+    "valid": (("policy", "valid_rate"), 3),
+    "reference valid": (("reference", "valid_rate"), 3),
+    "judge score": (("policy", "judge_score"), 3),
+    "reference judge score": (("reference", "judge_score"), 3),
+    "reference on topic": (("reference", "on_topic_rate"), 3),
+    "reference positive": (("reference", "positive_rate"), 3),
+    "KL from ref": (("policy", "kl_from_reference"), 2),
+    "minutes": (("seconds", "total"), 1),
+}
+
+
+def runs_table(names: list[str], runs: list[dict]) -> str:
+    """Markdown: one row per finished run (its results.json, named by its directory), then the
+    mean ± standard deviation of every column. minutes: the stages that wrote the results.json
+    ran (all five for a whole `python train.py`)."""
+    for run in runs:
+        seconds = run.setdefault("seconds", {})
+        seconds["total"] = sum(seconds.values()) / 60  # minutes
+    header = f"| run | seed | threads | {' | '.join(RUN_COLUMNS)} |"
+    lines = [header, "|---" * (len(RUN_COLUMNS) + 3) + "|"]
+    for name, run in zip(names, runs):
+        cells = [f"{nested(run, path):.{digits}f}" for path, digits in RUN_COLUMNS.values()]
+        lines.append(f"| {name} | {run['seed']} | {run['cpu_threads']} | {' | '.join(cells)} |")
+    spread = []
+    for path, digits in RUN_COLUMNS.values():
+        values = [nested(run, path) for run in runs]
+        stdev = statistics.stdev(values) if len(values) > 1 else 0
+        spread.append(f"{statistics.mean(values):.{digits}f} ± {stdev:.{digits}f}")
+    return "\n".join(lines + [f"| mean ± std | | | {' | '.join(spread)} |"]) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# SVG charts: one <g class="series" data-label=...> per series, so a test can count them.
+
+SVG_COLOURS = ("#1f77b4", "#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2")
+
+
+def svg_text(x: float, y: float, content: str, anchor: str = "start", extra: str = "") -> str:
+    return (
+        f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" font-size="12"{extra}>'
+        f"{escape(content)}</text>"
+    )
+
+
+def svg_plot(
+    box: tuple[float, float, float, float],
+    series: dict[str, list[tuple[float, float]]],
+    lines: bool,
+    log_x: bool = False,
+    first_colour: int = 0,
+    legend_at: tuple[float, float] | None = None,
+) -> list[str]:
+    """SVG elements of one plot in box (left, top, right, bottom), in pixels: grid lines with
+    their values, the axes, and each series' points as circles (joined when `lines`), with its
+    legend entry at legend_at (x, y), one row down per series, when given."""
+    left, top, right, bottom = box
+    scale_x = (lambda x: math.log10(max(x, 1e-3))) if log_x else (lambda x: x)
+    xs = [scale_x(x) for points in series.values() for x, _ in points]
+    ys = [y for points in series.values() for _, y in points]
+    x_low, x_high = min(xs), max(xs) + 1e-9
+    y_low, y_high = min(ys), max(ys) + 1e-9
+
+    def px(x: float) -> float:
+        return left + (scale_x(x) - x_low) / (x_high - x_low) * (right - left)
+
+    def py(y: float) -> float:
+        return bottom - (y - y_low) / (y_high - y_low) * (bottom - top)
+
+    parts = []
+    if log_x:
+        x_ticks = [10.0**e for e in range(math.ceil(x_low), math.floor(x_high) + 1)]
+    else:
+        x_ticks = [x_low + i * (x_high - x_low) / 4 for i in range(5)]
+    for tick in x_ticks:
+        parts.append(f'<path d="M{px(tick):.1f},{top} V{bottom}" stroke="#ddd"/>')
+        parts.append(svg_text(px(tick), bottom + 16, f"{tick:.3g}", "middle"))
+    for tick in (y_low + i * (y_high - y_low) / 4 for i in range(5)):
+        parts.append(f'<path d="M{left},{py(tick):.1f} H{right}" stroke="#ddd"/>')
+        parts.append(svg_text(left - 6, py(tick) + 4, f"{tick:.3g}", "end"))
+    parts.append(f'<path d="M{left},{top} V{bottom} H{right}" stroke="black" fill="none"/>')
+    for i, (label, points) in enumerate(series.items()):
+        colour = SVG_COLOURS[(first_colour + i) % len(SVG_COLOURS)]
+        parts.append(
+            f'<g class="series" data-label="{escape(label)}" fill="{colour}" stroke="{colour}">'
+        )
+        if lines and points:
+            joined = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in points)
+            parts.append(f'<polyline fill="none" points="{joined}"/>')
+        parts += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3"/>' for x, y in points]
+        if legend_at:
+            x, y = legend_at
+            parts.append(f'<rect x="{x}" y="{y + 18 * i}" width="10" height="10"/>')
+            parts.append(svg_text(x + 16, y + 18 * i + 9, label, extra=' stroke="none"'))
+        parts.append("</g>")
+    return parts
+
+
+def svg_chart(
+    title: str,
+    x_label: str,
+    y_label: str,
+    series: dict[str, list[tuple[float, float]]],
+    lines: bool,
+    log_x: bool = False,
+) -> str:
+    """One chart as SVG text: a plot of every series on shared axes, and a legend."""
+    width, height, left, right, top, bottom = 640, 400, 70, 170, 40, 50
+    middle_y = (top + height - bottom) / 2
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        'font-family="sans-serif">',
+        '<rect width="100%" height="100%" fill="white"/>',
+        svg_text(width / 2, 20, title, "middle", ' font-weight="bold"'),
+        svg_text((left + width - right) / 2, height - 12, x_label, "middle"),
+        svg_text(16, middle_y, y_label, "middle", f' transform="rotate(-90 16 {middle_y})"'),
+    ]
+    box = (left, top, width - right, height - bottom)
+    parts += svg_plot(box, series, lines, log_x, legend_at=(width - right + 12, top))
+    return "\n".join(parts + ["</svg>"]) + "\n"
+
+
+def svg_panels(title: str, x_label: str, panels: dict[str, list[tuple[float, float]]]) -> str:
+    """Small multiples as SVG text: one plot per series, two to a row, each with its own y axis
+    (the quantities of a training log differ in scale by orders of magnitude)."""
+    panel_width, panel_height, columns = 320, 220, 2
+    rows = math.ceil(len(panels) / columns)
+    width, height = columns * panel_width, 30 + rows * panel_height
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        'font-family="sans-serif">',
+        '<rect width="100%" height="100%" fill="white"/>',
+        svg_text(width / 2, 20, title, "middle", ' font-weight="bold"'),
+    ]
+    for i, (label, points) in enumerate(panels.items()):
+        x0 = (i % columns) * panel_width
+        y0 = 30 + (i // columns) * panel_height
+        parts.append(svg_text(x0 + panel_width / 2, y0 + 16, label, "middle"))
+        box = (x0 + 60, y0 + 28, x0 + panel_width - 20, y0 + panel_height - 40)
+        parts += svg_plot(box, {label: points}, lines=True, first_colour=i)
+        parts.append(svg_text(x0 + panel_width / 2, y0 + panel_height - 8, x_label, "middle"))
+    return "\n".join(parts + ["</svg>"]) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# Training logs as pictures
+
+
+TRAINING_LOG_KEYS = ("loss", "margin", "accuracy", "feature_drift")
+
+
+def training_chart(log_path: Path, title: str) -> str:
+    """The SVG of a preference training log (one JSON record per step): loss, reward margin,
+    reward accuracy and feature drift D(y) along the steps, one panel each."""
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    panels = {key: [(r["step"], r[key]) for r in records] for key in TRAINING_LOG_KEYS}
+    return svg_panels(title, "step", panels)
+
+
+def text_chart(label: str, log_path: Path, width: int = 60) -> str:
+    """The reward margin and feature drift over training, one row of block characters each: the
+    steps are split into at most `width` equal spans, and each character is its span's mean."""
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    lines = [f"{label}: {len(records)} steps"]
+    for key in ("margin", "feature_drift"):
+        values = [r[key] for r in records]
+        n_spans = min(width, len(values))
+        spans = [
+            values[i * len(values) // n_spans : (i + 1) * len(values) // n_spans]
+            for i in range(n_spans)
+        ]
+        means = [sum(span) / len(span) for span in spans]
+        low, high = min(means), max(means)
+        levels = [round(8 * (m - low) / (high - low)) if high > low else 4 for m in means]
+        bars = "".join(" ▁▂▃▄▅▆▇█"[level] for level in levels)
+        lines.append(f"  {key:<13} {low:>9.4g} {bars} {high:.4g}")
+    return "\n".join(lines)
