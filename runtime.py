@@ -13,6 +13,7 @@ read by `load_checkpoint`:
 """
 
 import contextlib
+import json
 import math
 import os
 import signal
@@ -112,19 +113,50 @@ def check_finite(loss: torch.Tensor, stage: str, step: int, last_good: Path, cau
         )
 
 
-def save_checkpoint(path: Path, kind: str, config: dict, made_from: dict, **contents) -> None:
-    """Write to a temporary file, then rename: a crash mid-write never corrupts a good file, and
-    a failed write (a full disk, say) leaves no temporary file behind."""
+def write_atomically(path: Path, write) -> None:
+    """write(tmp) into a temporary file beside `path`, then rename it over `path`: a crash
+    mid-write never leaves a partial file where a good one was, and a failed write (a full or
+    read-only disk, a directory in the way) is one `could not write` error with no file left."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"kind": kind, "config": config, "made_from": made_from, **contents}, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only disk refuses the cleanup too
+            tmp.unlink(missing_ok=True)
         raise UsageError(
             f"could not write {path} ({error}): free some space or pick another --out_dir"
         ) from None
+
+
+def write_text(path: Path, text: str) -> None:
+    """Every text file the project writes (JSON, Markdown, SVG, logs) goes through here."""
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json(path: Path, value) -> None:
+    write_text(path, json.dumps(value, indent=2))
+
+
+def read_json(path: Path, how_to_make: str):
+    """A JSON file this project wrote, or one `error:` line naming it when it is missing, not
+    readable, truncated or not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"{path} not found: {how_to_make}") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        problem = error.strerror if isinstance(error, OSError) else type(error).__name__
+        raise UsageError(
+            f"{path} is not readable JSON ({problem}): delete it, then {how_to_make}"
+        ) from None
+
+
+def save_checkpoint(path: Path, kind: str, config: dict, made_from: dict, **contents) -> None:
+    """One checkpoint dict, written atomically (write_atomically)."""
+    payload = {"kind": kind, "config": config, "made_from": made_from, **contents}
+    write_atomically(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_checkpoint(path: Path, kind: str, how_to_make: str) -> dict:
@@ -132,8 +164,10 @@ def load_checkpoint(path: Path, kind: str, how_to_make: str) -> dict:
     if not path.exists():
         raise UsageError(f"{path} not found: {how_to_make}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # truncated, or not a torch file at all: whatever torch.load raised
+        # weights_only: tensors, dicts, lists, numbers and strings only, so a file someone shared
+        # can run no code here (a pickled object is refused as unreadable).
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, foreign or code-carrying: whatever torch.load raised
         raise UsageError(
             f"{path} is not a readable checkpoint ({type(error).__name__}): "
             f"delete it, then {how_to_make or 'rerun'}"
@@ -252,6 +286,45 @@ def learning_rate(step: int, peak: float, warmup: int, total: int, decay: str) -
     if decay == "linear_tail" and step >= decay_start:
         return peak * (total - step) / (total - decay_start)
     return peak
+
+
+@contextlib.contextmanager
+def out_dir_lock(out_dir: str):
+    """One run per --out_dir at a time: out_dir/.lock holds the running process's id while it
+    runs. A second run stops with one `error:` line naming that process; a lock left by a process
+    that is gone (killed, crashed) is taken over."""
+    path = Path(out_dir) / ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            holder = path.read_text().strip()
+            just_made = time.time() - path.stat().st_mtime < 5  # its pid may not be written yet
+            if (holder.isdigit() and process_is_alive(int(holder))) or (not holder and just_made):
+                raise UsageError(
+                    f"--out_dir {out_dir!r} is in use by process {holder} (its {path}): wait for "
+                    "it to finish, or pick another --out_dir"
+                ) from None
+            print(f"lock: taking over {path}, left by process {holder or '?'} that is gone")
+            path.unlink(missing_ok=True)
+    with os.fdopen(descriptor, "w") as lock_file:
+        lock_file.write(str(os.getpid()))
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def process_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: delivers nothing, only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 # With --resume, `--stage all` skips the finished stages: <name>.pt saved, no <name>.resume.pt.
