@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import inspect
 import math
+import os
 import re
 import sys
 from dataclasses import asdict, dataclass, field
@@ -121,7 +122,13 @@ MAX_BLOCK_SIZE = 2048  # the learned position table and T x T attention grow wit
 
 def run_command(main) -> None:
     """main(sys.argv[1:]), keeping the command line's promise: a bad flag or file is one `error:`
-    line and exit code 2; Ctrl-C says how to continue, with exit code 130."""
+    line and exit code 2; Ctrl-C says how to continue, with exit code 130. Output survives an
+    ASCII-only terminal (other characters are escaped), and a reader that closes stdout early
+    (`python train.py | head -1`) does not stop the run: it goes on, writing its files."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    sys.stdout = QuietWhenClosed(sys.stdout)
     try:
         main(sys.argv[1:])
     except (UsageError, data.DataError) as error:
@@ -133,6 +140,30 @@ def run_command(main) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+class QuietWhenClosed:
+    """stdout, but once its reader has gone (a broken pipe) it writes to the null device instead
+    of raising in the middle of training."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return self._quietly(self.stream.write, text)
+
+    def flush(self) -> None:
+        self._quietly(self.stream.flush)
+
+    def _quietly(self, method, *args):
+        try:
+            return method(*args)
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            return len(args[0]) if args else None
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
 
 
 # ----------------------------------------------------------------------------------------------

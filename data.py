@@ -537,16 +537,18 @@ def tokenize_pairs(
     pairs: list[PreferencePair],
     enc: tiktoken.Encoding,
     block_size: int,
-) -> tuple[list[TokenizedPair], int]:
+) -> tuple[list[TokenizedPair], dict[str, int]]:
     """Tokenize pairs so [EOS] + prompt + response fits block_size for both responses.
 
     Truncation: the prompt first, from the left (its end, next to the response, is kept);
     if even an empty prompt leaves no room, responses are cut from the right (losing their
-    EOS). Both sides share the same prompt. A pair where a response would keep zero tokens
-    is dropped. Returns (tokenized pairs, number dropped).
+    EOS). Both sides share the same prompt. A pair is dropped where a response would keep zero
+    tokens ("no room"), or where the cut leaves chosen and rejected the same tokens
+    ("identical": such a pair can teach nothing). Returns (tokenized pairs, {reason: count}).
     """
     eos = eos_id(enc)
-    tokenized, n_dropped = [], 0
+    tokenized = []
+    dropped = {"no room": 0, "identical": 0}
     for pair in pairs:
         prompt = encode(enc, pair.prompt)
         chosen, rejected = encode(enc, pair.chosen) + [eos], encode(enc, pair.rejected) + [eos]
@@ -557,10 +559,12 @@ def tokenize_pairs(
             prompt = []
             chosen, rejected = chosen[:block_size - 1], rejected[:block_size - 1]
         if not chosen or not rejected:
-            n_dropped += 1
-            continue
-        tokenized.append(TokenizedPair(prompt, chosen, rejected))
-    return tokenized, n_dropped
+            dropped["no room"] += 1
+        elif chosen == rejected:
+            dropped["identical"] += 1
+        else:
+            tokenized.append(TokenizedPair(prompt, chosen, rejected))
+    return tokenized, dropped
 
 
 def collate_responses(

@@ -184,6 +184,34 @@ def load_checkpoint(path: Path, kind: str, how_to_make: str) -> dict:
     return payload
 
 
+def restore(path: Path, how_to_make: str, build):
+    """build(): a model made from a checkpoint's contents (its config and state_dict), with one
+    `error:` line where they do not fit this code (a parameter renamed by another version)."""
+    try:
+        return build()
+    except (KeyError, RuntimeError, TypeError, ValueError) as error:
+        raise UsageError(
+            f"{path} does not fit this code's model ({type(error).__name__}; made by another "
+            f"version?): delete it, then {how_to_make or 'rerun'}"
+        ) from None
+
+
+@torch.no_grad()
+def check_finite_model(model: torch.nn.Module, stage: str, cause: str, probe: torch.Tensor) -> None:
+    """Refuse to save a model whose weights, or whose outputs on `probe` (its last batch), are
+    not finite: an update after the last finite loss can still break them (a learning rate far
+    too high), and the next stage would train on them and blame its own flags."""
+    broken = [name for name, tensor in model.state_dict().items() if not tensor.isfinite().all()]
+    outputs = [output for output in model(probe) if output is not None]
+    if not broken and not all(output.isfinite().all() for output in outputs):
+        broken = ["its outputs on the last batch"]
+    if broken:
+        raise UsageError(
+            f"{stage}: the weights are not finite after training ({', '.join(broken[:3])}); "
+            f"likely cause: {cause}; the stage's output was not saved"
+        )
+
+
 def check_made_from(path: Path, payload: dict, expected: dict, how_to_make: str) -> None:
     """Refuse an artifact made from other inputs than this run's: `expected` maps each input the
     artifact records in made_from to this run's fingerprint of it."""
@@ -300,8 +328,11 @@ def out_dir_lock(out_dir: str):
             descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             break
         except FileExistsError:
-            holder = path.read_text().strip()
-            just_made = time.time() - path.stat().st_mtime < 5  # its pid may not be written yet
+            try:
+                holder = path.read_text().strip()
+                just_made = time.time() - path.stat().st_mtime < 5  # its pid may be unwritten
+            except FileNotFoundError:  # released meanwhile: try again
+                continue
             if (holder.isdigit() and process_is_alive(int(holder))) or (not holder and just_made):
                 raise UsageError(
                     f"--out_dir {out_dir!r} is in use by process {holder} (its {path}): wait for "

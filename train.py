@@ -14,6 +14,7 @@ checkpoints, resume and Ctrl-C live in runtime.py. experiments.py tunes and comp
 """
 
 import json
+import math
 import statistics
 import time
 from contextlib import nullcontext
@@ -33,10 +34,11 @@ from config import (
 )
 from model import GPT, GPTConfig
 from runtime import (
-    Interrupted, UsageError, autocast, batch_indices, check_finite, check_made_from, in_float32,
-    learning_rate, load_checkpoint, load_resume, log_line, pick_device, precision,
-    resume_training, save_checkpoint, save_resume, stages_to_run, stop_at_step_boundary,
-    synchronize, training_state,
+    Interrupted, UsageError, autocast, batch_indices, check_finite, check_finite_model,
+    check_made_from, in_float32, learning_rate, load_checkpoint, load_resume, log_line,
+    out_dir_lock, pick_device, precision, read_json, restore, resume_training, save_checkpoint,
+    save_resume, stages_to_run, stop_at_step_boundary, synchronize, training_state, write_json,
+    write_text,
 )
 from sae import (
     eval_mode, evaluate_sae, harvest_activations, load_sae, top_activating_contexts, train_sae,
@@ -56,6 +58,12 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(cfg.run.threads or torch.get_num_threads())
     print(f"device: {device} ({torch.get_num_threads()} CPU threads)\n{cfg.run}")
     check_inputs_and_outputs(cfg)
+    with out_dir_lock(cfg.run.out_dir):
+        run_stages(cfg, device)
+
+
+def run_stages(cfg: Config, device) -> None:
+    """The stages of --stage in order, then the time each took."""
     out = Path(cfg.run.out_dir)
     timings = {}
     started = time.time()
@@ -70,7 +78,7 @@ def main(argv: list[str]) -> None:
         elif stage == "prefer":
             train_preference(cfg, device, seed=cfg.run.seed)
             chart = report.training_chart(out / "policy_log.jsonl", "Preference training")
-            (out / "policy_training.svg").write_text(chart)
+            write_text(out / "policy_training.svg", chart)
         elif stage == "eval":
             eval_stage(cfg, device)
         else:
@@ -78,7 +86,7 @@ def main(argv: list[str]) -> None:
         timings[stage] = time.time() - stage_started
     if "eval" in timings:  # the run's cost, next to its results
         path = out / "results.json"
-        path.write_text(json.dumps(json.loads(path.read_text()) | {"seconds": timings}, indent=2))
+        write_json(path, read_json(path, "rerun `--stage eval`") | {"seconds": timings})
     per_stage = ", ".join(f"{stage} {seconds:.0f}s" for stage, seconds in timings.items())
     print(f"time per stage: {per_stage}; total {time.time() - started:.0f}s")
 
@@ -137,10 +145,15 @@ def load_pairs(cfg: Config):
 
 def tokenize(pairs, enc, block_size: int, what: str):
     tokenized, dropped = data.tokenize_pairs(pairs, enc, block_size)
-    if dropped:
+    if dropped["no room"]:
         print(
-            f"data: dropped {dropped} {what} pairs whose response would not fit "
+            f"data: dropped {dropped['no room']} {what} pairs whose response would not fit "
             f"the {block_size}-token context"
+        )
+    if dropped["identical"]:
+        print(
+            f"data: dropped {dropped['identical']} {what} pairs whose chosen and rejected "
+            f"responses are the same tokens once cut to the {block_size}-token context"
         )
     if not tokenized:
         raise UsageError(f"no {what} pairs left after truncation to {block_size} tokens")
@@ -161,10 +174,15 @@ def load_gpt(cfg: Config, device) -> tuple[GPT, str]:
                 f"{path} was trained with {name}={saved}, but this run asks for {name}={asked}: "
                 "rerun `--stage pretrain` with these settings, or drop the override"
             )
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["state_dict"])
+    model = restore(path, "rerun `--stage pretrain`", lambda: gpt_from(ckpt))
     # The fingerprint is of the weights themselves, so no edit escapes it.
     return model.to(device), fpo.fingerprint(ckpt["state_dict"])
+
+
+def gpt_from(ckpt: dict) -> GPT:
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["state_dict"])
+    return model
 
 
 def load_trained_sae(cfg: Config, gpt_fingerprint: str, device) -> tuple[torch.nn.Module, str]:
@@ -173,8 +191,8 @@ def load_trained_sae(cfg: Config, gpt_fingerprint: str, device) -> tuple[torch.n
     ckpt = load_checkpoint(path, "sae", "run `python train.py --stage sae` first")
     expected = {"GPT": gpt_fingerprint, "layer": cfg.sae.sae_layer % cfg.pretrain.n_layer}
     check_made_from(path, ckpt, expected, "rerun `--stage sae`")
-    sae = load_sae(ckpt).to(device).eval().requires_grad_(False)
-    return sae, fpo.fingerprint(ckpt["state_dict"])
+    sae = restore(path, "rerun `--stage sae`", lambda: load_sae(ckpt))
+    return sae.to(device).eval().requires_grad_(False), fpo.fingerprint(ckpt["state_dict"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,6 +268,7 @@ def pretrain(cfg: Config, device) -> None:
                     tok_per_s=int(tokens_per_s),
                 )
                 print(line, flush=True)
+    check_finite_model(model, "pretrain", "--pretrain_lr too high", probe=x)
     save_checkpoint(
         out, "gpt", settings, {}, model_config=asdict(config), state_dict=model.state_dict()
     )
@@ -309,9 +328,16 @@ def train_sae_stage(cfg: Config, device) -> None:
         sae_cfg.sae_layer,
         train_activations=activations,
     )
+    check_finite_model(sae, "sae", "--sae_lr too high", probe=activations[:1024].to(device))
+    not_finite = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not_finite:
+        raise UsageError(
+            f"sae: the metrics {', '.join(not_finite)} are not finite; likely cause: --sae_lr too "
+            "high, or a GPT whose residual stream is not finite; nothing was saved"
+        )
     made_from = {"GPT": gpt_fingerprint, "layer": sae_cfg.sae_layer % cfg.pretrain.n_layer}
     save_checkpoint(out / "sae.pt", "sae", settings, made_from, **sae.checkpoint(), metrics=metrics)
-    (out / "sae_metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json(out / "sae_metrics.json", metrics)
     resume_path.unlink(missing_ok=True)
     print(f"sae: saved {out / 'sae.pt'} and {out / 'sae_metrics.json'}")
 
@@ -562,9 +588,11 @@ def train_preference(
     start_step = 0
     if cfg.run.resume:
         start_step = resume_training(resume_path, "prefer", settings, policy, optimizer)
-    logged = log_path.read_text().splitlines() if start_step and log_path.exists() else []
-    kept = [line + "\n" for line in logged if json.loads(line)["step"] < start_step]
-    log_path.write_text("".join(kept))  # steps from start_step on are logged again
+    # One JSON record per step; a resumed run keeps the records of the steps before it.
+    records = []
+    if start_step and log_path.exists():
+        logged = log_path.read_text().splitlines()
+        records = [json.loads(line) for line in logged if json.loads(line)["step"] < start_step]
     eos = data.eos_id(inputs.enc)
     policy.train()
     step_times = []
@@ -580,9 +608,13 @@ def train_preference(
             state_dict=policy.state_dict(),
         )
 
-    with stop_at_step_boundary() as stop, log_path.open("a") as log, measure:
+    def write_log() -> None:
+        write_text(log_path, "".join(json.dumps(record) + "\n" for record in records))
+
+    with stop_at_step_boundary() as stop, measure:
         for step in range(start_step, pref_cfg.pref_steps):
             if stop.is_set():  # Ctrl-C: save, and say how to continue
+                write_log()
                 save_resume(resume_path, settings, step, training_state(policy, optimizer))
                 raise Interrupted("prefer", step, saved_to=resume_path)
             step_started = time.perf_counter()
@@ -616,7 +648,8 @@ def train_preference(
             step_times.append(time.perf_counter() - step_started)
             if snapshot_every and (step + 1) % snapshot_every == 0:
                 save_policy(out / f"{tag}_step{step + 1}.pt")
-            # log: every step to the JSONL file, every log_every-th to the terminal
+            # log: every step to the JSONL file (written every log_every steps), every log_every-th
+            # to the terminal
             feature_drifts = result.feature_drifts
             if feature_drifts is None:  # other methods: the same drift, outside the timed step
                 feature_drifts = policy_feature_drift(
@@ -631,11 +664,12 @@ def train_preference(
                 "feature_drift": feature_drifts.mean().item(),
                 "ms_per_step": 1000 * step_times[-1],
             }
-            log.write(json.dumps(record) + "\n")
+            records.append(record)
             if step % cfg.run.log_every == 0 or step == pref_cfg.pref_steps - 1:
-                log.flush()
+                write_log()
                 shown = {key: value for key, value in record.items() if key != "step"}
                 print(log_line("prefer", step, pref_cfg.pref_steps, started, **shown), flush=True)
+    check_finite_model(policy, "prefer", "--pref_lr or --beta too high", probe=batch[1])
     save_policy(out / f"{tag}.pt")
     resume_path.unlink(missing_ok=True)
     print(f"prefer: saved {out / f'{tag}.pt'} and {log_path}")
@@ -663,8 +697,7 @@ def load_policy(
             "rerun `--stage prefer`"
         )
     check_made_from(path, ckpt, inputs.made_from, "rerun `--stage prefer`")
-    policy = GPT(GPTConfig(**ckpt["model_config"])).to(device)
-    policy.load_state_dict(ckpt["state_dict"])
+    policy = restore(path, "rerun `--stage prefer`", lambda: gpt_from(ckpt)).to(device)
     return policy.eval().requires_grad_(False), ckpt["config"]
 
 
@@ -764,7 +797,7 @@ def eval_stage(cfg: Config, device) -> None:
     """evaluate_policy() the policy; write results.json and print a summary."""
     results = evaluate_policy(cfg, device, seed=cfg.run.seed)
     path = Path(cfg.run.out_dir) / "results.json"
-    path.write_text(json.dumps(results, indent=2))
+    write_json(path, results)
     print(report.summary_text(results, path))
 
 
@@ -789,7 +822,7 @@ def feature_report(cfg: Config, device) -> None:
         model, inputs.sae, batches, cfg.sae.sae_layer, latents, inputs.enc.decode
     )
     path = Path(cfg.run.out_dir) / "features.txt"
-    path.write_text(report_text + "\n")
+    write_text(path, report_text + "\n")
     print(f"{report_text}\nfeatures: wrote {path}")
 
 

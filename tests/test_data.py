@@ -199,8 +199,8 @@ def test_judge_rejects_degenerate_text(response, reason):
 
 def test_collate_masks_exactly_the_response(enc):
     pairs = data.make_preference_pairs(n=8, seed=0)
-    tokenized, n_dropped = data.tokenize_pairs(pairs, enc, block_size=64)
-    assert n_dropped == 0
+    tokenized, dropped = data.tokenize_pairs(pairs, enc, block_size=64)
+    assert dropped == {"no room": 0, "identical": 0}
     eos = data.eos_id(enc)
     input_ids, mask = data.collate_pairs(tokenized, eos)
     rows = [(p.prompt_ids, p.chosen_ids) for p in tokenized]
@@ -223,8 +223,8 @@ def test_truncation_cuts_the_prompt_from_the_left_first(enc):
     chosen = data.encode(enc, pair.chosen)
     rejected = data.encode(enc, pair.rejected)
     block_size = 1 + 3 + len(rejected) + 1  # room for 3 prompt tokens beside the longer response
-    [t], n_dropped = data.tokenize_pairs([pair], enc, block_size)
-    assert n_dropped == 0
+    [t], dropped = data.tokenize_pairs([pair], enc, block_size)
+    assert sum(dropped.values()) == 0
     assert t.prompt_ids == prompt[-3:]
     assert t.chosen_ids == chosen + [data.eos_id(enc)]
     assert t.rejected_ids == rejected + [data.eos_id(enc)]
@@ -238,15 +238,26 @@ def test_truncation_cuts_a_too_long_response_from_the_right(enc):
         chosen=" we loved the soup .",
         rejected=" the soup was awful . the pie was dull .",
     )
-    [t], n_dropped = data.tokenize_pairs([pair], enc, block_size=6)
-    assert n_dropped == 0 and t.prompt_ids == []
+    [t], dropped = data.tokenize_pairs([pair], enc, block_size=6)
+    assert sum(dropped.values()) == 0 and t.prompt_ids == []
     assert t.rejected_ids == data.encode(enc, pair.rejected)[:5]
     assert t.chosen_ids == (data.encode(enc, pair.chosen) + [data.eos_id(enc)])[:5]
 
 
 def test_pair_with_no_room_for_a_response_is_dropped_and_counted(enc):
     pairs = data.make_preference_pairs(n=3, seed=0)
-    assert data.tokenize_pairs(pairs, enc, block_size=1) == ([], 3)
+    assert data.tokenize_pairs(pairs, enc, block_size=1) == ([], {"no room": 3, "identical": 0})
+
+
+def test_pair_whose_responses_become_identical_once_cut_is_dropped_and_counted(enc):
+    """Chosen and rejected differ only after their first 4 tokens; a 5-token context keeps 4 of
+    each (no prompt), so the pair would train on a zero logit: dropped, counted."""
+    same_start = " the soup was great"
+    pair = data.PreferencePair("review the soup :", same_start + " .", same_start + " and hot .")
+    assert len(data.encode(enc, same_start)) == 4
+    assert data.tokenize_pairs([pair], enc, block_size=5) == ([], {"no room": 0, "identical": 1})
+    [kept], dropped = data.tokenize_pairs([pair], enc, block_size=64)
+    assert dropped == {"no room": 0, "identical": 0} and kept.chosen_ids != kept.rejected_ids
 
 
 def test_corpus_stream_and_lm_batches(enc):
