@@ -70,6 +70,7 @@ class PreferenceConfig:
     beta: float = 2.0  # scale of the log-prob differences (and of D in FPO)
     alpha: float = 16.0  # weight of FPO's feature constraint or TDPO-2's SeqKL; 16: from a sweep
     fpo_k: int = 32  # FPO's top-k features per side in D(y)
+    fpo_stop_grad: bool = True  # FPO: no gradient through D(y_w) (the paper); --no-...: let it flow
     gamma: float = 0.5  # SimPO target margin
     pref_steps: int = 150  # optimizer steps
     pref_batch_size: int = 16  # pairs per step

@@ -228,6 +228,7 @@ def fpo_loss(
     rejected_feature_mse: torch.Tensor,
     beta: float = 0.1,
     alpha: float = 0.5,
+    stop_gradient: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The FPO loss (paper Sec. 3, the final objective; README "The equations").
 
@@ -239,11 +240,14 @@ def fpo_loss(
         policy_rejected_avg_logps: avg_logp_theta(y_l). Shape: (B,).
         reference_chosen_avg_logps: avg_logp_ref(y_w), from the offline cache. Shape: (B,).
         reference_rejected_avg_logps: avg_logp_ref(y_l), from the offline cache. Shape: (B,).
-        chosen_feature_mse: D(y_w); gets no gradient (stop-gradient). Shape: (B,).
+        chosen_feature_mse: D(y_w); no gradient flows through it when stop_gradient. Shape: (B,).
         rejected_feature_mse: D(y_l). Shape: (B,).
         beta: scale of the log-prob differences and of D.
         alpha: weight of the feature constraint; alpha = 0 is length-normalised DPO with the
             offline margin.
+        stop_gradient: the paper's stop-gradient on D(y_w), so training pulls only the rejected
+            response's features back to the reference; False lets the gradient flow through
+            D(y_w) too (the paper's ablation). The loss value is the same either way.
 
     Returns:
         losses: -log sigmoid(LPD - margin - constraint), per pair. Shape: (B,).
@@ -254,8 +258,11 @@ def fpo_loss(
     # LPD - margin, chosen half
     chosen_rewards = beta * (policy_chosen_avg_logps - reference_chosen_avg_logps)
     rejected_rewards = beta * (policy_rejected_avg_logps - reference_rejected_avg_logps)
-    # TDPO-2 form
-    constraint = alpha * (beta * rejected_feature_mse - (beta * chosen_feature_mse).detach())
+    # TDPO-2 form: alpha * (beta * D(y_l) - stopgrad(beta * D(y_w)))
+    chosen_constraint = beta * chosen_feature_mse
+    if stop_gradient:
+        chosen_constraint = chosen_constraint.detach()
+    constraint = alpha * (beta * rejected_feature_mse - chosen_constraint)
     losses = -F.logsigmoid(chosen_rewards - rejected_rewards - constraint)
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 

@@ -489,7 +489,7 @@ def preference_losses(
             avg_logps[:B], avg_logps[B:],
             reference_avg_logps[:B], reference_avg_logps[B:],
             feature_drifts[:B], feature_drifts[B:],
-            beta=pref_cfg.beta, alpha=pref_cfg.alpha,
+            beta=pref_cfg.beta, alpha=pref_cfg.alpha, stop_gradient=pref_cfg.fpo_stop_grad,
         )
         return PreferenceLoss(losses, chosen_rewards, rejected_rewards, feature_drifts.detach())
     if method == "simpo":  # no reference at all

@@ -119,6 +119,18 @@ def test_stop_gradient_on_the_chosen_feature_term():
     assert torch.all(rejected_grad > 0)  # raising D(y_l) raises the loss: training pulls it down
 
 
+def test_without_the_stop_gradient_d_chosen_gets_a_gradient_and_the_loss_is_the_same():
+    values = ([-1.0, -1.2], [-2.0, -1.1], [-1.5, -1.3], [-1.5, -1.0], [0.2, 0.7], [0.4, 0.1])
+    free = gradient_of(fpo.fpo_loss, 4, *values, stop_gradient=False)
+    assert torch.all(free < 0)  # raising D(y_w) lowers the loss: training pushes it up
+    # d loss / d D(y_w) = -sigmoid(-logit) * alpha * beta, the negative of D(y_l)'s
+    torch.testing.assert_close(free, -gradient_of(fpo.fpo_loss, 5, *values, stop_gradient=False))
+    tensors = [torch.tensor(v) for v in values]
+    with_stop, *_ = fpo.fpo_loss(*tensors, stop_gradient=True)
+    without, *_ = fpo.fpo_loss(*tensors, stop_gradient=False)
+    assert torch.equal(with_stop, without)
+
+
 def test_tdpo_chosen_kl_gradient_only_in_version_1():
     values = ([-10.0], [-20.0], [-11.0], [-18.0], [0.5], [2.0])
     assert torch.all(gradient_of(fpo.tdpo_loss, 4, *values, version=2) == 0)

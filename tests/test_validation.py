@@ -41,6 +41,7 @@ PARSE_CASES = {
     "device": [(["--device", "tpu"], "--device: invalid choice: 'tpu' (choose from 'auto', 'cuda', 'mps', 'cpu')")],
     "resume": [(["--resume=x"], "--resume: ignored explicit argument 'x'")],
     "skip_bad_rows": [(["--skip_bad_rows=yes"], "--skip_bad_rows: ignored explicit argument 'yes'")],
+    "fpo_stop_grad": [(["--fpo_stop_grad=no"], "--fpo_stop_grad: ignored explicit argument 'no'")],
     "compare": [(["--compare=1"], "--compare: ignored explicit argument '1'")],
     "seeds": [(["--compare", "--seeds", "0"], "--seeds 0: must be > 0")],
     "bench": [(["--bench=1"], "--bench: ignored explicit argument '1'")],
