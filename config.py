@@ -64,12 +64,13 @@ class SAEConfig:
 
 @dataclass
 class PreferenceConfig:
-    method: str = "fpo"  # fpo, dpo, dpo_offline, simpo, tdpo1, tdpo2
+    method: str = "fpo"  # fpo, fpo_kl, dpo, dpo_offline, simpo, tdpo1, tdpo2
     n_pairs: int = 4000  # toy-world training pairs
     n_test_pairs: int = 500  # held-out pairs (toy world), or those held out of --preference_file
     beta: float = 2.0  # scale of the log-prob differences (and of D in FPO)
     alpha: float = 16.0  # weight of FPO's feature constraint or TDPO-2's SeqKL; 16: from a sweep
     fpo_k: int = 32  # FPO's top-k features per side in D(y)
+    fpo_latents: str = ""  # FPO: D(y) over these SAE latents only (e.g. 3,17); empty: all of them
     fpo_stop_grad: bool = True  # FPO: no gradient through D(y_w) (the paper); --no-...: let it flow
     gamma: float = 0.5  # SimPO target margin
     pref_steps: int = 150  # optimizer steps
@@ -100,8 +101,11 @@ class Config:
 
 
 STAGES = ("pretrain", "sae", "cache", "prefer", "eval")
-METHODS = ("fpo", "dpo", "dpo_offline", "simpo", "tdpo1", "tdpo2")
-ONLINE_REFERENCE = ("dpo", "tdpo1", "tdpo2")  # the methods that run the reference model every step
+METHODS = ("fpo", "fpo_kl", "dpo", "dpo_offline", "simpo", "tdpo1", "tdpo2")
+# The methods that run the reference model every step. fpo_kl is FPO with SeqKL(y) in place of
+# D(y): the same length-normalised logit, offline margin, alpha and stop-gradient, so it differs
+# from FPO only in its constraint (and from SimPO + KL, the paper's Table 6, only in its margin).
+ONLINE_REFERENCE = ("fpo_kl", "dpo", "tdpo1", "tdpo2")
 CHOICES = {
     "stage": ("all", *STAGES, "features"),
     "method": METHODS,
@@ -285,11 +289,16 @@ def check_config(cfg: Config) -> None:
     require("n_eval_prompts",
             cfg.run.preference_file or cfg.eval.n_eval_prompts <= n_prompts,
             f"at most {n_prompts} (the {cfg.eval.eval_split} split's distinct prompts)")
-    require("latents", re.fullmatch(r"(\d+(,\d+)*)?", cfg.run.latents) is not None,
-            "comma-separated latent numbers, e.g. 3,17")
-    latents = [int(latent) for latent in filter(None, cfg.run.latents.split(","))]
-    require("latents", all(latent < sae_cfg.d_sae for latent in latents),
-            f"below --d_sae {sae_cfg.d_sae}")
+    for name, text in (("latents", cfg.run.latents), ("fpo_latents", cfg.prefer.fpo_latents)):
+        require(name, re.fullmatch(r"(\d+(,\d+)*)?", text) is not None,
+                "comma-separated latent numbers, e.g. 3,17")
+        require(name, all(latent < sae_cfg.d_sae for latent in latent_list(text)),
+                f"below --d_sae {sae_cfg.d_sae}")
+
+
+def latent_list(text: str) -> list[int]:
+    """'3,17' -> [3, 17]; '' -> [] (a checked --latents or --fpo_latents)."""
+    return [int(latent) for latent in text.split(",")] if text else []
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,8 +29,8 @@ import evaluate
 import fpo
 import report
 from config import (
-    ONLINE_REFERENCE, STAGES, Config, PreferenceConfig, PretrainConfig, SAEConfig, parse_args,
-    run_command, settings_section, stage_settings,
+    ONLINE_REFERENCE, STAGES, Config, PreferenceConfig, PretrainConfig, SAEConfig, latent_list,
+    parse_args, run_command, settings_section, stage_settings,
 )
 from model import GPT, GPTConfig
 from runtime import (
@@ -473,7 +473,7 @@ def preference_losses(
     """One concatenated chosen+rejected forward and the method's loss.
 
     batch: (cache rows (2B,), input_ids (2B, T), response_mask (2B, T)), chosen rows first.
-    reference: the frozen GPT for the methods that run it every step (dpo, tdpo1, tdpo2).
+    reference: the frozen GPT for the methods that run it every step (ONLINE_REFERENCE).
     """
     rows, input_ids, mask = batch
     B = len(rows) // 2
@@ -484,7 +484,7 @@ def preference_losses(
     reference_avg_logps = inputs.cache["avg_logps"][cached_rows].to(avg_logps.device)
     method = pref_cfg.method
     if method == "fpo":  # offline reference: avg_logp_ref and pooled_ref come from the cache
-        feature_drifts = feature_drift(inputs.sae, hidden, mask, inputs.cache, rows, pref_cfg.fpo_k)
+        feature_drifts = feature_drift(inputs.sae, hidden, mask, inputs.cache, rows, pref_cfg)
         losses, chosen_rewards, rejected_rewards = fpo.fpo_loss(
             avg_logps[:B], avg_logps[B:],
             reference_avg_logps[:B], reference_avg_logps[B:],
@@ -497,10 +497,10 @@ def preference_losses(
             avg_logps[:B], avg_logps[B:], beta=pref_cfg.beta, gamma=pref_cfg.gamma
         )
         return PreferenceLoss(losses, chosen_rewards, rejected_rewards, None)
-    # The DPO family: the reference's summed log-probs, from FPO's cache or run online.
+    # The reference's summed log-probs: from FPO's cache, or online (with its logits for SeqKL).
     if method == "dpo_offline":
         reference_logps = inputs.cache["sum_logps"][cached_rows].to(sum_logps.device)
-    elif method in ONLINE_REFERENCE:  # dpo, tdpo1, tdpo2: the reference runs every step
+    elif method in ONLINE_REFERENCE:  # fpo_kl, dpo, tdpo1, tdpo2: the reference runs every step
         with torch.no_grad():
             reference_logits, _ = reference(input_ids)
         reference_logps, _ = fpo.sequence_logps(reference_logits, input_ids, mask)
@@ -512,10 +512,18 @@ def preference_losses(
             reference_logps[:B], reference_logps[B:],
             beta=pref_cfg.beta,
         )
-    else:
-        seq_kl = fpo.sequence_kl(  # SeqKL(y) = sum_t KL(pi_ref || pi_theta), (2B,)
-            p_logits=reference_logits, q_logits=logits, response_mask=mask
+        return PreferenceLoss(losses, chosen_rewards, rejected_rewards, None)
+    seq_kl = fpo.sequence_kl(  # SeqKL(y) = sum_t KL(pi_ref || pi_theta), (2B,)
+        p_logits=reference_logits, q_logits=logits, response_mask=mask
+    )
+    if method == "fpo_kl":  # FPO's loss with SeqKL(y) in place of D(y)
+        losses, chosen_rewards, rejected_rewards = fpo.fpo_loss(
+            avg_logps[:B], avg_logps[B:],
+            reference_avg_logps[:B], reference_avg_logps[B:],
+            seq_kl[:B], seq_kl[B:],
+            beta=pref_cfg.beta, alpha=pref_cfg.alpha, stop_gradient=pref_cfg.fpo_stop_grad,
         )
+    else:
         losses, chosen_rewards, rejected_rewards = fpo.tdpo_loss(
             sum_logps[:B], sum_logps[B:],
             reference_logps[:B], reference_logps[B:],
@@ -531,9 +539,10 @@ def feature_drift(
     mask: torch.Tensor,
     cache: dict,
     rows: torch.Tensor,
-    fpo_k: int,
+    pref_cfg: PreferenceConfig,
 ) -> torch.Tensor:
-    """Feature drift D(y) of each row: the policy's pooled codes against the cached reference's.
+    """Feature drift D(y) of each row: the policy's pooled codes against the cached reference's,
+    top-pref_cfg.fpo_k, over the latents of --fpo_latents (all when empty).
 
     hidden (R, T, d_model), mask (R, T), rows (R,) -> (R,). Only the positions that generate
     response tokens are encoded (the rest are never pooled), and their TopK values are pooled
@@ -542,7 +551,11 @@ def feature_drift(
     values, indices = in_float32(sae.encode_topk, hidden[:, :-1][generating])  # (N, sae_k) each
     policy_pooled = fpo.pooled_topk_features(values, indices, mask, sae.d_sae)  # (R, d_sae)
     reference_pooled = fpo.reference_pooled_features(cache, rows)  # pooled_ref(y), (R, d_sae)
-    return fpo.feature_mse(policy_pooled, reference_pooled, fpo_k)
+    latents = latent_list(pref_cfg.fpo_latents)
+    if latents:  # a chosen set of latents: the others never enter D(y)
+        policy_pooled = policy_pooled[:, latents]
+        reference_pooled = reference_pooled[:, latents]
+    return fpo.feature_mse(policy_pooled, reference_pooled, pref_cfg.fpo_k)
 
 
 @torch.no_grad()
@@ -556,7 +569,7 @@ def policy_feature_drift(
     """Feature drift D(y) of every response in a batch, for logging and evaluation. Shape: (2B,)."""
     rows, input_ids, mask = batch
     _, hidden = policy(input_ids, hidden_layer=sae_layer)
-    return feature_drift(inputs.sae, hidden, mask, inputs.cache, rows, pref_cfg.fpo_k)
+    return feature_drift(inputs.sae, hidden, mask, inputs.cache, rows, pref_cfg)
 
 
 def train_preference(
@@ -808,7 +821,7 @@ def feature_report(cfg: Config, device) -> None:
     model, gpt_fingerprint = load_gpt(cfg, device)
     inputs = load_preference_inputs(cfg, model, gpt_fingerprint, device)
     if cfg.run.latents:
-        latents = [int(latent) for latent in cfg.run.latents.split(",")]
+        latents = latent_list(cfg.run.latents)
     else:
         latents = evaluate.most_constrained_latents(inputs.cache, cfg.prefer.fpo_k, n=8)
         print(f"features: the {len(latents)} latents most often in the reference's "

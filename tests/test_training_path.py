@@ -23,7 +23,8 @@ def world(tmp_path_factory):
     """(reference GPT, PreferenceInputs with its cache, cfg): 12 training and 6 held-out pairs."""
     torch.manual_seed(0)
     enc = data.load_tokenizer()
-    reference = GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=48, n_layer=1, n_head=2, n_embd=32))
+    gpt_config = GPTConfig(vocab_size=enc.n_vocab, block_size=48, n_layer=1, n_head=2, n_embd=32)
+    reference = GPT(gpt_config)
     reference.eval().requires_grad_(False)
     activations = torch.randn(4096, 32, generator=torch.Generator().manual_seed(0))
     sae = train_sae(activations, d_sae=64, k=4, steps=5, batch_size=256, log_every=1000)
@@ -55,10 +56,15 @@ def test_training_feature_drift_equals_fpo_functions_on_dense_codes(world):
     reference, inputs, _ = world
     policy = drifted_copy(reference, seed=1)
     rows, input_ids, mask = data.pair_batch(
-        inputs.train_pairs, torch.arange(6), row_offset=0, eos_id=data.eos_id(inputs.enc), device=CPU
+        inputs.train_pairs,
+        torch.arange(6),
+        row_offset=0,
+        eos_id=data.eos_id(inputs.enc),
+        device=CPU,
     )
     _, hidden = policy(input_ids, hidden_layer=0)
-    trained = train.feature_drift(inputs.sae, hidden, mask, inputs.cache, rows, FPO_K)
+    pref_cfg = PreferenceConfig(fpo_k=FPO_K)
+    trained = train.feature_drift(inputs.sae, hidden, mask, inputs.cache, rows, pref_cfg)
     dense_pooled = fpo.pooled_features(inputs.sae.encode(hidden), mask)
     reference_pooled = fpo.reference_pooled_features(inputs.cache, rows)
     expected = fpo.feature_mse(dense_pooled, reference_pooled, FPO_K)
@@ -71,7 +77,11 @@ def test_fpo_reference_term_is_the_cached_average_log_prob(world):
     D(y) = 0 on every training pair; a reward read from the summed log-probs would not be 0."""
     reference, inputs, cfg = world
     batch = data.pair_batch(
-        inputs.train_pairs, torch.arange(12), row_offset=0, eos_id=data.eos_id(inputs.enc), device=CPU
+        inputs.train_pairs,
+        torch.arange(12),
+        row_offset=0,
+        eos_id=data.eos_id(inputs.enc),
+        device=CPU,
     )
     pref_cfg = PreferenceConfig(method="fpo", fpo_k=FPO_K)
     result = train.preference_losses(pref_cfg, 0, reference, batch, inputs, reference=None)
@@ -130,3 +140,64 @@ def test_judge_stats_average_over_every_response():
     assert stats["scores"][0] > stats["scores"][1] > 0.0
     assert stats["judge_score"] == sum(stats["scores"]) / 4
     assert stats["positive_rate"] == 0.25
+
+
+def test_fpo_latents_restrict_d_to_the_chosen_set(world):
+    """D(y) over --fpo_latents is feature_mse of those columns alone: changing the cached
+    reference codes of every other latent leaves it as it was."""
+    reference, inputs, _ = world
+    policy = drifted_copy(reference, seed=3)
+    rows, input_ids, mask = data.pair_batch(
+        inputs.train_pairs,
+        torch.arange(6),
+        row_offset=0,
+        eos_id=data.eos_id(inputs.enc),
+        device=CPU,
+    )
+    _, hidden = policy(input_ids, hidden_layer=0)
+    pooled = fpo.pooled_features(inputs.sae.encode(hidden), mask)
+    reference_pooled = fpo.reference_pooled_features(inputs.cache, rows)
+    chosen = pooled.abs().sum(0).topk(5).indices.sort().values.tolist()  # latents that fire
+    pref_cfg = PreferenceConfig(fpo_k=2, fpo_latents=",".join(map(str, chosen)))
+    subset = train.feature_drift(inputs.sae, hidden, mask, inputs.cache, rows, pref_cfg)
+    expected = fpo.feature_mse(pooled[:, chosen], reference_pooled[:, chosen], k=2)
+    assert expected.max() > 0
+    torch.testing.assert_close(subset, expected, rtol=1e-5, atol=1e-9)
+    others = torch.ones(inputs.sae.d_sae, dtype=torch.bool)
+    others[chosen] = False
+    changed_cache = dict(inputs.cache)
+    entries = others[inputs.cache["feature_indices"].long()]
+    changed_cache["feature_values"] = inputs.cache["feature_values"] + 5.0 * entries
+    again = train.feature_drift(inputs.sae, hidden, mask, changed_cache, rows, pref_cfg)
+    assert torch.equal(again, subset)
+    all_latents = PreferenceConfig()  # the control: with every latent, the change shows
+    before = train.feature_drift(inputs.sae, hidden, mask, inputs.cache, rows, all_latents)
+    after = train.feature_drift(inputs.sae, hidden, mask, changed_cache, rows, all_latents)
+    assert not torch.equal(before, after)
+
+
+def test_fpo_kl_is_fpo_loss_with_seqkl_in_place_of_d(world):
+    reference, inputs, _ = world
+    policy = drifted_copy(reference, seed=4)
+    batch = data.pair_batch(
+        inputs.train_pairs,
+        torch.arange(12),
+        row_offset=0,
+        eos_id=data.eos_id(inputs.enc),
+        device=CPU,
+    )
+    rows, input_ids, mask = batch
+    pref_cfg = PreferenceConfig(method="fpo_kl", beta=2.0, alpha=3.0)
+    result = train.preference_losses(pref_cfg, 0, policy, batch, inputs, reference)
+    # by hand: the length-normalised log-ratio, the cached margin, SeqKL(ref || policy) per row
+    logits, _ = policy(input_ids)
+    reference_logits, _ = reference(input_ids)
+    logps = torch.log_softmax(logits[:, :-1], dim=-1)
+    reference_logps = torch.log_softmax(reference_logits[:, :-1], dim=-1)
+    token_kl = (reference_logps.exp() * (reference_logps - logps)).sum(-1) * mask[:, 1:]
+    seq_kl = token_kl.sum(-1)
+    sum_logps, n_tokens = fpo.sequence_logps(logits, input_ids, mask)
+    ratio = sum_logps / n_tokens - inputs.cache["avg_logps"][rows]
+    logit = 2.0 * (ratio[:12] - ratio[12:]) - 3.0 * (2.0 * seq_kl[12:] - 2.0 * seq_kl[:12])
+    torch.testing.assert_close(result.losses, -torch.nn.functional.logsigmoid(logit))
+    assert seq_kl.min() > 0 and result.feature_drifts is None

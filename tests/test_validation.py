@@ -42,6 +42,11 @@ PARSE_CASES = {
     "resume": [(["--resume=x"], "--resume: ignored explicit argument 'x'")],
     "skip_bad_rows": [(["--skip_bad_rows=yes"], "--skip_bad_rows: ignored explicit argument 'yes'")],
     "fpo_stop_grad": [(["--fpo_stop_grad=no"], "--fpo_stop_grad: ignored explicit argument 'no'")],
+    "fpo_latents": [
+        (["--fpo_latents", "3;4"], "--fpo_latents '3;4': must be comma-separated latent numbers"),
+        (["--fpo_latents", ","], "--fpo_latents ',': must be comma-separated latent numbers"),
+        (["--fpo_latents", "3,256"], "--fpo_latents '3,256': must be below --d_sae 256"),
+    ],
     "compare": [(["--compare=1"], "--compare: ignored explicit argument '1'")],
     "seeds": [(["--compare", "--seeds", "0"], "--seeds 0: must be > 0")],
     "bench": [(["--bench=1"], "--bench: ignored explicit argument '1'")],
@@ -77,7 +82,7 @@ PARSE_CASES = {
     "sae_batch_size": [(["--sae_batch_size", "0"], "--sae_batch_size 0: must be > 0")],
     "sae_lr": [(["--sae_lr", "-1"], "--sae_lr -1.0: must be > 0"), (["--sae_lr", "nan"], "--sae_lr nan: must be a finite number")],
     # PreferenceConfig
-    "method": [(["--method", "ppo"], "--method: invalid choice: 'ppo' (choose from 'fpo', 'dpo', 'dpo_offline', 'simpo', 'tdpo1', 'tdpo2')")],
+    "method": [(["--method", "ppo"], "--method: invalid choice: 'ppo' (choose from 'fpo', 'fpo_kl', 'dpo', 'dpo_offline', 'simpo', 'tdpo1', 'tdpo2')")],
     "n_pairs": [(["--n_pairs", "0"], "--n_pairs 0: must be > 0")],
     "n_test_pairs": [(["--n_test_pairs", "0"], "--n_test_pairs 0: must be > 0")],
     "beta": [(["--beta", "nan"], "--beta nan: must be a finite number"), (["--beta", "0"], "--beta 0.0: must be > 0")],
