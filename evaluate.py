@@ -8,7 +8,6 @@ experiments. `python evaluate.py DIR...` tabulates finished `python train.py` ru
 
 import argparse
 import dataclasses
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -17,9 +16,9 @@ import torch
 import data
 import fpo
 import report
-from config import EvalConfig
+from config import EvalConfig, run_command
 from model import GPT
-from runtime import autocast, step_generator
+from runtime import UsageError, autocast, read_json, step_generator
 
 # ----------------------------------------------------------------------------------------------
 # Sampling and scoring samples
@@ -242,9 +241,57 @@ def most_constrained_latents(cache: dict, fpo_k: int, n: int) -> list[int]:
     return [latent for latent, _ in counts.most_common(n)]
 
 
-if __name__ == "__main__":  # the per-seed table of finished `python train.py` runs
-    parser = argparse.ArgumentParser(description="Tabulate finished `python train.py` runs.")
+# ----------------------------------------------------------------------------------------------
+# `python evaluate.py OUT_DIR...`: the per-seed table of finished runs (docs/seeds.md)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with errors as one `error:` line (UsageError, exit code 2), not a usage block."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message}; `python evaluate.py --help` shows the usage")
+
+
+def read_run(out_dir: Path) -> dict:
+    """out_dir/results.json of a finished `python train.py` run, or one `error:` line naming what
+    is wrong: the directory, or a results.json that is missing, not a file (the type is checked
+    before opening: reading a FIFO would wait forever), not JSON, or not a run's results."""
+    finished_run = "give the --out_dir of a finished `python train.py` run"
+    how_to_make = f"run `python train.py --out_dir {out_dir}` to the end (its eval stage writes it)"
+    path = out_dir / "results.json"
+    try:
+        if not out_dir.is_dir():
+            problem = "is not a directory" if out_dir.exists() else "not found"
+            raise UsageError(f"{out_dir} {problem}: {finished_run}")
+        if path.exists() and not path.is_file():
+            raise UsageError(f"{path} is not a regular file: {finished_run}")
+    except OSError as error:  # no permission to look, a name too long
+        raise UsageError(f"{out_dir} cannot be read ({error.strerror}): {finished_run}") from None
+    run = read_json(path, how_to_make)
+    if not isinstance(run, dict):
+        kind = type(run).__name__
+        raise UsageError(f"{path} holds a JSON {kind}, not a run's results: {finished_run}")
+    lacks = [key for key in ("seed", "cpu_threads") if not isinstance(run.get(key), int)]
+    if lacks:
+        raise UsageError(
+            f"{path} is not a `python train.py` results.json (no integer {' or '.join(lacks)}): "
+            f"{finished_run}"
+        )
+    return run
+
+
+def main(argv: list[str]) -> None:
+    """Print the Markdown table of the runs in argv's directories (report.runs_table)."""
+    parser = ArgumentParser(
+        description="Tabulate finished `python train.py` runs: one Markdown row per OUT_DIR, "
+        "then the mean ± std of each column; `-` where a run has no value (a run on your own "
+        "data has no judge metrics)."
+    )
     parser.add_argument("out_dirs", nargs="+", metavar="OUT_DIR", help="holds a results.json")
-    out_dirs = parser.parse_args().out_dirs
-    runs = [json.loads((Path(out_dir) / "results.json").read_text()) for out_dir in out_dirs]
-    print(report.runs_table([Path(out_dir).name for out_dir in out_dirs], runs), end="")
+    out_dirs = [Path(out_dir) for out_dir in parser.parse_args(argv).out_dirs]
+    runs = [read_run(out_dir) for out_dir in out_dirs]
+    print(report.runs_table([out_dir.name for out_dir in out_dirs], runs), end="")
+
+
+if __name__ == "__main__":
+    run_command(main)

@@ -148,22 +148,49 @@ RUN_COLUMNS = {  # column: (results key path, digits)
 
 def runs_table(names: list[str], runs: list[dict]) -> str:
     """Markdown: one row per finished run (its results.json, named by its directory), then the
-    mean ± standard deviation of every column. minutes: the stages that wrote the results.json
-    ran (all five for a whole `python train.py`)."""
-    for run in runs:
-        seconds = run.setdefault("seconds", {})
-        seconds["total"] = sum(seconds.values()) / 60  # minutes
+    mean ± standard deviation of every column over the runs that have it. `-`: no value (a run on
+    your own data has no judge: no win rate, valid or judge score). minutes: the stages that
+    wrote the results.json ran (all five for a whole `python train.py`)."""
+    runs = [run | {"seconds": {"total": run_minutes(run)}} for run in runs]
     header = f"| run | seed | threads | {' | '.join(RUN_COLUMNS)} |"
     lines = [header, "|---" * (len(RUN_COLUMNS) + 3) + "|"]
     for name, run in zip(names, runs):
-        cells = [f"{nested(run, path):.{digits}f}" for path, digits in RUN_COLUMNS.values()]
-        lines.append(f"| {name} | {run['seed']} | {run['cpu_threads']} | {' | '.join(cells)} |")
+        cells = [table_cell(cell) for cell in (name, run["seed"], run["cpu_threads"])]
+        cells += [number_cell(nested(run, path), digits) for path, digits in RUN_COLUMNS.values()]
+        lines.append(f"| {' | '.join(cells)} |")
     spread = []
     for path, digits in RUN_COLUMNS.values():
         values = [nested(run, path) for run in runs]
-        stdev = statistics.stdev(values) if len(values) > 1 else 0
-        spread.append(f"{statistics.mean(values):.{digits}f} ± {stdev:.{digits}f}")
+        shown = [value for value in values if finite_number(value)]
+        spread.append(mean_and_spread(shown, digits) if shown else "-")
     return "\n".join(lines + [f"| mean ± std | | | {' | '.join(spread)} |"]) + "\n"
+
+
+def run_minutes(run: dict) -> float:
+    """The minutes the stages of a results.json took, from its "seconds" ({stage: seconds}); NaN
+    (shown `-`) when it records none."""
+    seconds = run.get("seconds")
+    stages = list(seconds.values()) if isinstance(seconds, dict) else []
+    recorded = stages and all(finite_number(stage) for stage in stages)
+    return sum(stages) / 60 if recorded else math.nan
+
+
+def finite_number(value) -> bool:
+    """Whether a table shows value as a number: an int or float below 1e300 in size (NaN, inf, a
+    string or a list is `-`; the bound keeps every standard deviation of such values a float)."""
+    return isinstance(value, (int, float)) and abs(value) < 1e300
+
+
+def number_cell(value, digits: int) -> str:
+    """value with `digits` decimals, or `-` where the run has no number for the column."""
+    return f"{value:.{digits}f}" if finite_number(value) else "-"
+
+
+def table_cell(value) -> str:
+    """value as one Markdown table cell: `a|b` -> `a\\|b`, a backslash doubled and a line break
+    made a space, so no directory name can shift the columns or end the row."""
+    text = str(value).replace("\\", "\\\\").replace("|", "\\|")
+    return " ".join(text.splitlines())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -140,7 +140,7 @@ def test_command_line_overrides_are_type_checked():
         train.parse_args(["--betta", "0.5"])
     with pytest.raises(train.UsageError, match="--n_layer: invalid int value: 'two'"):
         train.parse_args(["--n_layer", "two"])
-    with pytest.raises(train.UsageError, match=r"--method: invalid choice: 'ppo' \(choose from 'fpo', 'dpo'"):
+    with pytest.raises(train.UsageError, match=r"--method: invalid choice: 'ppo' \(choose from 'fpo', 'fpo_kl', 'dpo'"):
         train.parse_args(["--method", "ppo"])
 
 
@@ -166,7 +166,7 @@ def test_sweep_picks_each_method_on_validation_resumes_and_feeds_compare(tiny_ru
     monkeypatch.setattr(experiments, "ALPHA_ABLATION", (0.0, 1.0))
     sweep_argv = argv + ["--out_dir", str(out_dir), "--pref_steps", "6", "--pref_lr", "1e-3"]
     experiments.main(sweep_argv + ["--sweep"])
-    picks = json.loads((out_dir / "sweep_picks.json").read_text())
+    picks = json.loads((out_dir / "sweep_picks.json").read_text())["picks"]
     assert set(picks) == set(experiments.SWEEP_KNOBS)
     for label, pick in picks.items():
         run = json.loads((out_dir / f"{pick['run']}_results.json").read_text())
