@@ -50,18 +50,19 @@ def drifted_copy(model: GPT, seed: int) -> GPT:
     return policy
 
 
+def training_batch(inputs, n_pairs: int):
+    """The first n_pairs training pairs as one batch: (cache rows, input_ids, response_mask)."""
+    eos = data.eos_id(inputs.enc)
+    return data.pair_batch(inputs.train_pairs, torch.arange(n_pairs), row_offset=0, eos_id=eos,
+                           device=CPU)
+
+
 def test_training_feature_drift_equals_fpo_functions_on_dense_codes(world):
     """train.feature_drift encodes only the generating positions and pools sparsely: the same
     D(y) as fpo.pooled_features of the dense codes of every position, shifted by one."""
     reference, inputs, _ = world
     policy = drifted_copy(reference, seed=1)
-    rows, input_ids, mask = data.pair_batch(
-        inputs.train_pairs,
-        torch.arange(6),
-        row_offset=0,
-        eos_id=data.eos_id(inputs.enc),
-        device=CPU,
-    )
+    rows, input_ids, mask = training_batch(inputs, n_pairs=6)
     _, hidden = policy(input_ids, hidden_layer=0)
     pref_cfg = PreferenceConfig(fpo_k=FPO_K)
     trained = train.feature_drift(inputs.sae, hidden, mask, inputs.cache, rows, pref_cfg)
@@ -76,13 +77,7 @@ def test_fpo_reference_term_is_the_cached_average_log_prob(world):
     """A policy equal to the reference has FPO rewards beta * (avg_logp - avg_logp_ref) = 0 and
     D(y) = 0 on every training pair; a reward read from the summed log-probs would not be 0."""
     reference, inputs, cfg = world
-    batch = data.pair_batch(
-        inputs.train_pairs,
-        torch.arange(12),
-        row_offset=0,
-        eos_id=data.eos_id(inputs.enc),
-        device=CPU,
-    )
+    batch = training_batch(inputs, n_pairs=12)
     pref_cfg = PreferenceConfig(method="fpo", fpo_k=FPO_K)
     result = train.preference_losses(pref_cfg, 0, reference, batch, inputs, reference=None)
     assert result.chosen_rewards.abs().max() < 1e-5
@@ -147,13 +142,7 @@ def test_fpo_latents_restrict_d_to_the_chosen_set(world):
     reference codes of every other latent leaves it as it was."""
     reference, inputs, _ = world
     policy = drifted_copy(reference, seed=3)
-    rows, input_ids, mask = data.pair_batch(
-        inputs.train_pairs,
-        torch.arange(6),
-        row_offset=0,
-        eos_id=data.eos_id(inputs.enc),
-        device=CPU,
-    )
+    rows, input_ids, mask = training_batch(inputs, n_pairs=6)
     _, hidden = policy(input_ids, hidden_layer=0)
     pooled = fpo.pooled_features(inputs.sae.encode(hidden), mask)
     reference_pooled = fpo.reference_pooled_features(inputs.cache, rows)
@@ -179,13 +168,7 @@ def test_fpo_latents_restrict_d_to_the_chosen_set(world):
 def test_fpo_kl_is_fpo_loss_with_seqkl_in_place_of_d(world):
     reference, inputs, _ = world
     policy = drifted_copy(reference, seed=4)
-    batch = data.pair_batch(
-        inputs.train_pairs,
-        torch.arange(12),
-        row_offset=0,
-        eos_id=data.eos_id(inputs.enc),
-        device=CPU,
-    )
+    batch = training_batch(inputs, n_pairs=12)
     rows, input_ids, mask = batch
     pref_cfg = PreferenceConfig(method="fpo_kl", beta=2.0, alpha=3.0)
     result = train.preference_losses(pref_cfg, 0, policy, batch, inputs, reference)
