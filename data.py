@@ -411,6 +411,11 @@ class DataError(Exception):
         where = self.path if line is None else f"{self.path}, line {line}"
         super().__init__(f"{where}: {problem}")
 
+    def __reduce__(self):
+        # pickle (a child process's exception on its way to the parent) rebuilds it from these;
+        # the default would call DataError(message) alone
+        return type(self), (self.path, self.line, self.problem)
+
 
 def _read_bytes(path) -> bytes:
     """The file's bytes, without the UTF-8 byte order mark some editors put first.

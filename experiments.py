@@ -10,18 +10,26 @@
                                       peak memory
 
 Every flag of `python train.py` applies (`--out_dir`, `--pref_steps`, ...). Each training run
-happens in a child process, so its memory is its own.
+of --compare and --bench happens in a child process, so its memory is its own. Each JSON file
+records what it was made from (made_from: the GPT, the SAE, the data, the judging and training
+settings); a rerun, or `--resume`, reuses a saved run only if all of it matches.
 """
 
+import contextlib
 import dataclasses
-import json
+import hashlib
 import multiprocessing
+import os
 import re
 import resource
+import signal
 import statistics
 import sys
+import threading
 import time
 import weakref
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import torch
@@ -34,7 +42,10 @@ import train
 from config import Config, parse_args, run_command, stage_settings
 from evaluate import paired_difference
 from model import GPT
-from runtime import UsageError, autocast, batch_indices, pick_device, synchronize
+from runtime import (
+    UsageError, autocast, batch_indices, check_made_from, out_dir_lock, pick_device, read_json,
+    synchronize, write_json, write_text,
+)
 
 # Per-method settings for --bench, and for --compare without a --sweep: FPO at the defaults (from
 # its sweep grid), the baselines as in their papers. beta is on the scale of each method's
@@ -80,15 +91,122 @@ def pretrain_if_missing(cfg: Config, device) -> None:
         train.train_sae_stage(cfg, device)
 
 
+def data_settings(cfg: Config) -> dict:
+    """The preference pairs a run trains and is judged on: the user's file (by its contents), or
+    the toy world's, which its settings make."""
+    if cfg.run.preference_file:
+        contents = Path(cfg.run.preference_file).read_bytes()
+        return {
+            "preference_file": cfg.run.preference_file,
+            "sha256": hashlib.sha256(contents).hexdigest(),
+            "skip_bad_rows": cfg.run.skip_bad_rows,
+            "n_test_pairs": cfg.prefer.n_test_pairs,
+        }
+    return {"n_pairs": cfg.prefer.n_pairs, "n_test_pairs": cfg.prefer.n_test_pairs,
+            "seed": cfg.run.seed}
+
+
+def inputs_made_from(cfg: Config, device) -> dict:
+    """What every run of an experiment starts from: the reference GPT and the SAE (fingerprints
+    of their weights) and the data. Each artifact adds the settings it was made with."""
+    gpt_fingerprint = train.load_gpt(cfg, device)[1]
+    return {
+        "GPT": gpt_fingerprint,
+        "SAE": train.load_trained_sae(cfg, gpt_fingerprint, device)[1],
+        "data": data_settings(cfg),
+    }
+
+
+def saved_run(path: Path, made_from: dict) -> dict | None:
+    """The results a finished run saved at `path`, if it was made from exactly `made_from`; else
+    None, with the reason, and the run is done again: the file is only a cache of that run."""
+    if not path.exists():
+        return None
+    try:
+        saved = read_json(path, how_to_make="")
+    except UsageError:  # truncated (a crash mid-write, before writes were atomic) or not JSON
+        print(f"{path} is not readable JSON; running it again")
+        return None
+    recorded = saved.get("made_from") if isinstance(saved, dict) else None
+    if recorded == made_from:
+        return saved
+    recorded = recorded if isinstance(recorded, dict) else {}
+    changed = [name for name in made_from | recorded if recorded.get(name) != made_from.get(name)]
+    print(f"{path} was made from another {' and '.join(changed)}; running it again")
+    return None
+
+
 def in_child_process(function, *args):
     """Run function(*args) in a fresh process and return its result, so peak memory is the
     method's own and nothing (allocator state, caches) leaks from one method to the next. The
-    child uses this process's CPU thread count (--threads), which decides how reductions round."""
+    child uses this process's CPU thread count (--threads), which decides how reductions round.
+
+    However the child stops, this process hears of it: the child's exception comes back pickled;
+    a child killed outright (SIGKILL, the out-of-memory killer) raises BrokenProcessPool. Ctrl-C
+    here is passed on to the child, whose training loop stops at a step boundary, saves and
+    raises Interrupted; this process waits for that rather than dying first. The child ends
+    itself when this process is gone."""
     context = multiprocessing.get_context("spawn")
-    with context.Pool(
-        1, initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),)
+    with ProcessPoolExecutor(
+        max_workers=1,
+        mp_context=context,
+        initializer=start_child,
+        initargs=(torch.get_num_threads(), os.getpid()),
     ) as pool:
-        return pool.apply(function, args)
+        child = pool.submit(os.getpid).result()
+        ctrl_c = threading.Event()
+
+        def pass_on_ctrl_c(signum, frame):
+            ctrl_c.set()
+            # even when a terminal's Ctrl-C reached the child too: its loop just notes a request
+            with contextlib.suppress(ProcessLookupError):  # the child has just finished
+                os.kill(child, signal.SIGINT)
+
+        previous = signal.signal(signal.SIGINT, pass_on_ctrl_c)
+        try:
+            result = pool.submit(function, *args).result()
+        except BrokenProcessPool:
+            if ctrl_c.is_set():  # killed by its Ctrl-C before its training loop began
+                raise KeyboardInterrupt from None
+            raise
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    if ctrl_c.is_set():  # the child finished before the Ctrl-C reached its loop: stop here
+        raise KeyboardInterrupt
+    return result
+
+
+def start_child(threads: int, parent: int) -> None:
+    """The child's first steps: the parent's thread count, and a watch that ends the child once
+    the parent is gone (killed outright), as nothing would ever read its result."""
+    torch.set_num_threads(threads)
+    threading.Thread(target=exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:  # an orphan is handed to another parent (init)
+        time.sleep(0.1)
+    os._exit(1)
+
+
+def train_in_child(tag: str, to_continue: str, function, *args):
+    """in_child_process(function, *args) for the run `tag`, with every way it can fail as one
+    `error:` line that names the run and says how to continue (`to_continue`). Interrupted
+    (Ctrl-C) passes through: it names the run's resume file and says `--resume`."""
+    try:
+        return in_child_process(function, *args)
+    except BrokenProcessPool:
+        raise UsageError(
+            f"{tag}: the process training it stopped without a result (killed by a signal, "
+            f"perhaps by the out-of-memory killer); {to_continue}"
+        ) from None
+    except (MemoryError, torch.OutOfMemoryError) as error:
+        raise UsageError(
+            f"{tag}: out of memory ({type(error).__name__}); lower --pref_batch_size or free "
+            f"memory, then {to_continue}"
+        ) from None
+    except (UsageError, data.DataError) as error:
+        raise UsageError(f"{tag}: {error}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,6 +247,11 @@ POINT_KEYS = {
 }
 
 
+def judged_every(pref_steps: int) -> int:
+    """How many steps apart --sweep judges each run: a third of --pref_steps."""
+    return max(1, pref_steps // 3)
+
+
 def sweep_tag(overrides: dict) -> str:
     parts = [
         f"{key}{value:g}" if isinstance(value, float) else str(value)
@@ -141,10 +264,10 @@ def sweep(cfg: Config, device) -> None:
     """Train every method at each setting of its grid for twice --pref_steps, judge the validation
     prompts every third of --pref_steps, and pick per method the (setting, length) with the
     highest judge score among those keeping VALIDITY_FLOOR of the reference's validity. Finished
-    runs are skipped on a rerun. Writes sweep_picks.json (what --compare runs), sweep.md and
-    three SVGs."""
+    runs made from the same inputs are skipped on a rerun. Writes sweep_picks.json (what
+    --compare runs, with what it was made from), sweep.md and three SVGs."""
     out = Path(cfg.run.out_dir)
-    every = max(1, cfg.prefer.pref_steps // 3)
+    every = judged_every(cfg.prefer.pref_steps)
     pretrain_if_missing(cfg, device)
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, eval_split="validation"))
     grid = [
@@ -163,14 +286,9 @@ def sweep(cfg: Config, device) -> None:
     runs = {}
     reference_samples = {}
     started = time.time()
-    gpt_fingerprint = train.load_gpt(cfg, device)[1]
-    # A finished run counts only for this reference GPT and SAE, its training settings and the
-    # judging.
-    made_from = {
-        "GPT": gpt_fingerprint,
-        "SAE": train.load_trained_sae(cfg, gpt_fingerprint, device)[1],
-        "eval": dataclasses.asdict(cfg.eval),
-    }
+    # A finished run counts only for this reference GPT and SAE, the data, its training settings
+    # and the judging.
+    made_from = inputs_made_from(cfg, device) | {"eval": dataclasses.asdict(cfg.eval)}
     for number, (label, overrides) in enumerate(grid, 1):
         tag = sweep_tag(overrides)
         path = out / f"{tag}_results.json"
@@ -178,8 +296,8 @@ def sweep(cfg: Config, device) -> None:
               f"{time.time() - started:.0f}s", flush=True)
         run_cfg = with_method(cfg, overrides | {"pref_steps": 2 * cfg.prefer.pref_steps})
         run_made_from = made_from | {"settings": stage_settings(run_cfg, "prefer")}
-        saved = json.loads(path.read_text()) if path.exists() else {}
-        if saved.get("made_from") == run_made_from:
+        saved = saved_run(path, run_made_from)
+        if saved is not None:
             runs[tag] = saved
             continue
         train.train_preference(run_cfg, device, cfg.run.seed, tag, snapshot_every=every)
@@ -200,7 +318,7 @@ def sweep(cfg: Config, device) -> None:
             "reference": results["reference"],
             "made_from": run_made_from,
         }
-        path.write_text(json.dumps(runs[tag], indent=2))
+        write_json(path, runs[tag])
     reference = next(iter(runs.values()))["reference"]
     # By grid membership, not by each saved run's label: one run can be a grid point and an
     # ablation point.
@@ -212,7 +330,9 @@ def sweep(cfg: Config, device) -> None:
         label: pick_setting(label_runs, reference["valid_rate"])
         for label, label_runs in grid_runs.items()
     }
-    (out / "sweep_picks.json").write_text(json.dumps(picks, indent=2))
+    # --compare checks the GPT, SAE and data against its own before it trusts the picks.
+    picks_made_from = made_from | {"settings": stage_settings(cfg, "prefer")}
+    write_json(out / "sweep_picks.json", {"made_from": picks_made_from, "picks": picks})
     ablation = {
         overrides["alpha"]: point
         for run_label, overrides in grid
@@ -225,7 +345,7 @@ def sweep(cfg: Config, device) -> None:
         f"beta {pref_cfg.beta:g}, lr {pref_cfg.pref_lr:g}, {pref_cfg.pref_steps} steps"
     )
     sweep_md = report.sweep_report(picks, ablation, reference, ablation_setting)
-    (out / "sweep.md").write_text(sweep_md)
+    write_text(out / "sweep.md", sweep_md)
     write_sweep_charts(out, runs, grid_runs, picks)
     print("\n" + sweep_md + f"\nsweep: wrote {out / 'sweep_picks.json'}, {out / 'sweep.md'} and "
           f"frontier.svg, validity.svg, win_rate.svg in {out} | "
@@ -271,7 +391,7 @@ def write_sweep_charts(out: Path, runs: dict, grid_runs: dict, picks: dict) -> N
         lines=False,
         log_x=True,
     )
-    (out / "frontier.svg").write_text(chart)
+    write_text(out / "frontier.svg", chart)
     for key, name, title in (
         ("valid_rate", "validity", "Validity"),
         ("win_rate", "win_rate", "Win rate over the reference"),
@@ -287,22 +407,30 @@ def write_sweep_charts(out: Path, runs: dict, grid_runs: dict, picks: dict) -> N
             series,
             lines=True,
         )
-        (out / f"{name}.svg").write_text(chart)
+        write_text(out / f"{name}.svg", chart)
 
 
 # ----------------------------------------------------------------------------------------------
 # --compare: each method at its --sweep pick, on the test prompts, over --seeds seeds
 
 
-def compare_rows(out: Path) -> dict[str, dict]:
+def compare_rows(out: Path, made_from: dict) -> dict[str, dict]:
     """Each row's preference settings: the picks of --sweep if out_dir holds them (FPO's also with
-    alpha 0), else COMPARE_ROWS at the default length."""
+    alpha 0), else COMPARE_ROWS at the default length. Picks made from another GPT, SAE or data
+    than `made_from` are refused: they were tuned for other inputs."""
     path = out / "sweep_picks.json"
     if not path.exists():
         print(f"compare: no {path} (run --sweep first to tune every method alike); "
               "using COMPARE_ROWS")
         return COMPARE_ROWS
-    picks = {label: pick["settings"] for label, pick in json.loads(path.read_text()).items()}
+    saved = read_json(path, "rerun --sweep")
+    if not (isinstance(saved, dict) and isinstance(saved.get("made_from"), dict)):
+        raise UsageError(
+            f"{path} does not record what it was made from (an older version wrote it): "
+            "rerun --sweep, or delete it"
+        )
+    check_made_from(path, saved, made_from, "rerun --sweep, or delete it")
+    picks = {label: pick["settings"] for label, pick in saved["picks"].items()}
     print(f"compare: the settings --sweep picked, from {path}")
     return {"FPO": picks["FPO"], "FPO (alpha=0)": picks["FPO"] | {"alpha": 0.0}} | picks
 
@@ -310,7 +438,8 @@ def compare_rows(out: Path) -> dict[str, dict]:
 def compare(cfg: Config, device) -> None:
     out = Path(cfg.run.out_dir)
     pretrain_if_missing(cfg, device)
-    settings = compare_rows(out)
+    made_from = inputs_made_from(cfg, device)
+    settings = compare_rows(out, made_from)
     print(f"\n== compare: {', '.join(settings)} x {cfg.run.seeds} seeds ==")
     rows = []
     started = time.time()
@@ -320,27 +449,45 @@ def compare(cfg: Config, device) -> None:
             row_cfg = with_method(cfg, overrides)
             tag = compare_tag(label, seed)
             row_path = out / f"{tag}_results.json"
-            if cfg.run.resume and row_path.exists():  # finished before an interruption
+            # A row finished before an interruption counts only if made from this GPT, SAE and
+            # data, with these training and judging settings (the picks may have changed).
+            row_made_from = made_from | {
+                "eval": dataclasses.asdict(cfg.eval),
+                "settings": stage_settings(row_cfg, "prefer", seed),
+            }
+            saved = saved_run(row_path, row_made_from) if cfg.run.resume else None
+            if saved is not None:
                 print(f"compare: {label}, seed {seed}: finished earlier ({row_path}); "
                       "skipped (--resume)")
-                rows.append(json.loads(row_path.read_text()))
+                rows.append(saved)
                 continue
-            cost = in_child_process(train.train_preference, row_cfg, device, seed, tag)
+            cost = train_in_child(
+                tag,
+                "rerun with --resume to continue it from its last saved step",
+                train.train_preference,
+                row_cfg,
+                device,
+                seed,
+                tag,
+            )
             results = train.evaluate_policy(row_cfg, device, seed, tag, reference_samples)
-            results.update(label=label, median_step_ms=1000 * cost["median_step_s"])
-            row_path.write_text(json.dumps(results, indent=2))
+            results.update(
+                label=label, median_step_ms=1000 * cost["median_step_s"], made_from=row_made_from
+            )
+            write_json(row_path, results)
             rows.append(results)
     labels = list(settings)
     table = report.compare_table(
         rows, labels, TABLE_COLUMNS, cfg.run.seeds, win_rate_differences(rows, labels)
     )
-    (out / "compare.md").write_text(table)
+    write_text(out / "compare.md", table)
     compare_json = {
         "rows": rows,
         "settings": settings,
         "preference": dataclasses.asdict(cfg.prefer),
+        "made_from": made_from,
     }
-    (out / "compare.json").write_text(json.dumps(compare_json, indent=2))
+    write_json(out / "compare.json", compare_json)
     print("\n" + table)
     for label in settings:
         print(report.text_chart(label, out / f"{compare_tag(label, cfg.run.seed)}_log.jsonl"))
@@ -423,6 +570,7 @@ class LoopPeakMemory:
         else:
             self.tensors.__enter__()
         if Path("/proc/self/clear_refs").exists():
+            # a switch of the kernel's, not a file of ours: written in place, never renamed over
             Path("/proc/self/clear_refs").write_text("5")  # "5" resets VmHWM to the current RSS
         return self
 
@@ -495,10 +643,15 @@ def bench(cfg: Config, device) -> None:
     results = {
         label: {"median_step_ms": statistics.median(times)} for label, times in step_ms.items()
     }
+    # Never resumed: a loop resumed with its optimizer's moments already loaded would not count
+    # their memory.
+    fresh_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, resume=False))
     for label, overrides in COMPARE_ROWS.items():
-        memory_cfg = with_method(cfg, overrides | {"pref_steps": n_warmup + 2})
+        memory_cfg = with_method(fresh_cfg, overrides | {"pref_steps": n_warmup + 2})
         tag = "bench_" + compare_tag(label, cfg.run.seed)
-        results[label] |= in_child_process(train_and_measure, memory_cfg, device, cfg.run.seed, tag)
+        results[label] |= train_in_child(
+            tag, "rerun --bench", train_and_measure, memory_cfg, device, cfg.run.seed, tag
+        )
     ratios = {
         f"FPO/{other} {measure}": results["FPO"][key] / results[other][key]
         for measure, key in (("time", "median_step_ms"), ("loop memory", "loop_memory_mb"))
@@ -516,6 +669,13 @@ def bench(cfg: Config, device) -> None:
               f"{values['peak_rss_mb']:.0f} |")
     print("\n" + " | ".join(f"{name} {ratio:.3f}" for name, ratio in ratios.items()))
     path = Path(cfg.run.out_dir) / "bench.json"
+    # Nothing is judged here, so the judging settings are not part of it.
+    made_from = inputs_made_from(cfg, device) | {
+        "settings": {
+            label: stage_settings(with_method(cfg, overrides), "prefer")
+            for label, overrides in COMPARE_ROWS.items()
+        }
+    }
     bench_json = {
         "device": str(device),
         "steps": cfg.run.bench_steps,
@@ -523,8 +683,9 @@ def bench(cfg: Config, device) -> None:
         "d_sae": inputs.sae.d_sae,
         "methods": results,
         "ratios": ratios,
+        "made_from": made_from,
     }
-    path.write_text(json.dumps(bench_json, indent=2))
+    write_json(path, bench_json)
     print(f"bench: wrote {path}")
 
 
@@ -533,11 +694,38 @@ def main(argv: list[str]) -> None:
     chosen = [name for name in ("bench", "compare", "sweep") if getattr(cfg.run, name)]
     if len(chosen) != 1:
         raise UsageError("pick one experiment: --sweep, --compare or --bench")
+    check_experiment(cfg, chosen[0])
     device = pick_device(cfg.run.device)
     torch.set_num_threads(cfg.run.threads or torch.get_num_threads())
     print(f"device: {device} ({torch.get_num_threads()} CPU threads)\n{cfg.run}")
     train.check_inputs_and_outputs(cfg)
-    {"bench": bench, "compare": compare, "sweep": sweep}[chosen[0]](cfg, device)
+    with out_dir_lock(cfg.run.out_dir):
+        {"bench": bench, "compare": compare, "sweep": sweep}[chosen[0]](cfg, device)
+
+
+def check_experiment(cfg: Config, experiment: str) -> None:
+    """Refuse, before any work, what an experiment would fail at or silently get wrong later."""
+    if experiment in ("sweep", "compare") and cfg.run.preference_file:
+        raise UsageError(
+            f"--{experiment} judges sampled responses, and the judge knows only the toy world: "
+            "drop --preference_file (--bench and `python train.py` take it)"
+        )
+    if experiment != "sweep":
+        return
+    n_prompts = len(data.split_prompts("validation"))
+    if cfg.eval.n_eval_prompts > n_prompts:
+        raise UsageError(
+            f"--n_eval_prompts {cfg.eval.n_eval_prompts}: must be at most {n_prompts} with "
+            "--sweep (the validation split's distinct prompts, which it judges)"
+        )
+    pref_steps = cfg.prefer.pref_steps
+    every = judged_every(pref_steps)
+    if pref_steps % every:
+        raise UsageError(
+            f"--pref_steps {pref_steps}: --sweep judges every {every} steps (a third of it), so "
+            f"no judged point falls on step {pref_steps}, where its alpha ablation reads FPO; "
+            f"pick a multiple of 3, such as {3 * round(pref_steps / 3)}"
+        )
 
 
 if __name__ == "__main__":

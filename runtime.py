@@ -38,7 +38,12 @@ class Interrupted(Exception):
     ):
         saved = f"; saved {saved_to}; continue with --resume" if saved_to else ""
         super().__init__(f"{stage} interrupted at step {step}{saved}")
-        self.stage, self.step, self.state = stage, step, state
+        self.stage, self.step, self.state, self.saved_to = stage, step, state, saved_to
+
+    def __reduce__(self):
+        # pickle (a child process's exception on its way to the parent) rebuilds it from these;
+        # the default would call Interrupted(message) alone
+        return type(self), (self.stage, self.step, self.state, self.saved_to)
 
 
 # ----------------------------------------------------------------------------------------------
