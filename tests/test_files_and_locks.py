@@ -78,6 +78,23 @@ def test_write_is_whole_or_absent_and_a_directory_in_the_way_is_one_error(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "blocked.json", "results.json"]
 
 
+def test_a_read_only_disk_is_one_error_even_when_the_cleanup_fails(tmp_path, monkeypatch):
+    """On a read-only disk the rename fails and so does removing the temporary file: still one
+    `could not write` error, and the earlier good file is untouched."""
+    path = tmp_path / "results.json"
+    runtime.write_json(path, {"good": True})
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(runtime.os, "replace", read_only)
+    monkeypatch.setattr(runtime.Path, "unlink", read_only)
+    with pytest.raises(runtime.UsageError, match="could not write .*Read-only file system"):
+        runtime.write_json(path, {"good": False})
+    monkeypatch.undo()
+    assert runtime.read_json(path, "rerun") == {"good": True}
+
+
 @pytest.mark.parametrize("content", ["", '{"a": 1', "[1, 2", "\x00\x01", "[" * 100_000])
 def test_a_truncated_or_foreign_json_file_is_one_error_naming_it(tmp_path, content):
     path = tmp_path / "results.json"
