@@ -53,6 +53,7 @@ from runtime import (
 COMPARE_ROWS = {
     "FPO": {"method": "fpo", "beta": 2.0, "alpha": 16.0},
     "FPO (alpha=0)": {"method": "fpo", "beta": 2.0, "alpha": 0.0},
+    "FPO-KL": {"method": "fpo_kl", "beta": 2.0, "alpha": 0.5},  # untuned: the paper's alpha
     "DPO": {"method": "dpo", "beta": 0.1},
     "DPO (offline cache)": {"method": "dpo_offline", "beta": 0.1},
     "SimPO": {"method": "simpo", "beta": 2.0, "gamma": 0.5},

@@ -604,8 +604,8 @@ def train_preference(
     # One JSON record per step; a resumed run keeps the records of the steps before it.
     records = []
     if start_step and log_path.exists():
-        logged = log_path.read_text().splitlines()
-        records = [json.loads(line) for line in logged if json.loads(line)["step"] < start_step]
+        logged = [json.loads(line) for line in log_path.read_text().splitlines()]
+        records = [record for record in logged if record["step"] < start_step]
     eos = data.eos_id(inputs.enc)
     policy.train()
     step_times = []
