@@ -4,7 +4,11 @@ import ast
 import subprocess
 import sys
 
+import pytest
+
+import train
 from conftest import REPO, TINY
+from runtime import UsageError
 
 PROJECT_MODULES = {path.stem: path for path in REPO.glob("*.py")}
 LIBRARY = {"fpo", "model", "sae", "data", "runtime", "config", "report"}
@@ -84,3 +88,9 @@ def test_python_train_py_executes_train_py_once(tmp_path):
     )
     assert "gpt.pt not found" in done.stderr, done.stderr
     assert done.stdout.splitlines()[-2:] == ["exit 2", "train imported again: False"], done.stdout
+
+
+@pytest.mark.parametrize("experiment", ["sweep", "compare", "bench"])
+def test_train_py_points_an_experiment_flag_to_experiments_py(experiment, no_training):
+    with pytest.raises(UsageError, match=f"run `python experiments.py --{experiment}`"):
+        train.main(TINY + [f"--{experiment}"])
