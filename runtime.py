@@ -339,9 +339,10 @@ def out_dir_lock(out_dir: str):
             except FileNotFoundError:  # released meanwhile: try again
                 continue
             if (holder.isdigit() and process_is_alive(int(holder))) or (not holder and just_made):
+                who = f"process {holder}" if holder else "a run that is starting"
                 raise UsageError(
-                    f"--out_dir {out_dir!r} is in use by process {holder} (its {path}): wait for "
-                    "it to finish, or pick another --out_dir"
+                    f"--out_dir {out_dir!r} is in use by {who} (its {path}): wait for it to "
+                    "finish, or pick another --out_dir"
                 ) from None
             print(f"lock: taking over {path}, left by process {holder or '?'} that is gone")
             path.unlink(missing_ok=True)
