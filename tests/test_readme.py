@@ -58,11 +58,16 @@ def test_the_reading_path_line_ranges_hold_what_it_names():
     items = re.findall(r"`(\w+\.py)` lines (\d+)-(\d+):(.*?)(?=\n\d\.|\Z)", path, flags=re.S)
     assert len(items) == 2, items
     for file, first, last, described in items:
-        lines = (README.parent / file).read_text().splitlines()[int(first) - 1 : int(last)]
+        all_lines = (README.parent / file).read_text().splitlines()
+        lines = all_lines[int(first) - 1 : int(last)]
         names = re.findall(r"`(\w+)`", described)
         assert names, described
         for name in names:
             assert any(line.startswith(f"def {name}(") for line in lines), (file, name)
+        # the range is tight: it starts at a section or definition and ends where one ends
+        assert lines[0] and not lines[0].startswith((" ", ")")), (file, first, lines[0])
+        assert not all_lines[int(last)].startswith(" "), (file, last, "cuts a definition")
+        assert not lines[-1].startswith("    ") or all_lines[int(last)] == "", (file, last)
 
 
 README_SECTIONS = [
