@@ -195,17 +195,18 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         """One `error:` line naming the flag (not argparse's usage block), then exit code 2."""
         message = re.sub(r"^argument (--\w+)(/--[\w-]+)*: ", r"\1: ", message)
-        message = re.sub(
-            r"^unrecognized arguments: (.*)",
-            r"unknown option(s) \1; `python train.py --help` lists them",
-            message,
-        )
+        help_hint = f"`python {self.prog} --help`"
+        unknown = r"^unrecognized arguments: (.*)"
+        message = re.sub(unknown, rf"unknown option(s) \1; {help_hint} lists them", message)
+        missing = r"^(the following arguments are required: .*)"
+        message = re.sub(missing, rf"\1; {help_hint} shows the usage", message)
         raise UsageError(message)
 
 
-def build_parser(description: str) -> ArgumentParser:
+def build_parser(description: str, prog: str = "train.py") -> ArgumentParser:
     """Every config field becomes --name (and --name-with-dashes), with its comment as help."""
     parser = ArgumentParser(
+        prog=prog,
         description=description,
         allow_abbrev=False,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -238,9 +239,9 @@ def build_parser(description: str) -> ArgumentParser:
     return parser
 
 
-def parse_args(argv: list[str], description: str = "") -> Config:
+def parse_args(argv: list[str], description: str = "", prog: str = "train.py") -> Config:
     """The Config of a command line, every value checked (see check_config) before any work."""
-    flags = vars(build_parser(description).parse_args(argv))
+    flags = vars(build_parser(description, prog).parse_args(argv))
     sections = {}
     for section in dataclasses.fields(Config):
         names = [f.name for f in dataclasses.fields(section.type)]

@@ -6,7 +6,6 @@ bootstrap differences. train.py's eval stage loads the models and calls these; s
 experiments. `python evaluate.py DIR...` tabulates finished `python train.py` runs.
 """
 
-import argparse
 import dataclasses
 from collections import Counter
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 import data
 import fpo
 import report
-from config import EvalConfig, run_command
+from config import ArgumentParser, EvalConfig, run_command
 from model import GPT
 from runtime import UsageError, autocast, read_json, step_generator
 
@@ -245,13 +244,6 @@ def most_constrained_latents(cache: dict, fpo_k: int, n: int) -> list[int]:
 # `python evaluate.py OUT_DIR...`: the per-seed table of finished runs (docs/seeds.md)
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with errors as one `error:` line (UsageError, exit code 2), not a usage block."""
-
-    def error(self, message: str):
-        raise UsageError(f"{message}; `python evaluate.py --help` shows the usage")
-
-
 def read_run(out_dir: Path) -> dict:
     """out_dir/results.json of a finished `python train.py` run, or one `error:` line naming what
     is wrong: the directory, or a results.json that is missing, not a file (the type is checked
@@ -283,6 +275,7 @@ def read_run(out_dir: Path) -> dict:
 def main(argv: list[str]) -> None:
     """Print the Markdown table of the runs in argv's directories (report.runs_table)."""
     parser = ArgumentParser(
+        prog="evaluate.py",
         description="Tabulate finished `python train.py` runs: one Markdown row per OUT_DIR, "
         "then the mean ± std of each column; `-` where a run has no value (a run on your own "
         "data has no judge metrics)."

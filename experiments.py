@@ -43,7 +43,7 @@ from config import Config, parse_args, run_command, stage_settings
 from evaluate import paired_difference
 from model import GPT
 from runtime import (
-    UsageError, autocast, batch_indices, check_made_from, out_dir_lock, pick_device, read_json,
+    UsageError, autocast, batch_indices, check_made_from, out_dir_lock, read_json,
     synchronize, write_json, write_text,
 )
 
@@ -691,15 +691,12 @@ def bench(cfg: Config, device) -> None:
 
 
 def main(argv: list[str]) -> None:
-    cfg = parse_args(argv, description=__doc__.split("\n\n")[0])
+    cfg = parse_args(argv, description=__doc__.split("\n\n")[0], prog="experiments.py")
     chosen = [name for name in ("bench", "compare", "sweep") if getattr(cfg.run, name)]
     if len(chosen) != 1:
         raise UsageError("pick one experiment: --sweep, --compare or --bench")
     check_experiment(cfg, chosen[0])
-    device = pick_device(cfg.run.device)
-    torch.set_num_threads(cfg.run.threads or torch.get_num_threads())
-    print(f"device: {device} ({torch.get_num_threads()} CPU threads)\n{cfg.run}")
-    train.check_inputs_and_outputs(cfg)
+    device = train.start_run(cfg)
     with out_dir_lock(cfg.run.out_dir):
         {"bench": bench, "compare": compare, "sweep": sweep}[chosen[0]](cfg, device)
 

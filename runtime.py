@@ -217,10 +217,15 @@ def check_finite_model(model: torch.nn.Module, stage: str, cause: str, probe: to
         )
 
 
+def changed_inputs(payload: dict, expected: dict) -> list[str]:
+    """The inputs an artifact records in made_from with another fingerprint than `expected` (this
+    run's fingerprint of each)."""
+    return [name for name, value in expected.items() if payload["made_from"].get(name) != value]
+
+
 def check_made_from(path: Path, payload: dict, expected: dict, how_to_make: str) -> None:
-    """Refuse an artifact made from other inputs than this run's: `expected` maps each input the
-    artifact records in made_from to this run's fingerprint of it."""
-    changed = [name for name, value in expected.items() if payload["made_from"].get(name) != value]
+    """Refuse an artifact made from other inputs than this run's (changed_inputs)."""
+    changed = changed_inputs(payload, expected)
     if changed:
         raise UsageError(
             f"{path} was made from another {' and '.join(changed)} than this run's: {how_to_make}"

@@ -34,11 +34,11 @@ from config import (
 )
 from model import GPT, GPTConfig
 from runtime import (
-    Interrupted, UsageError, autocast, batch_indices, check_finite, check_finite_model,
-    check_made_from, in_float32, learning_rate, load_checkpoint, load_resume, log_line,
-    out_dir_lock, pick_device, precision, read_json, restore, resume_training, save_checkpoint,
-    save_resume, stages_to_run, stop_at_step_boundary, synchronize, training_state, write_json,
-    write_text,
+    Interrupted, UsageError, autocast, batch_indices, changed_inputs, check_finite,
+    check_finite_model, check_made_from, in_float32, learning_rate, load_checkpoint, load_resume,
+    log_line, out_dir_lock, pick_device, precision, read_json, restore, resume_training,
+    save_checkpoint, save_resume, stages_to_run, stop_at_step_boundary, synchronize,
+    training_state, write_json, write_text,
 )
 from sae import (
     eval_mode, evaluate_sae, harvest_activations, load_sae, top_activating_contexts, train_sae,
@@ -54,12 +54,19 @@ def main(argv: list[str]) -> None:
                 f"--{experiment} is an experiment: run `python experiments.py --{experiment}` "
                 "with the same flags"
             )
+    device = start_run(cfg)
+    with out_dir_lock(cfg.run.out_dir):
+        run_stages(cfg, device)
+
+
+def start_run(cfg: Config) -> torch.device:
+    """What every command does first: pick the device and the CPU threads, say so, and check the
+    data and --out_dir before any work (experiments.py starts the same way)."""
     device = pick_device(cfg.run.device)
     torch.set_num_threads(cfg.run.threads or torch.get_num_threads())
     print(f"device: {device} ({torch.get_num_threads()} CPU threads)\n{cfg.run}")
     check_inputs_and_outputs(cfg)
-    with out_dir_lock(cfg.run.out_dir):
-        run_stages(cfg, device)
+    return device
 
 
 def run_stages(cfg: Config, device) -> None:
@@ -394,7 +401,7 @@ def load_preference_inputs(
     path = Path(cfg.run.out_dir) / "reference_cache.pt"
     if path.exists() and not rebuild:
         cache = load_checkpoint(path, "reference_cache", "")
-        changed = [part for part in expected if cache["made_from"].get(part) != expected[part]]
+        changed = changed_inputs(cache, expected)
         if not changed:
             inputs.cache = cache
             return inputs
