@@ -28,9 +28,12 @@ class RunConfig:
     corpus_file: str = ""  # your pretraining text (blank lines split documents); empty: toy world
     preference_file: str = ""  # your JSONL pairs {"prompt","chosen","rejected"}; empty: toy world
     skip_bad_rows: bool = False  # drop (and count) malformed rows of --preference_file; no stop
-    compare: bool = False  # experiments.py: every method at its pick over --seeds seeds; a table
-    seeds: int = 5  # how many seeds --compare runs per method
+    compare: bool = False  # experiments.py: every method at its pick on --seeds references
+    seeds: int = 5  # --compare's references: seeds --seed, --seed + 1, ... each a whole pipeline
+    picks: str = ""  # --compare: the picks file to run (docs/sweep_picks.json); empty: out_dir's
     sweep: bool = False  # experiments.py: tune every method alike on validation prompts
+    sweep_seed: int = 1000  # --sweep's first reference seed (then +1, ...); not --compare's seeds
+    sweep_references: int = 3  # how many references (whole pipelines) --sweep tunes on
     bench: bool = False  # experiments.py: time training steps of each method on identical batches
     bench_steps: int = 50  # timed steps per method in --bench
     log_every: int = 50  # steps between progress lines, in every training stage
@@ -115,6 +118,7 @@ CHOICES = {
 # Flags that may be 0 or negative; every other number must be positive (and finite).
 LOWER_BOUNDS = {
     "seed": 0,
+    "sweep_seed": 0,
     "alpha": 0,
     "gamma": 0,
     "warmup_steps": 0,
@@ -277,6 +281,7 @@ def check_config(cfg: Config) -> None:
     block_size = pretrain_cfg.block_size
     one_context = f"at least --block_size {block_size} (one context)"
     require("seed", cfg.run.seed < 2**32, "below 2**32")
+    require("sweep_seed", cfg.run.sweep_seed < 2**32, "below 2**32")
     require("n_head", pretrain_cfg.n_embd % pretrain_cfg.n_head == 0,
             f"a divisor of --n_embd {pretrain_cfg.n_embd}")
     require("block_size", block_size <= MAX_BLOCK_SIZE, f"at most {MAX_BLOCK_SIZE}")

@@ -215,13 +215,18 @@ def paired_difference(
     n_resamples: int = 4000,
     seed: int = 0,
 ) -> tuple[float, float, float]:
-    """Mean of a - b, and its 95% bootstrap interval from resampling prompts (the same draw for
-    every seed, so each seed's pairing is kept). a, b: per-prompt values, (seeds, prompts)."""
+    """Mean of a - b, and its 95% bootstrap interval from resampling references, then prompts
+    within each drawn reference, so both sources of variance are in it. a, b: per-prompt values
+    of the same references and prompts, (references, prompts); a reference's prompts may differ
+    from another's (they are drawn with its seed), so each is paired only with itself."""
     differences = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
-    n_prompts = differences.shape[1]  # differences: (S, P)
+    n_references, n_prompts = differences.shape  # differences: (R, P)
     generator = torch.Generator().manual_seed(seed)
-    draws = torch.randint(0, n_prompts, (n_resamples, n_prompts), generator=generator)
-    means = differences[:, draws].mean(dim=(0, 2))  # (n_resamples,)
+    references = torch.randint(0, n_references, (n_resamples, n_references, 1), generator=generator)
+    prompts = torch.randint(
+        0, n_prompts, (n_resamples, n_references, n_prompts), generator=generator
+    )
+    means = differences[references, prompts].mean(dim=(1, 2))  # (n_resamples,)
     quantiles = torch.tensor([0.025, 0.975], dtype=torch.float64)
     low, high = torch.quantile(means, quantiles).tolist()
     return differences.mean().item(), low, high

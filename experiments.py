@@ -1,16 +1,20 @@
 """The evidence: FPO against its baselines, each tuned alike. Nothing imports this file.
 
-    python experiments.py --sweep     every method at 9 settings of its own knobs, judged on the
-                                      validation prompts along twice the default length; each
-                                      method's pick; the reward-KL frontier and the
-                                      over-optimisation curves as SVG files
+    python experiments.py --sweep     every method at 9 settings of its own knobs on each of 3
+                                      references, judged on the validation prompts along twice
+                                      the default length; each method's robust pick; the
+                                      reward-KL frontier and over-optimisation curves as SVG files
     python experiments.py --compare   every method at its pick (or COMPARE_ROWS without a sweep)
-                                      for --seeds seeds: one table, and paired differences from FPO
+                                      on 5 other references: one table, each reference's numbers,
+                                      and paired differences from FPO
     python experiments.py --bench     step times on identical batches, and each training loop's
                                       peak memory
 
-Every flag of `python train.py` applies (`--out_dir`, `--pref_steps`, ...). Each training run
-of --compare and --bench happens in a child process, so its memory is its own. Each JSON file
+A reference is one seed's whole pipeline: its own corpus, pretrained GPT, SAE, cache and pairs,
+made once in out_dir/ref_seed<seed>/ and shared by every experiment, so the picks and the
+intervals see how much the reference itself varies. Every flag of `python train.py` applies
+(`--out_dir`, `--pref_steps`, ...). Each training run of --compare and --bench happens in a
+child process, so its memory is its own. Each JSON file
 records what it was made from (made_from: the GPT, the SAE, the data, the judging and training
 settings); a rerun, or `--resume`, reuses a saved run only if all of it matches.
 """
@@ -43,8 +47,8 @@ from config import Config, parse_args, run_command, stage_settings
 from evaluate import paired_difference
 from model import GPT
 from runtime import (
-    UsageError, autocast, batch_indices, check_made_from, out_dir_lock, read_json,
-    synchronize, write_json, write_text,
+    UsageError, autocast, batch_indices, check_made_from, load_checkpoint, out_dir_lock,
+    read_json, synchronize, write_json, write_text,
 )
 
 # Per-method settings for --bench, and for --compare without a --sweep: FPO at the defaults (from
@@ -84,12 +88,35 @@ def compare_tag(label: str, seed: int) -> str:
     return "compare_" + re.sub(r"\W+", "_", label.lower()).strip("_") + f"_seed{seed}"
 
 
-def pretrain_if_missing(cfg: Config, device) -> None:
-    """The GPT and SAE every method starts from: trained here unless --out_dir has them."""
-    if not (Path(cfg.run.out_dir) / "gpt.pt").exists():
-        train.pretrain(cfg, device)
-    if not (Path(cfg.run.out_dir) / "sae.pt").exists():
-        train.train_sae_stage(cfg, device)
+def reference_run(cfg: Config, seed: int, device) -> tuple[Config, dict]:
+    """cfg for one seed's whole pipeline, and what its runs are made from (inputs_made_from).
+    Each seed has its own directory, out_dir/ref_seed<seed>/: its reference GPT and SAE are
+    pretrained there once (the stage already done is skipped, so an interrupted experiment
+    resumes) and shared by every experiment; every run trained from them is saved beside them.
+    A GPT or SAE there made with other settings is refused, never silently reused."""
+    ref_dir = Path(cfg.run.out_dir) / f"ref_seed{seed}"
+    ref_cfg = dataclasses.replace(
+        cfg, run=dataclasses.replace(cfg.run, seed=seed, out_dir=str(ref_dir))
+    )
+    for name, stage, make in (
+        ("gpt.pt", "pretrain", train.pretrain),
+        ("sae.pt", "sae", train.train_sae_stage),
+    ):
+        path = ref_dir / name
+        if not path.exists():
+            make(ref_cfg, device)
+            continue
+        saved = load_checkpoint(path, name.removesuffix(".pt"), "")["config"]
+        asked = stage_settings(ref_cfg, stage)
+        keys = asked.keys() | saved.keys()
+        changed = sorted(key for key in keys if saved.get(key) != asked.get(key))
+        if changed:
+            shown = ", ".join(f"--{key} {saved.get(key)!r}" for key in changed)
+            raise UsageError(
+                f"{path} was made with {shown}, not this run's settings: delete {ref_dir} to "
+                "make it anew, or pass another --out_dir"
+            )
+    return ref_cfg, inputs_made_from(ref_cfg, device)
 
 
 def data_settings(cfg: Config) -> dict:
@@ -215,19 +242,24 @@ def train_in_child(tag: str, to_continue: str, function, *args):
 # over-optimisation
 
 # Every method gets the same budget: 3 learning rates x 3 settings of its other knobs (beta, and
-# gamma for SimPO or alpha for FPO and TDPO-2) = 9 runs, each evaluated at 6 points along twice
-# the default length, so the pick also chooses when to stop. beta is on the scale of each
-# method's log-probs: summed for DPO and TDPO, averaged (about 15x smaller) for FPO and SimPO.
-# FPO's D(y) scales with the SAE's activations, so its alpha is searched over decades rather
-# than taken from the paper.
+# gamma for SimPO or alpha for FPO, FPO-KL and TDPO-2) = 9 runs on each reference, each judged at
+# 6 points along twice the default length, so the pick also chooses when to stop. beta is on the
+# scale of each method's log-probs: summed for DPO and TDPO, averaged (about 15x smaller) for FPO
+# and SimPO. FPO's D(y) scales with the SAE's activations, so its alpha is searched over decades
+# rather than taken from the paper; FPO-KL's SeqKL is in nats summed over the response, about 100
+# times D(y) here, so its alphas are that much smaller. DPO (offline cache) computes DPO's loss
+# (tests check they are equal), so it takes DPO's pick rather than training the same runs twice.
 SWEEP_LRS = (2e-5, 6e-5, 1.8e-4)
 SWEEP_KNOBS = {
     "FPO": [
         {"method": "fpo", "beta": beta, "alpha": alpha}
         for beta, alpha in ((2.0, 4.0), (2.0, 16.0), (4.0, 16.0))
     ],
+    "FPO-KL": [
+        {"method": "fpo_kl", "beta": beta, "alpha": alpha}
+        for beta, alpha in ((2.0, 0.04), (2.0, 0.16), (4.0, 0.16))
+    ],
     "DPO": [{"method": "dpo", "beta": beta} for beta in (0.05, 0.1, 0.3)],
-    "DPO (offline cache)": [{"method": "dpo_offline", "beta": beta} for beta in (0.05, 0.1, 0.3)],
     "SimPO": [
         {"method": "simpo", "beta": beta, "gamma": gamma}
         for beta, gamma in ((2.0, 0.5), (2.0, 1.5), (4.0, 1.0))
@@ -238,8 +270,7 @@ SWEEP_KNOBS = {
         for beta, alpha in ((0.1, 0.5), (0.1, 2.0), (0.3, 2.0))
     ],
 }
-ALPHA_ABLATION = (0.0, 1.0, 4.0, 16.0, 64.0)  # FPO at the default --pref_lr and length
-VALIDITY_FLOOR = 0.9  # a pick must keep at least this share of the reference's valid rate
+VALIDITY_FLOOR = 0.9  # a pick must keep this share of each reference's own valid rate
 POINT_KEYS = {
     "judge_score": ("policy", "judge_score"),
     "valid_rate": ("policy", "valid_rate"),
@@ -253,6 +284,14 @@ def judged_every(pref_steps: int) -> int:
     return max(1, pref_steps // 3)
 
 
+def sweep_seeds(cfg: Config) -> list[int]:
+    return list(range(cfg.run.sweep_seed, cfg.run.sweep_seed + cfg.run.sweep_references))
+
+
+def compare_seeds(cfg: Config) -> list[int]:
+    return list(range(cfg.run.seed, cfg.run.seed + cfg.run.seeds))
+
+
 def sweep_tag(overrides: dict) -> str:
     parts = [
         f"{key}{value:g}" if isinstance(value, float) else str(value)
@@ -261,15 +300,31 @@ def sweep_tag(overrides: dict) -> str:
     return "sweep_" + "_".join(parts)
 
 
+def recipe(cfg: Config) -> dict:
+    """What a pick is tuned for, whichever seeds made the references: every stage's settings
+    but the seed and the knobs the sweep tunes, the data's, and the judging's but the split."""
+    tuned = {"seed", "method", "beta", "alpha", "gamma", "pref_lr", "pref_steps"}
+    return {
+        name: {key: value for key, value in settings.items() if key not in tuned}
+        for name, settings in (
+            ("pretraining", stage_settings(cfg, "pretrain")),
+            ("SAE training", stage_settings(cfg, "sae")),
+            ("preference training", stage_settings(cfg, "prefer")),
+            ("data", data_settings(cfg)),
+            ("judging", dataclasses.asdict(cfg.eval) | {"eval_split": ""}),
+        )
+    }
+
+
 def sweep(cfg: Config, device) -> None:
-    """Train every method at each setting of its grid for twice --pref_steps, judge the validation
-    prompts every third of --pref_steps, and pick per method the (setting, length) with the
-    highest judge score among those keeping VALIDITY_FLOOR of the reference's validity. Finished
-    runs made from the same inputs are skipped on a rerun. Writes sweep_picks.json (what
-    --compare runs, with what it was made from), sweep.md and three SVGs."""
+    """On each of --sweep_references references (whole pipelines of their own seeds, none of
+    --compare's), train every method at each setting of its grid for twice --pref_steps and judge
+    the validation prompts every third of --pref_steps. Pick per method the (setting, length)
+    by the robust rule of pick_setting. Finished runs made from the same inputs are skipped on a
+    rerun. Writes sweep_picks.json (what --compare runs, with the recipe it was tuned for),
+    sweep.md and three SVGs."""
     out = Path(cfg.run.out_dir)
     every = judged_every(cfg.prefer.pref_steps)
-    pretrain_if_missing(cfg, device)
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, eval_split="validation"))
     grid = [
         (label, knobs | {"pref_lr": lr})
@@ -277,115 +332,145 @@ def sweep(cfg: Config, device) -> None:
         for knobs in all_knobs
         for lr in SWEEP_LRS
     ]
-    beta, lr = cfg.prefer.beta, cfg.prefer.pref_lr  # the alpha ablation's, the defaults
-    grid += [
-        ("FPO alpha ablation", {"method": "fpo", "beta": beta, "alpha": alpha, "pref_lr": lr})
-        for alpha in ALPHA_ABLATION
-    ]
-    print(f"\n== sweep: {len(grid)} runs of {2 * cfg.prefer.pref_steps} steps, "
-          f"judged every {every} steps on validation prompts ==")
-    runs = {}
-    reference_samples = {}
+    seeds = sweep_seeds(cfg)
+    print(f"\n== sweep: {len(grid)} runs of {2 * cfg.prefer.pref_steps} steps on each of "
+          f"{len(seeds)} references (seeds {seeds[0]}-{seeds[-1]}), judged every {every} steps "
+          "on validation prompts ==")
+    runs = {}  # seed: {tag: run}
+    references = {}  # seed: the reference's judged validation numbers
     started = time.time()
-    # A finished run counts only for this reference GPT and SAE, the data, its training settings
-    # and the judging.
-    made_from = inputs_made_from(cfg, device) | {"eval": dataclasses.asdict(cfg.eval)}
-    for number, (label, overrides) in enumerate(grid, 1):
-        tag = sweep_tag(overrides)
-        path = out / f"{tag}_results.json"
-        print(f"sweep: run {number}/{len(grid)} ({label}, {overrides}) | "
+    for number, seed in enumerate(seeds, 1):
+        print(f"sweep: reference {number}/{len(seeds)} (seed {seed}) | "
               f"{time.time() - started:.0f}s", flush=True)
-        run_cfg = with_method(cfg, overrides | {"pref_steps": 2 * cfg.prefer.pref_steps})
-        run_made_from = made_from | {"settings": stage_settings(run_cfg, "prefer")}
-        saved = saved_run(path, run_made_from)
-        if saved is not None:
-            runs[tag] = saved
-            continue
-        train.train_preference(run_cfg, device, cfg.run.seed, tag, snapshot_every=every)
-        points = []
-        for step in range(every, 2 * cfg.prefer.pref_steps + 1, every):
-            snapshot = f"{tag}_step{step}"
-            results = train.evaluate_policy(
-                run_cfg, device, cfg.run.seed, snapshot, reference_samples
-            )
-            point = {key: report.nested(results, key_path) for key, key_path in POINT_KEYS.items()}
-            points.append({"step": step} | point)
-            (out / f"{snapshot}.pt").unlink()
-        runs[tag] = {
-            "label": label,
-            "tag": tag,
-            "overrides": overrides,
-            "points": points,
-            "reference": results["reference"],
-            "made_from": run_made_from,
-        }
-        write_json(path, runs[tag])
-    reference = next(iter(runs.values()))["reference"]
-    # By grid membership, not by each saved run's label: one run can be a grid point and an
-    # ablation point.
+        ref_cfg, made_from = reference_run(cfg, seed, device)
+        # A finished run counts only for this reference's GPT and SAE, the data, its training
+        # settings and the judging.
+        made_from |= {"eval": dataclasses.asdict(cfg.eval)}
+        reference_samples = {}
+        runs[seed] = {}
+        for run_number, (label, overrides) in enumerate(grid, 1):
+            print(f"sweep: seed {seed}, run {run_number}/{len(grid)} ({label}, {overrides}) | "
+                  f"{time.time() - started:.0f}s", flush=True)
+            run = sweep_run(ref_cfg, device, made_from, label, overrides, reference_samples)
+            runs[seed][run["tag"]] = run
+        references[seed] = run["reference"]
     grid_runs = {
-        label: [runs[sweep_tag(overrides)] for run_label, overrides in grid if run_label == label]
+        label: {
+            seed: [runs[seed][sweep_tag(overrides)] for run_label, overrides in grid
+                   if run_label == label]
+            for seed in seeds
+        }
         for label in SWEEP_KNOBS
     }
+    reference_valid = {seed: reference["valid_rate"] for seed, reference in references.items()}
     picks = {
-        label: pick_setting(label_runs, reference["valid_rate"])
-        for label, label_runs in grid_runs.items()
+        label: pick_setting(runs_by_seed, reference_valid)
+        for label, runs_by_seed in grid_runs.items()
     }
-    # --compare checks the GPT, SAE and data against its own before it trusts the picks.
-    picks_made_from = made_from | {"settings": stage_settings(cfg, "prefer")}
-    write_json(out / "sweep_picks.json", {"made_from": picks_made_from, "picks": picks})
-    ablation = {
-        overrides["alpha"]: point
-        for run_label, overrides in grid
-        if run_label == "FPO alpha ablation"
-        for point in runs[sweep_tag(overrides)]["points"]
-        if point["step"] == cfg.prefer.pref_steps
-    }
-    pref_cfg = cfg.prefer
-    ablation_setting = (
-        f"beta {pref_cfg.beta:g}, lr {pref_cfg.pref_lr:g}, {pref_cfg.pref_steps} steps"
-    )
-    sweep_md = report.sweep_report(picks, ablation, reference, ablation_setting)
+    write_json(out / "sweep_picks.json", {"made_from": recipe(cfg), "picks": picks})
+    sweep_md = report.sweep_report(picks, references, VALIDITY_FLOOR)
     write_text(out / "sweep.md", sweep_md)
-    write_sweep_charts(out, runs, grid_runs, picks)
-    print("\n" + sweep_md + f"\nsweep: wrote {out / 'sweep_picks.json'}, {out / 'sweep.md'} and "
-          f"frontier.svg, validity.svg, win_rate.svg in {out} | "
+    write_sweep_charts(out, grid_runs, picks)
+    print("\n" + sweep_md + f"\nsweep: wrote {out / 'sweep_picks.json'}, {out / 'sweep.md'} "
+          f"and frontier.svg, validity.svg, win_rate.svg in {out} | "
           f"{(time.time() - started) / 60:.1f} min")
 
 
-def pick_setting(runs: list[dict], reference_valid: float) -> dict:
-    """The (setting, length) with the highest validation judge score among those whose valid rate
-    is at least VALIDITY_FLOOR x the reference's; if none is, the most valid one."""
-    candidates = [
-        {
-            "settings": run["overrides"] | {"pref_steps": point["step"]},
-            "validation": point,
-            "run": run["tag"],
-        }
-        for run in runs
-        for point in run["points"]
-    ]
-    fluent = [
-        c for c in candidates if c["validation"]["valid_rate"] >= VALIDITY_FLOOR * reference_valid
-    ]
+def sweep_run(
+    ref_cfg: Config, device, made_from: dict, label: str, overrides: dict, reference_samples: dict
+) -> dict:
+    """One grid run on one reference, judged at every third of --pref_steps up to twice it; a
+    finished one saved from the same inputs is read back instead."""
+    out = Path(ref_cfg.run.out_dir)
+    every = judged_every(ref_cfg.prefer.pref_steps)
+    tag = sweep_tag(overrides)
+    path = out / f"{tag}_results.json"
+    run_cfg = with_method(ref_cfg, overrides | {"pref_steps": 2 * ref_cfg.prefer.pref_steps})
+    run_made_from = made_from | {"settings": stage_settings(run_cfg, "prefer")}
+    saved = saved_run(path, run_made_from)
+    if saved is not None:
+        return saved
+    seed = ref_cfg.run.seed
+    train.train_preference(run_cfg, device, seed, tag, snapshot_every=every)
+    points = []
+    for step in range(every, run_cfg.prefer.pref_steps + 1, every):
+        snapshot = f"{tag}_step{step}"
+        results = train.evaluate_policy(
+            run_cfg, device, seed, snapshot, reference_samples
+        )
+        point = {key: report.nested(results, key_path) for key, key_path in POINT_KEYS.items()}
+        points.append({"step": step} | point)
+        (out / f"{snapshot}.pt").unlink()
+    run = {
+        "label": label,
+        "tag": tag,
+        "overrides": overrides,
+        "points": points,
+        "reference": results["reference"],
+        "made_from": run_made_from,
+    }
+    write_json(path, run)
+    return run
+
+
+def pick_setting(runs_by_seed: dict[int, list[dict]], reference_valid: dict[int, float]) -> dict:
+    """The robust pick of one method over the references: among the (setting, length) points
+    whose valid rate is at least VALIDITY_FLOOR x each reference's own on every reference, the
+    one with the highest worst-case judge score over the references; if no point is, the one
+    whose worst validity, relative to that floor, is highest. runs_by_seed: {seed: that
+    reference's runs of the method}. The pick's `validation` holds its point on every reference
+    (by seed), and `run` the tag of its runs."""
+    candidates = {}
+    for seed, runs in runs_by_seed.items():
+        for run in runs:
+            for point in run["points"]:
+                candidate = candidates.setdefault((run["tag"], point["step"]), {
+                    "settings": run["overrides"] | {"pref_steps": point["step"]},
+                    "validation": {},
+                    "run": run["tag"],
+                })
+                candidate["validation"][str(seed)] = point
+
+    def worst(candidate: dict, key: str) -> float:
+        return min(point[key] for point in candidate["validation"].values())
+
+    def validity_margin(candidate: dict) -> float:
+        return min(
+            point["valid_rate"] - VALIDITY_FLOOR * reference_valid[int(seed)]
+            for seed, point in candidate["validation"].items()
+        )
+
+    fluent = [c for c in candidates.values() if validity_margin(c) >= 0]
     if fluent:
-        return max(fluent, key=lambda c: c["validation"]["judge_score"])
-    return max(candidates, key=lambda c: c["validation"]["valid_rate"])
+        return max(fluent, key=lambda c: worst(c, "judge_score"))
+    return max(candidates.values(), key=validity_margin)
 
 
-def write_sweep_charts(out: Path, runs: dict, grid_runs: dict, picks: dict) -> None:
-    """frontier.svg: judge score against KL at every point of every grid run; validity.svg and
-    win_rate.svg: along the picked setting's run of each method."""
+def write_sweep_charts(out: Path, grid_runs: dict, picks: dict) -> None:
+    """frontier.svg: judge score against KL at every point of every grid run, each the mean over
+    the references; validity.svg and win_rate.svg: along the picked setting's runs of each
+    method, the mean over the references."""
+
+    def mean_points(runs: list[dict]) -> list[dict]:  # the same run on every reference
+        return [
+            {key: statistics.fmean(points[key] for points in same_step) for key in same_step[0]}
+            for same_step in zip(*(run["points"] for run in runs))
+        ]
+
+    def run_means(runs_by_seed: dict, tag: str) -> list[dict]:
+        return mean_points([run for runs in runs_by_seed.values() for run in runs
+                            if run["tag"] == tag])
+
     frontier = {
         label: [
             (point["kl_from_reference"], point["judge_score"])
-            for run in label_runs
-            for point in run["points"]
+            for run in next(iter(runs_by_seed.values()))
+            for point in run_means(runs_by_seed, run["tag"])
         ]
-        for label, label_runs in grid_runs.items()
+        for label, runs_by_seed in grid_runs.items()
     }
     chart = report.svg_chart(
-        "Reward-KL frontier (validation prompts, every grid point)",
+        "Reward-KL frontier (validation prompts, every grid point, mean over references)",
         "KL(policy || reference), log scale",
         "judge score",
         frontier,
@@ -398,11 +483,11 @@ def write_sweep_charts(out: Path, runs: dict, grid_runs: dict, picks: dict) -> N
         ("win_rate", "win_rate", "Win rate over the reference"),
     ):
         series = {
-            label: [(p["step"], p[key]) for p in runs[pick["run"]]["points"]]
+            label: [(p["step"], p[key]) for p in run_means(grid_runs[label], pick["run"])]
             for label, pick in picks.items()
         }
         chart = report.svg_chart(
-            f"{title} along training, each method at its pick's setting",
+            f"{title} along training, each method at its pick's setting (mean over references)",
             "steps",
             key.replace("_", " "),
             series,
@@ -412,14 +497,15 @@ def write_sweep_charts(out: Path, runs: dict, grid_runs: dict, picks: dict) -> N
 
 
 # ----------------------------------------------------------------------------------------------
-# --compare: each method at its --sweep pick, on the test prompts, over --seeds seeds
+# --compare: each method at its --sweep pick, on the test prompts of --seeds references
 
 
-def compare_rows(out: Path, made_from: dict) -> dict[str, dict]:
-    """Each row's preference settings: the picks of --sweep if out_dir holds them (FPO's also with
-    alpha 0), else COMPARE_ROWS at the default length. Picks made from another GPT, SAE or data
-    than `made_from` are refused: they were tuned for other inputs."""
-    path = out / "sweep_picks.json"
+def compare_rows(cfg: Config) -> dict[str, dict]:
+    """Each row's preference settings: the picks in --picks, or in out_dir's sweep_picks.json if
+    it holds one (FPO's also with alpha 0; DPO's also from the offline cache), else COMPARE_ROWS
+    at the default length. Picks tuned with other settings (pretraining, SAE, data, training or
+    judging) are refused: they were tuned for another recipe."""
+    path = Path(cfg.run.picks) if cfg.run.picks else Path(cfg.run.out_dir) / "sweep_picks.json"
     if not path.exists():
         print(f"compare: no {path} (run --sweep first to tune every method alike); "
               "using COMPARE_ROWS")
@@ -430,29 +516,42 @@ def compare_rows(out: Path, made_from: dict) -> dict[str, dict]:
             f"{path} does not record what it was made from (an older version wrote it): "
             "rerun --sweep, or delete it"
         )
-    check_made_from(path, saved, made_from, "rerun --sweep, or delete it")
+    check_made_from(path, saved, recipe(cfg), "rerun --sweep with these flags, or pass its own")
     picks = {label: pick["settings"] for label, pick in saved["picks"].items()}
     print(f"compare: the settings --sweep picked, from {path}")
-    return {"FPO": picks["FPO"], "FPO (alpha=0)": picks["FPO"] | {"alpha": 0.0}} | picks
+    rows = {"FPO": picks["FPO"], "FPO (alpha=0)": picks["FPO"] | {"alpha": 0.0}}
+    for label, settings in picks.items():
+        rows[label] = settings
+        if label == "DPO":
+            rows["DPO (offline cache)"] = settings | {"method": "dpo_offline"}
+    return rows
 
 
 def compare(cfg: Config, device) -> None:
+    """Every row of compare_rows on each of --seeds references (whole pipelines of seeds
+    --seed, --seed + 1, ...), judged on the test prompts: compare.md (mean and spread over the
+    references, each reference's own numbers, and paired differences from FPO bootstrapped over
+    references and prompts) and compare.json."""
     out = Path(cfg.run.out_dir)
-    pretrain_if_missing(cfg, device)
-    made_from = inputs_made_from(cfg, device)
-    settings = compare_rows(out, made_from)
-    print(f"\n== compare: {', '.join(settings)} x {cfg.run.seeds} seeds ==")
+    settings = compare_rows(cfg)
+    seeds = compare_seeds(cfg)
+    print(f"\n== compare: {', '.join(settings)} on {len(seeds)} references "
+          f"(seeds {seeds[0]}-{seeds[-1]}) ==")
     rows = []
+    made_from = {}
     started = time.time()
-    for seed in range(cfg.run.seed, cfg.run.seed + cfg.run.seeds):
+    for number, seed in enumerate(seeds, 1):
+        print(f"compare: reference {number}/{len(seeds)} (seed {seed}) | "
+              f"{time.time() - started:.0f}s", flush=True)
+        ref_cfg, made_from[str(seed)] = reference_run(cfg, seed, device)
         reference_samples = {}
         for label, overrides in settings.items():
-            row_cfg = with_method(cfg, overrides)
+            row_cfg = with_method(ref_cfg, overrides)
             tag = compare_tag(label, seed)
-            row_path = out / f"{tag}_results.json"
+            row_path = Path(ref_cfg.run.out_dir) / f"{tag}_results.json"
             # A row finished before an interruption counts only if made from this GPT, SAE and
             # data, with these training and judging settings (the picks may have changed).
-            row_made_from = made_from | {
+            row_made_from = made_from[str(seed)] | {
                 "eval": dataclasses.asdict(cfg.eval),
                 "settings": stage_settings(row_cfg, "prefer", seed),
             }
@@ -479,7 +578,7 @@ def compare(cfg: Config, device) -> None:
             rows.append(results)
     labels = list(settings)
     table = report.compare_table(
-        rows, labels, TABLE_COLUMNS, cfg.run.seeds, win_rate_differences(rows, labels)
+        rows, labels, TABLE_COLUMNS, seeds, win_rate_differences(rows, labels)
     )
     write_text(out / "compare.md", table)
     compare_json = {
@@ -490,15 +589,16 @@ def compare(cfg: Config, device) -> None:
     }
     write_json(out / "compare.json", compare_json)
     print("\n" + table)
+    first = Path(cfg.run.out_dir) / f"ref_seed{seeds[0]}"
     for label in settings:
-        print(report.text_chart(label, out / f"{compare_tag(label, cfg.run.seed)}_log.jsonl"))
+        print(report.text_chart(label, first / f"{compare_tag(label, seeds[0])}_log.jsonl"))
     print(f"compare: wrote {out / 'compare.md'} and {out / 'compare.json'} | "
           f"{(time.time() - started) / 60:.1f} min")
 
 
 def win_rate_differences(rows: list[dict], labels: list[str]) -> dict:
     """Each baseline's paired difference in per-prompt wins from FPO's, {label: (mean, low,
-    high)}, over the same seeds and prompts; empty without judged rows."""
+    high)}, over the same references and prompts; empty without judged rows."""
     by_seed = sorted(rows, key=lambda r: r["seed"])
     wins = {
         label: [
@@ -604,8 +704,10 @@ def bench(cfg: Config, device) -> None:
     """Median training-step time of each method on identical batches, interleaved A B C A B C so
     drift in machine speed hits every method alike; then each method's training-loop memory,
     measured in a fresh process that loads only what that method needs. The GPT size flags pick
-    the model (a short --pretrain_steps is enough for timing)."""
-    pretrain_if_missing(cfg, device)
+    the model (a short --pretrain_steps is enough for timing). It runs on the reference of
+    --seed, shared with the other experiments."""
+    out = Path(cfg.run.out_dir)
+    cfg, made_from = reference_run(cfg, cfg.run.seed, device)
     print(f"\n== bench: {cfg.run.bench_steps} interleaved steps per method ==")
     reference, gpt_fingerprint = train.load_gpt(cfg, device)
     reference.eval().requires_grad_(False)
@@ -669,9 +771,9 @@ def bench(cfg: Config, device) -> None:
         print(f"| {label} | {values['median_step_ms']:.1f} | {values['loop_memory_mb']:.1f} | "
               f"{values['peak_rss_mb']:.0f} |")
     print("\n" + " | ".join(f"{name} {ratio:.3f}" for name, ratio in ratios.items()))
-    path = Path(cfg.run.out_dir) / "bench.json"
+    path = out / "bench.json"
     # Nothing is judged here, so the judging settings are not part of it.
-    made_from = inputs_made_from(cfg, device) | {
+    made_from |= {
         "settings": {
             label: stage_settings(with_method(cfg, overrides), "prefer")
             for label, overrides in COMPARE_ROWS.items()
@@ -708,6 +810,23 @@ def check_experiment(cfg: Config, experiment: str) -> None:
             f"--{experiment} judges sampled responses, and the judge knows only the toy world: "
             "drop --preference_file (--bench and `python train.py` take it)"
         )
+    if cfg.run.picks and experiment != "compare":
+        raise UsageError(f"--picks: only --compare runs picks, not --{experiment}")
+    if cfg.run.picks and not Path(cfg.run.picks).is_file():
+        raise UsageError(
+            f"--picks {cfg.run.picks}: no such file (docs/sweep_picks.json holds the picks the "
+            "docs' tables were made with)"
+        )
+    if experiment in ("sweep", "compare"):
+        tuned_on = sweep_seeds(cfg)
+        judged_on = compare_seeds(cfg)
+        if set(tuned_on) & set(judged_on):
+            raise UsageError(
+                f"--seed {cfg.run.seed}: --compare's references (seeds {judged_on[0]}-"
+                f"{judged_on[-1]}) overlap --sweep's (seeds {tuned_on[0]}-{tuned_on[-1]}), so "
+                "picks would be judged on a reference they were tuned on; move --seed or "
+                "--sweep_seed"
+            )
     if experiment != "sweep":
         return
     n_prompts = len(data.split_prompts("validation"))
@@ -718,11 +837,11 @@ def check_experiment(cfg: Config, experiment: str) -> None:
         )
     pref_steps = cfg.prefer.pref_steps
     every = judged_every(pref_steps)
-    if pref_steps % every:
+    if 2 * pref_steps % every:
         raise UsageError(
             f"--pref_steps {pref_steps}: --sweep judges every {every} steps (a third of it), so "
-            f"no judged point falls on step {pref_steps}, where its alpha ablation reads FPO; "
-            f"pick a multiple of 3, such as {3 * round(pref_steps / 3)}"
+            f"no judged point falls on its runs' last step, {2 * pref_steps}; pick a multiple "
+            f"of 3, such as {3 * round(pref_steps / 3)}"
         )
 
 

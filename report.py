@@ -71,12 +71,13 @@ def compare_table(
     rows: list[dict],
     labels: list[str],
     columns: dict,
-    n_seeds: int,
+    seeds: list[int],
     differences: dict[str, tuple[float, float, float]],
 ) -> str:
-    """Markdown: one row per method, mean ± standard deviation over seeds of each column
-    ({name: (results key path, digits)}); then each baseline's paired difference in win rate from
-    FPO, {label: (mean, low, high)}, with its 95% bootstrap interval over prompts."""
+    """Markdown: one row per method, mean ± standard deviation over the references (seeds) of each
+    column ({name: (results key path, digits)}); each reference's win rate and valid rate per
+    method; then each baseline's paired difference in win rate from FPO, {label: (mean, low,
+    high)}, with its 95% bootstrap interval over references and prompts."""
     lines = [f"| method | {' | '.join(columns)} |", "|---" * (len(columns) + 1) + "|"]
     for label in labels:
         cells = []
@@ -84,27 +85,57 @@ def compare_table(
             values = [float(nested(row, path)) for row in rows if row["label"] == label]
             cells.append(mean_and_spread(values, digits))
         lines.append(f"| {label} | {' | '.join(cells)} |")
-    lines.append(f"\nMean ± standard deviation over {n_seeds} seed(s).\n")
-    if differences:
-        lines += ["| FPO's win rate minus | difference | 95% interval |", "|---|---|---|"]
-        for label, (mean, low, high) in differences.items():
-            lines.append(f"| {label} | {mean:+.3f} | [{low:+.3f}, {high:+.3f}] |")
-        n_prompts = len(next(row["prompt_wins"] for row in rows if "prompt_wins" in row))
-        lines.append(
-            f"\nPaired: the same {n_seeds} seed(s) and the same {n_prompts} test prompts; "
-            "the interval is a bootstrap over prompts.\n"
-        )
+    lines.append(
+        f"\nMean ± standard deviation over {len(seeds)} reference(s): seeds "
+        f"{', '.join(map(str, seeds))}, each a whole pipeline (its own pretrained GPT, SAE, "
+        "cache and pairs).\n"
+    )
+    if not differences:
+        return "\n".join(lines)
+    lines += [
+        "Win rate / valid rate on each reference:\n",
+        f"| method | {' | '.join(f'seed {seed}' for seed in seeds)} |",
+        "|---" * (len(seeds) + 1) + "|",
+    ]
+    for label in labels:
+        by_seed = {row["seed"]: row for row in rows if row["label"] == label}
+        cells = [
+            f"{by_seed[seed]['win_rate']:.3f} / {by_seed[seed]['policy']['valid_rate']:.3f}"
+            for seed in seeds
+        ]
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    lines += ["", "| FPO's win rate minus | difference | 95% interval |", "|---|---|---|"]
+    for label, (mean, low, high) in differences.items():
+        lines.append(f"| {label} | {mean:+.3f} | [{low:+.3f}, {high:+.3f}] |")
+    n_prompts = len(next(row["prompt_wins"] for row in rows if "prompt_wins" in row))
+    lines.append(
+        f"\nPaired: on each of the {len(seeds)} reference(s) every method answers the same "
+        f"{n_prompts} test prompts; the interval is a bootstrap over references, then over "
+        "prompts within each.\n"
+    )
     return "\n".join(lines)
 
 
-def sweep_report(picks: dict, ablation: dict, reference: dict, ablation_setting: str) -> str:
-    """Markdown: each method's pick and its validation numbers; FPO's alpha ablation."""
-    lines = [
-        f"Reference on the validation prompts: judge score {reference['judge_score']:.3f}, "
-        f"valid {reference['valid_rate']:.3f}, on topic {reference['on_topic_rate']:.3f}, "
-        f"positive {reference['positive_rate']:.3f}.\n",
-        "| method | picked setting | steps | judge score | valid | win rate | KL from ref |",
-        "|---|---|---|---|---|---|---|",
+def sweep_report(picks: dict, references: dict, validity_floor: float) -> str:
+    """Markdown: the references, the pick rule, and each method's pick with its validation
+    numbers on every reference (seed: point), so the spread shows."""
+    seeds = list(references)
+    lines = ["The references on the validation prompts:\n",
+             "| seed | judge score | valid | on topic | positive |", "|---|---|---|---|---|"]
+    for seed, reference in references.items():
+        lines.append(
+            f"| {seed} | {reference['judge_score']:.3f} | {reference['valid_rate']:.3f} | "
+            f"{reference['on_topic_rate']:.3f} | {reference['positive_rate']:.3f} |"
+        )
+    lines += [
+        "",
+        f"The pick rule: among the (setting, steps) points whose valid rate is at least "
+        f"{validity_floor:g}x each reference's own on all {len(seeds)} references, the highest "
+        "worst-case judge score over them. Per reference (seeds "
+        f"{', '.join(map(str, seeds))}), in that order:\n",
+        "| method | picked setting | steps | worst judge score | judge score | valid | win rate "
+        "| KL from ref |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for label, pick in picks.items():
         setting = ", ".join(
@@ -112,23 +143,17 @@ def sweep_report(picks: dict, ablation: dict, reference: dict, ablation_setting:
             for key, value in pick["settings"].items()
             if key not in ("method", "pref_steps")
         )
-        point = pick["validation"]
+        points = [pick["validation"][str(seed)] for seed in seeds]
+        worst = min(point["judge_score"] for point in points)
+        cells = [
+            " / ".join(f"{point[key]:.{digits}f}" for point in points)
+            for key, digits in (
+                ("judge_score", 3), ("valid_rate", 3), ("win_rate", 3), ("kl_from_reference", 2)
+            )
+        ]
         lines.append(
-            f"| {label} | {setting} | {pick['settings']['pref_steps']} | "
-            f"{point['judge_score']:.3f} | {point['valid_rate']:.3f} | {point['win_rate']:.3f} | "
-            f"{point['kl_from_reference']:.2f} |"
-        )
-    lines += [
-        "",
-        f"FPO's alpha ablation: {ablation_setting}, validation prompts.",
-        "",
-        "| alpha | judge score | valid | win rate | KL from ref |",
-        "|---|---|---|---|---|",
-    ]
-    for alpha, point in ablation.items():
-        lines.append(
-            f"| {alpha:g} | {point['judge_score']:.3f} | {point['valid_rate']:.3f} | "
-            f"{point['win_rate']:.3f} | {point['kl_from_reference']:.2f} |"
+            f"| {label} | {setting} | {pick['settings']['pref_steps']} | {worst:.3f} | "
+            f"{' | '.join(cells)} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -129,19 +129,38 @@ def test_paired_difference_on_hand_made_examples():
     assert evaluate.paired_difference([[1.0, 0.0]], [[0.0, 0.0]]) == (0.5, 0.0, 1.0)
     # The same difference everywhere: no spread at all.
     assert evaluate.paired_difference([[0.5, 1.0], [1.0, 0.5]], [[0.0, 0.5], [0.5, 0.0]]) == (0.5, 0.5, 0.5)
-    # Prompts are resampled with one draw for every seed: here each prompt's mean over the two seeds
-    # is 0.5, so the interval collapses; resampling each seed on its own would widen it.
-    assert evaluate.paired_difference([[1.0, 0.0], [0.0, 1.0]], [[0.0, 0.0], [0.0, 0.0]]) == (0.5, 0.5, 0.5)
+    # References that disagree, each with no spread over its prompts: the interval comes from
+    # resampling references alone, whose mean is 0, 0.5 or 1 (odds 1:2:1).
+    assert evaluate.paired_difference([[1.0, 1.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]) == (0.5, 0.0, 1.0)
+    # Each reference's prompts are resampled on their own (they are other prompts): two references
+    # of prompt differences 1, 0 and 0, 1 give means from 0 to 1, not the collapsed 0.5 of one
+    # draw shared by both.
+    mean, low, high = evaluate.paired_difference([[1.0, 0.0], [0.0, 1.0]], [[0.0, 0.0], [0.0, 0.0]])
+    assert (mean, low, high) == (0.5, 0.0, 1.0)
 
 
-def test_pick_setting_takes_the_best_judge_score_that_keeps_validity():
+def test_pick_setting_takes_the_best_worst_case_judge_score_that_keeps_validity_everywhere():
     def run(tag, *points):
         return {"tag": tag, "overrides": {"pref_lr": 1e-4}, "points": [{"step": s, "judge_score": j, "valid_rate": v} for s, j, v in points]}
 
-    runs = [run("a", (50, 0.70, 0.95), (100, 0.90, 0.80)), run("b", (50, 0.75, 0.90), (100, 0.72, 0.99))]
-    pick = experiments.pick_setting(runs, reference_valid=1.0)  # the floor is 0.9: b's step 50 (0.90) is in, a's step 100 (0.80) is out
-    assert (pick["run"], pick["settings"], pick["validation"]["judge_score"]) == ("b", {"pref_lr": 1e-4, "pref_steps": 50}, 0.75)
-    assert experiments.pick_setting(runs, reference_valid=1.2)["validation"]["valid_rate"] == 0.99  # none keeps 0.9 x 1.2: the most valid
+    # One reference: the floor is 0.9, so b's step 50 (0.90) is in and a's step 100 (0.80) is out.
+    one = {1: [run("a", (50, 0.70, 0.95), (100, 0.90, 0.80)), run("b", (50, 0.75, 0.90), (100, 0.72, 0.99))]}
+    pick = experiments.pick_setting(one, reference_valid={1: 1.0})
+    assert (pick["run"], pick["settings"], pick["validation"]["1"]["judge_score"]) == ("b", {"pref_lr": 1e-4, "pref_steps": 50}, 0.75)
+    # None keeps 0.9 x 1.2: the one whose validity is closest to the floor.
+    assert experiments.pick_setting(one, reference_valid={1: 1.2})["validation"]["1"]["valid_rate"] == 0.99
+    # Two references: a is best on the first but worst on the second; b is good on both, so its
+    # worst case (0.70) beats a's (0.50).
+    two = {
+        1: [run("a", (50, 0.95, 0.95)), run("b", (50, 0.80, 0.95))],
+        2: [run("a", (50, 0.50, 0.95)), run("b", (50, 0.70, 0.95))],
+    }
+    pick = experiments.pick_setting(two, reference_valid={1: 1.0, 2: 1.0})
+    assert pick["run"] == "b" and pick["validation"] == {"1": two[1][1]["points"][0], "2": two[2][1]["points"][0]}
+    # Each reference's own floor: 0.9 x 0.8 on the second lets a point of valid rate 0.75 in there.
+    low = {1: [run("a", (50, 0.95, 0.95)), run("b", (50, 0.60, 0.95))], 2: [run("a", (50, 0.90, 0.75)), run("b", (50, 0.60, 0.95))]}
+    assert experiments.pick_setting(low, reference_valid={1: 1.0, 2: 0.8})["run"] == "a"
+    assert experiments.pick_setting(low, reference_valid={1: 1.0, 2: 1.0})["run"] == "b"
 
 
 def test_svg_chart_parses_with_one_series_per_label():

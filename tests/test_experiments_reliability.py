@@ -25,7 +25,7 @@ import torch
 import data
 import experiments
 import train
-from conftest import REPO, TINY, copy_outputs
+from conftest import REPO, TINY, tiny_reference
 from runtime import Interrupted, UsageError
 
 ON_LINUX = Path("/proc/self/stat").exists()
@@ -142,8 +142,8 @@ def fail_if_called(what: str):
 @pytest.fixture(scope="module")
 def uninterrupted_compare(tiny_run, tmp_path_factory):
     """The out_dir of an uninterrupted `python experiments.py --compare` with COMPARE's flags."""
-    out_dir = copy_outputs(tiny_run, tmp_path_factory.mktemp("uninterrupted"),
-                           "gpt.pt", "sae.pt", "reference_cache.pt")
+    out_dir = tmp_path_factory.mktemp("uninterrupted")
+    tiny_reference(tiny_run, out_dir)
     finished = start_compare(out_dir)
     _, stderr = finished.communicate(timeout=600)
     assert finished.returncode == 0, stderr
@@ -151,17 +151,11 @@ def uninterrupted_compare(tiny_run, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def other_seed_gpt_and_sae(tmp_path_factory):
-    """A folder with gpt.pt and sae.pt trained like the tiny run's, from another seed."""
+def other_seed_gpt(tmp_path_factory):
+    """A folder with a gpt.pt pretrained like the tiny run's, from another seed."""
     out_dir = tmp_path_factory.mktemp("other_seed")
-    for stage in ("pretrain", "sae"):
-        train.main(TINY + ["--out_dir", str(out_dir), "--seed", "7", "--stage", stage])
+    train.main(TINY + ["--out_dir", str(out_dir), "--seed", "7", "--stage", "pretrain"])
     return out_dir
-
-
-def swap_in(out_dir: Path, other: Path) -> None:
-    for name in ("gpt.pt", "sae.pt"):
-        shutil.copy(other / name, out_dir / name)
 
 
 # ---- the project's exceptions cross from a child process to its parent ----------------------
@@ -209,7 +203,8 @@ def test_killed_or_interrupted_children_then_resume_give_the_uninterrupted_table
     """SIGKILL to the child training the first row: the parent stops at once with one line;
     `--resume`, and a Ctrl-C sent to the child training the second row alone: exit 130 and the
     hint; `--resume` again finishes with the uninterrupted run's table."""
-    out_dir = copy_outputs(tiny_run, tmp_path, "gpt.pt", "sae.pt", "reference_cache.pt")
+    out_dir = tmp_path
+    reference = tiny_reference(tiny_run, out_dir)
     first, second = COMPARE_ROW_TAGS[:2]
 
     compare = start_compare(out_dir)
@@ -222,7 +217,7 @@ def test_killed_or_interrupted_children_then_resume_give_the_uninterrupted_table
         "signal, perhaps by the out-of-memory killer); rerun with --resume to continue it from "
         "its last saved step"
     ]
-    assert (out_dir / f"{first}.resume.pt").exists()
+    assert (reference / f"{first}.resume.pt").exists()
 
     compare = start_compare(out_dir, "--resume")
     child = child_training(compare, row=2, step=2)
@@ -231,18 +226,18 @@ def test_killed_or_interrupted_children_then_resume_give_the_uninterrupted_table
     assert compare.returncode == 130, stderr
     assert stderr.splitlines()[-1].startswith("prefer interrupted at step ")
     assert stderr.splitlines()[-1].endswith(
-        f"; saved {out_dir / f'{second}.resume.pt'}; continue with --resume"
+        f"; saved {reference / f'{second}.resume.pt'}; continue with --resume"
     )
     assert "Traceback" not in stderr and not is_running(child)
-    assert (out_dir / f"{first}_results.json").exists()  # finished, after its own resume
+    assert (reference / f"{first}_results.json").exists()  # finished, after its own resume
 
     resumed = start_compare(out_dir, "--resume")
     stdout, stderr = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, stderr
-    assert f"finished earlier ({out_dir / f'{first}_results.json'}); skipped (--resume)" in stdout
-    resume_file = re.escape(str(out_dir / f"{second}.resume.pt"))
+    assert f"finished earlier ({reference / f'{first}_results.json'}); skipped (--resume)" in stdout
+    resume_file = re.escape(str(reference / f"{second}.resume.pt"))
     assert re.search(rf"prefer: resuming from step \d+ \({resume_file}\)", stdout)
-    assert not list(out_dir.glob("*.resume.pt"))
+    assert not list(reference.glob("*.resume.pt"))
     expected = (uninterrupted_compare / "compare.md").read_text()
     assert without_step_times((out_dir / "compare.md").read_text()) == without_step_times(expected)
 
@@ -251,13 +246,14 @@ def test_killed_or_interrupted_children_then_resume_give_the_uninterrupted_table
 @pytest.mark.skipif(not ON_LINUX, reason="finds the child process through /proc")
 def test_a_terminal_ctrl_c_reaches_the_child_and_the_parent_waits_for_it(tiny_run, tmp_path):
     """A terminal's Ctrl-C goes to its whole process group: the parent and its child at once."""
-    out_dir = copy_outputs(tiny_run, tmp_path, "gpt.pt", "sae.pt", "reference_cache.pt")
+    out_dir = tmp_path
+    reference = tiny_reference(tiny_run, out_dir)
     compare = start_compare(out_dir, new_session=True)  # its own group, as under a terminal
     child = child_training(compare, row=1, step=2)
     os.killpg(compare.pid, signal.SIGINT)
     _, stderr = compare.communicate(timeout=60)
     assert compare.returncode == 130, stderr
-    resume_file = out_dir / f"{COMPARE_ROW_TAGS[0]}.resume.pt"
+    resume_file = reference / f"{COMPARE_ROW_TAGS[0]}.resume.pt"
     assert stderr.splitlines()[-1].endswith(f"; saved {resume_file}; continue with --resume")
     assert "Traceback" not in stderr and resume_file.exists() and not is_running(child)
 
@@ -265,7 +261,8 @@ def test_a_terminal_ctrl_c_reaches_the_child_and_the_parent_waits_for_it(tiny_ru
 @pytest.mark.slow
 @pytest.mark.skipif(not ON_LINUX, reason="finds the child process through /proc")
 def test_a_killed_parent_takes_its_child_with_it(tiny_run, tmp_path):
-    out_dir = copy_outputs(tiny_run, tmp_path, "gpt.pt", "sae.pt", "reference_cache.pt")
+    out_dir = tmp_path
+    reference = tiny_reference(tiny_run, out_dir)
     compare = start_compare(out_dir)
     child = child_training(compare, row=1, step=2)
     compare.kill()
@@ -279,7 +276,7 @@ def test_a_killed_parent_takes_its_child_with_it(tiny_run, tmp_path):
         os.kill(child, signal.SIGKILL)  # leave no orphan behind, then fail
         pytest.fail("the child kept training after its parent was killed")
     # It stopped mid-training, not once done (an orphan fails to hand back its result then).
-    assert not (out_dir / f"{COMPARE_ROW_TAGS[0]}.pt").exists()
+    assert not (reference / f"{COMPARE_ROW_TAGS[0]}.pt").exists()
 
 
 # ---- saved work is reused only if made from the same inputs -----------------------------------
@@ -287,7 +284,7 @@ def test_a_killed_parent_takes_its_child_with_it(tiny_run, tmp_path):
 
 @pytest.mark.slow
 def test_compare_rows_are_reused_only_from_the_same_gpt_and_sae(
-    uninterrupted_compare, other_seed_gpt_and_sae, tmp_path, monkeypatch
+    uninterrupted_compare, tmp_path, monkeypatch
 ):
     out_dir = tmp_path / "out"
     shutil.copytree(uninterrupted_compare, out_dir)
@@ -299,28 +296,38 @@ def test_compare_rows_are_reused_only_from_the_same_gpt_and_sae(
     expected = (uninterrupted_compare / "compare.md").read_text()
     assert (out_dir / "compare.md").read_text() == expected
     # A truncated row file is a cache to recompute, not an error.
-    row_file = out_dir / f"{COMPARE_ROW_TAGS[0]}_results.json"
+    row_file = out_dir / "ref_seed1337" / f"{COMPARE_ROW_TAGS[0]}_results.json"
     row_text = row_file.read_text()
     row_file.write_text(row_text[: len(row_text) // 2])
     with pytest.raises(pytest.fail.Exception, match="a row trained again"):
         experiments.main(argv)
     row_file.write_text(row_text)
-    # A GPT and SAE from another seed under the finished rows: they are trained again.
-    swap_in(out_dir, other_seed_gpt_and_sae)
+    # An SAE with the same settings and other weights (remade on another machine) under the
+    # finished rows: they are trained again.
+    other_weights(out_dir / "ref_seed1337" / "sae.pt")
     with pytest.raises(pytest.fail.Exception, match="a row trained again"):
         experiments.main(argv)
 
 
+def other_weights(path: Path) -> None:
+    """The checkpoint at `path` with one weight nudged: the same settings, another fingerprint."""
+    checkpoint = torch.load(path, weights_only=True)
+    name = next(iter(checkpoint["state_dict"]))
+    checkpoint["state_dict"][name] = checkpoint["state_dict"][name] + 1e-3
+    torch.save(checkpoint, path)
+
+
 @pytest.mark.slow
 def test_sweep_runs_and_picks_are_used_only_from_the_same_inputs(
-    tiny_run, other_seed_gpt_and_sae, tmp_path, monkeypatch
+    tiny_run, other_seed_gpt, tmp_path, monkeypatch
 ):
-    out_dir = copy_outputs(tiny_run, tmp_path, "gpt.pt", "sae.pt", "reference_cache.pt")
-    # The smallest sweep, the same code: FPO at one setting and the alpha ablation at alpha 0.
+    out_dir = tmp_path
+    tiny_reference(tiny_run, out_dir)  # --compare's; --sweep pretrains its own, seed 1000
+    # The smallest sweep, the same code: FPO at one setting, on one reference.
     monkeypatch.setattr(experiments, "SWEEP_LRS", (1e-3,))
     monkeypatch.setattr(experiments, "SWEEP_KNOBS", {"FPO": experiments.SWEEP_KNOBS["FPO"][:1]})
-    monkeypatch.setattr(experiments, "ALPHA_ABLATION", (0.0,))
-    argv = TINY + ["--threads", "1", "--out_dir", str(out_dir), "--pref_steps", "3"]
+    argv = TINY + ["--threads", "1", "--out_dir", str(out_dir), "--pref_steps", "3",
+                   "--sweep_references", "1"]
     experiments.main(argv + ["--sweep"])
     experiments.main(argv + ["--compare", "--seeds", "1"])
     picks_file = out_dir / "sweep_picks.json"
@@ -344,22 +351,33 @@ def test_sweep_runs_and_picks_are_used_only_from_the_same_inputs(
     # A finished sweep trains nothing again; a truncated run file is recomputed, not an error.
     monkeypatch.setattr(train, "train_preference", fail_if_called("a sweep run trained again"))
     experiments.main(argv + ["--sweep"])
-    run_file = out_dir / f"{saved_picks['picks']['FPO']['run']}_results.json"
+    reference = out_dir / "ref_seed1000"
+    run_file = reference / f"{saved_picks['picks']['FPO']['run']}_results.json"
     run_text = run_file.read_text()
     run_file.write_text(run_text[:100])
     with pytest.raises(pytest.fail.Exception, match="a sweep run trained again"):
         experiments.main(argv + ["--sweep"])
     run_file.write_text(run_text)
 
-    # A GPT and SAE from another seed: the sweep trains again, and --compare refuses the picks.
-    swap_in(out_dir, other_seed_gpt_and_sae)
+    # An SAE with other weights: the sweep trains again. A GPT made with other settings is
+    # refused, not reused or overwritten.
+    shutil.copy(reference / "sae.pt", tmp_path / "sae.pt")
+    other_weights(reference / "sae.pt")
     with pytest.raises(pytest.fail.Exception, match="a sweep run trained again"):
         experiments.main(argv + ["--sweep"])
+    shutil.copy(other_seed_gpt / "gpt.pt", reference / "gpt.pt")
     with pytest.raises(UsageError) as refused:
-        experiments.main(argv + ["--compare", "--seeds", "1", "--resume"])
+        experiments.main(argv + ["--sweep"])
     assert str(refused.value) == (
-        f"{picks_file} was made from another GPT and SAE than this run's: "
-        "rerun --sweep, or delete it"
+        f"{reference / 'gpt.pt'} was made with --seed 7, not this run's settings: delete "
+        f"{reference} to make it anew, or pass another --out_dir"
+    )
+    # Picks tuned with other judging (or training, data, ...) settings are refused by --compare.
+    with pytest.raises(UsageError) as refused:
+        experiments.main(argv + ["--compare", "--seeds", "1", "--max_new_tokens", "7"])
+    assert str(refused.value) == (
+        f"{picks_file} was made from another judging than this run's: rerun --sweep with these "
+        "flags, or pass its own"
     )
 
 
@@ -372,7 +390,14 @@ def test_sweep_runs_and_picks_are_used_only_from_the_same_inputs(
      "prompts, which it judges)"),
     (["--sweep", "--pref_steps", "10"],
      "--pref_steps 10: --sweep judges every 3 steps (a third of it), so no judged point falls on "
-     "step 10, where its alpha ablation reads FPO; pick a multiple of 3, such as 9"),
+     "its runs' last step, 20; pick a multiple of 3, such as 9"),
+    (["--compare", "--seed", "999"],
+     "--seed 999: --compare's references (seeds 999-1003) overlap --sweep's (seeds 1000-1002), "
+     "so picks would be judged on a reference they were tuned on; move --seed or --sweep_seed"),
+    (["--sweep", "--picks", "picks.json"], "--picks: only --compare runs picks, not --sweep"),
+    (["--compare", "--picks", "missing.json"],
+     "--picks missing.json: no such file (docs/sweep_picks.json holds the picks the docs' tables "
+     "were made with)"),
     (["--sweep", "--preference_file", "prefs.jsonl"],
      "--sweep judges sampled responses, and the judge knows only the toy world: drop "
      "--preference_file (--bench and `python train.py` take it)"),

@@ -14,7 +14,7 @@ import data
 import experiments
 import report
 import train
-from conftest import TINY, copy_outputs, numbers_of
+from conftest import TINY, numbers_of, tiny_reference
 from model import GPT
 
 CPU = torch.device("cpu")
@@ -95,9 +95,11 @@ def test_frozen_sae_and_reference_get_no_gradient(tiny_run):
 
 
 @pytest.mark.slow
-def test_compare_writes_a_finite_row_for_every_method(tiny_run):
-    out_dir, argv = tiny_run
-    experiments.main(argv + ["--compare", "--seeds", "1", "--pref_steps", "4"])
+def test_compare_writes_a_finite_row_for_every_method(tiny_run, tmp_path):
+    _, argv = tiny_run
+    out_dir = tmp_path
+    tiny_reference(tiny_run, out_dir)
+    experiments.main(argv + ["--out_dir", str(out_dir), "--compare", "--seeds", "1", "--pref_steps", "4"])
     table = (out_dir / "compare.md").read_text()
     rows = json.loads((out_dir / "compare.json").read_text())["rows"]
     assert {row["label"] for row in rows} == set(experiments.COMPARE_ROWS)
@@ -119,9 +121,11 @@ def test_compare_writes_a_finite_row_for_every_method(tiny_run):
 
 
 @pytest.mark.slow
-def test_bench_reports_every_method_and_the_ratios(tiny_run, capsys):
-    out_dir, argv = tiny_run
-    experiments.main(argv + ["--bench", "--bench_steps", "3"])
+def test_bench_reports_every_method_and_the_ratios(tiny_run, tmp_path, capsys):
+    _, argv = tiny_run
+    out_dir = tmp_path
+    tiny_reference(tiny_run, out_dir)
+    experiments.main(argv + ["--out_dir", str(out_dir), "--bench", "--bench_steps", "3"])
     bench = json.loads((out_dir / "bench.json").read_text())
     assert set(bench["methods"]) == set(experiments.COMPARE_ROWS)
     assert set(bench["ratios"]) == {f"FPO/{other} {measure}" for other in ("SimPO", "DPO", "TDPO-2") for measure in ("time", "loop memory")}
@@ -157,28 +161,38 @@ def test_every_config_field_has_help_text_in_the_argparse_help(capsys):
 
 
 @pytest.mark.slow
-def test_sweep_picks_each_method_on_validation_resumes_and_feeds_compare(tiny_run, tmp_path, monkeypatch):
+def test_sweep_picks_each_method_over_its_references_resumes_and_feeds_compare(tiny_run, tmp_path, monkeypatch):
     _, argv = tiny_run
-    out_dir = copy_outputs(tiny_run, tmp_path, "gpt.pt", "sae.pt", "reference_cache.pt")
-    # A smaller grid, the same code: 2 learning rates x 1 knob setting per method, 2 ablation points.
+    out_dir = tmp_path
+    tiny_reference(tiny_run, out_dir)  # --compare's first reference; the sweep pretrains its own
+    # A smaller grid, the same code: 2 learning rates x 1 knob setting per method, 2 references.
     monkeypatch.setattr(experiments, "SWEEP_LRS", (1e-3, 3e-3))
     monkeypatch.setattr(experiments, "SWEEP_KNOBS", {label: knobs[:1] for label, knobs in experiments.SWEEP_KNOBS.items()})
-    monkeypatch.setattr(experiments, "ALPHA_ABLATION", (0.0, 1.0))
-    sweep_argv = argv + ["--out_dir", str(out_dir), "--pref_steps", "6", "--pref_lr", "1e-3"]
+    sweep_argv = argv + ["--out_dir", str(out_dir), "--pref_steps", "6", "--pref_lr", "1e-3", "--sweep_references", "2"]
     experiments.main(sweep_argv + ["--sweep"])
+    # Each reference is a whole pipeline of its own seed, made once and kept.
+    references = [out_dir / "ref_seed1000", out_dir / "ref_seed1001"]
+    gpts = [torch.load(reference / "gpt.pt", weights_only=True) for reference in references]
+    assert [gpt["config"]["seed"] for gpt in gpts] == [1000, 1001]
+    assert not torch.equal(*(next(iter(gpt["state_dict"].values())) for gpt in gpts))
     picks = json.loads((out_dir / "sweep_picks.json").read_text())["picks"]
     assert set(picks) == set(experiments.SWEEP_KNOBS)
     for label, pick in picks.items():
-        run = json.loads((out_dir / f"{pick['run']}_results.json").read_text())
-        assert [point["step"] for point in run["points"]] == [2, 4, 6, 8, 10, 12]  # every third of --pref_steps, to twice it
-        assert run["label"] == label and pick["validation"] in run["points"] and pick["settings"]["pref_lr"] in (1e-3, 3e-3)
-    assert not list(out_dir.glob("sweep_*_step*.pt"))  # snapshots are deleted once judged
+        assert set(pick["validation"]) == {"1000", "1001"} and pick["settings"]["pref_lr"] in (1e-3, 3e-3)
+        for reference in references:
+            run = json.loads((reference / f"{pick['run']}_results.json").read_text())
+            assert [point["step"] for point in run["points"]] == [2, 4, 6, 8, 10, 12]  # every third of --pref_steps, to twice it
+            assert run["label"] == label and pick["validation"][reference.name.removeprefix("ref_seed")] in run["points"]
+    assert not list(out_dir.glob("ref_seed*/sweep_*_step*.pt"))  # snapshots are deleted once judged
     for name in ("frontier", "validity", "win_rate"):
         series = ElementTree.parse(out_dir / f"{name}.svg").getroot().findall(".//{http://www.w3.org/2000/svg}g[@class='series']")
         assert [g.get("data-label") for g in series] == list(experiments.SWEEP_KNOBS), name
-    ablation = (out_dir / "sweep.md").read_text().split("| alpha |")[1].splitlines()[2:]
-    assert [row.split(" | ")[0] for row in ablation if row] == ["| 0", "| 1"]  # one row per ablation alpha, none from the grid
-    # A rerun trains nothing: every run's results are on disk.
+    sweep_md = (out_dir / "sweep.md").read_text()
+    table = sweep_md.split("| method | picked setting |")[1].splitlines()[2:]
+    assert [row.split(" | ")[0] for row in table if row] == [f"| {label}" for label in experiments.SWEEP_KNOBS]
+    assert "the highest worst-case judge score" in sweep_md
+    # A rerun trains nothing: every reference and every run's results are on disk.
+    monkeypatch.setattr(train, "pretrain", lambda *args, **kwargs: pytest.fail("a reference was pretrained again"))
     monkeypatch.setattr(train, "train_preference", lambda *args, **kwargs: pytest.fail("a finished sweep run was trained again"))
     experiments.main(sweep_argv + ["--sweep"])
     # ... but other training or judging settings make every saved run stale: its first run trains again.
@@ -186,7 +200,16 @@ def test_sweep_picks_each_method_on_validation_resumes_and_feeds_compare(tiny_ru
         with pytest.raises(pytest.fail.Exception, match="trained again"):
             experiments.main(sweep_argv + changed + ["--sweep"])
     monkeypatch.undo()
-    experiments.main(sweep_argv + ["--compare", "--seeds", "2"])
+    # --compare runs the picks on its own references (seed 1337 ready made, 1338 pretrained here),
+    # from out_dir's picks file or from the one --picks names.
+    picks_file = tmp_path / "kept" / "sweep_picks.json"
+    picks_file.parent.mkdir()
+    (out_dir / "sweep_picks.json").rename(picks_file)
+    experiments.main(sweep_argv + ["--compare", "--seeds", "2", "--picks", str(picks_file)])
     compare = json.loads((out_dir / "compare.json").read_text())
     assert compare["settings"]["FPO"] == picks["FPO"]["settings"] and compare["settings"]["FPO (alpha=0)"]["alpha"] == 0.0
-    assert "| FPO's win rate minus | difference | 95% interval |" in (out_dir / "compare.md").read_text()
+    assert compare["settings"]["DPO (offline cache)"] == picks["DPO"]["settings"] | {"method": "dpo_offline"}
+    assert sorted({row["seed"] for row in compare["rows"]}) == [1337, 1338]
+    compare_md = (out_dir / "compare.md").read_text()
+    assert "| method | seed 1337 | seed 1338 |" in compare_md
+    assert "| FPO's win rate minus | difference | 95% interval |" in compare_md

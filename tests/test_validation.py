@@ -49,6 +49,12 @@ PARSE_CASES = {
     ],
     "compare": [(["--compare=1"], "--compare: ignored explicit argument '1'")],
     "seeds": [(["--compare", "--seeds", "0"], "--seeds 0: must be > 0")],
+    "picks": [(["--picks"], "--picks: expected one argument")],
+    "sweep_seed": [
+        (["--sweep_seed", "-1"], "--sweep_seed -1: must be >= 0"),
+        (["--sweep_seed", "4294967296"], "--sweep_seed 4294967296: must be below 2**32"),
+    ],
+    "sweep_references": [(["--sweep", "--sweep_references", "0"], "--sweep_references 0: must be > 0")],
     "bench": [(["--bench=1"], "--bench: ignored explicit argument '1'")],
     "sweep": [(["--sweep=1"], "--sweep: ignored explicit argument '1'")],
     "threads": [(["--threads", "-1"], "--threads -1: must be >= 0"), (["--threads", "two"], "--threads: invalid int value: 'two'")],
