@@ -246,8 +246,9 @@ def train_in_child(tag: str, to_continue: str, function, *args):
 # 6 points along twice the default length, so the pick also chooses when to stop. beta is on the
 # scale of each method's log-probs: summed for DPO and TDPO, averaged (about 15x smaller) for FPO
 # and SimPO. FPO's D(y) scales with the SAE's activations, so its alpha is searched over decades
-# rather than taken from the paper; FPO-KL's SeqKL is in nats summed over the response, about 100
-# times D(y) here, so its alphas are that much smaller. DPO (offline cache) computes DPO's loss
+# rather than taken from the paper. FPO-KL's SeqKL is in nats summed over the response, so its
+# alphas are smaller: its weight on SeqKL, alpha x beta, spans 0.08 to 0.64, as TDPO-2's grid
+# spans 0.05 to 0.6. DPO (offline cache) computes DPO's loss
 # (tests check they are equal), so it takes DPO's pick rather than training the same runs twice.
 SWEEP_LRS = (2e-5, 6e-5, 1.8e-4)
 SWEEP_KNOBS = {
