@@ -155,6 +155,11 @@ def sample_stats(
     return stats
 
 
+def encode_prompts(prompt_texts: list[str], enc, block_size: int) -> list[list[int]]:
+    """The prompts' token ids, each cut to its last half context: the rest is the response's."""
+    return [data.encode(enc, text)[-(block_size // 2) :] for text in prompt_texts]
+
+
 def judge_against_reference(
     policy: GPT,
     reference: GPT,
@@ -169,9 +174,7 @@ def judge_against_reference(
     """Sample policy and reference once per prompt and compare: each one's sample_stats, the
     judge's per-prompt wins and win rate (when `judged`), and five examples. The reference's
     samples and stats go into reference_samples once and are reused from there."""
-    block_size = policy.config.block_size
-    # Half the context is left for the response.
-    prompts = [data.encode(enc, text)[-(block_size // 2) :] for text in prompt_texts]
+    prompts = encode_prompts(prompt_texts, enc, policy.config.block_size)
     judged_texts = prompt_texts if judged else None
     if "responses" not in reference_samples:  # the reference's samples and their stats: once
         responses = sample_responses(reference, prompts, enc, eval_cfg, seed, device)
@@ -209,27 +212,30 @@ def judge_against_reference(
 # Comparisons and features
 
 
-def paired_difference(
-    a: list[list[float]],
-    b: list[list[float]],
-    n_resamples: int = 4000,
-    seed: int = 0,
+def bootstrap_mean(
+    values: list[list[float]], n_resamples: int = 4000, seed: int = 0
 ) -> tuple[float, float, float]:
-    """Mean of a - b, and its 95% bootstrap interval from resampling references, then prompts
-    within each drawn reference, so both sources of variance are in it. a, b: per-prompt values
-    of the same references and prompts, (references, prompts); a reference's prompts may differ
-    from another's (they are drawn with its seed), so each is paired only with itself."""
-    differences = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
-    n_references, n_prompts = differences.shape  # differences: (R, P)
+    """Mean of per-prompt values, and its 95% bootstrap interval from resampling references, then
+    prompts within each drawn reference, so both sources of variance are in it. values:
+    (references, prompts); a reference's prompts may differ from another's (they are drawn
+    with its seed), so prompts are never matched across references."""
+    values = torch.tensor(values, dtype=torch.float64)
+    n_references, n_prompts = values.shape  # values: (R, P)
     generator = torch.Generator().manual_seed(seed)
     references = torch.randint(0, n_references, (n_resamples, n_references, 1), generator=generator)
     prompts = torch.randint(
         0, n_prompts, (n_resamples, n_references, n_prompts), generator=generator
     )
-    means = differences[references, prompts].mean(dim=(1, 2))  # (n_resamples,)
+    means = values[references, prompts].mean(dim=(1, 2))  # (n_resamples,)
     quantiles = torch.tensor([0.025, 0.975], dtype=torch.float64)
     low, high = torch.quantile(means, quantiles).tolist()
-    return differences.mean().item(), low, high
+    return values.mean().item(), low, high
+
+
+def paired_difference(a: list[list[float]], b: list[list[float]]) -> tuple[float, float, float]:
+    """bootstrap_mean of a - b: two methods on the same references and prompts, (R, P) each."""
+    differences = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    return bootstrap_mean(differences.tolist())
 
 
 def most_constrained_latents(cache: dict, fpo_k: int, n: int) -> list[int]:

@@ -1,22 +1,24 @@
 """The evidence: FPO against its baselines, each tuned alike. Nothing imports this file.
 
-    python experiments.py --sweep     every method at 9 settings of its own knobs on each of 3
-                                      references, judged on the validation prompts along twice
-                                      the default length; each method's robust pick; the
-                                      reward-KL frontier and over-optimisation curves as SVG files
-    python experiments.py --compare   every method at its pick (or COMPARE_ROWS without a sweep)
-                                      on 5 other references: one table, each reference's numbers,
-                                      and paired differences from FPO
-    python experiments.py --bench     step times on identical batches, and each training loop's
-                                      peak memory
+    python experiments.py --sweep         every method at 9 settings of its own knobs on each of
+                                          3 references, judged on the validation prompts along
+                                          twice the default length; each method's robust pick;
+                                          the reward-KL frontier and over-optimisation curves
+    python experiments.py --compare       every method at its pick (or COMPARE_ROWS without a
+                                          sweep) on 5 other references: one table, each
+                                          reference's numbers, paired differences from FPO
+    python experiments.py --head_to_head  FPO judged against each method, prompt by prompt, at 5
+                                          temperatures, from --compare's policies
+    python experiments.py --bench         step times on identical batches, and each training
+                                          loop's peak memory
 
 A reference is one seed's whole pipeline: its own corpus, pretrained GPT, SAE, cache and pairs,
 made once in out_dir/ref_seed<seed>/ and shared by every experiment, so the picks and the
 intervals see how much the reference itself varies. Every flag of `python train.py` applies
 (`--out_dir`, `--pref_steps`, ...). Each training run of --compare and --bench happens in a
-child process, so its memory is its own. Each JSON file
-records what it was made from (made_from: the GPT, the SAE, the data, the judging and training
-settings); a rerun, or `--resume`, reuses a saved run only if all of it matches.
+child process, so its memory is its own. Each JSON file records what it was made from
+(made_from: the GPT, the SAE, the data, the judging and training settings); a rerun, or
+`--resume`, reuses a saved run only if all of it matches.
 """
 
 import contextlib
@@ -44,7 +46,9 @@ import data
 import report
 import train
 from config import Config, parse_args, run_command, stage_settings
-from evaluate import paired_difference
+from evaluate import (
+    bootstrap_mean, encode_prompts, judge_stats, paired_difference, sample_responses, win_rate,
+)
 from model import GPT
 from runtime import (
     UsageError, autocast, batch_indices, check_made_from, load_checkpoint, out_dir_lock,
@@ -613,6 +617,93 @@ def win_rate_differences(rows: list[dict], labels: list[str]) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# --head_to_head: FPO's response judged against each other method's on the same prompt (the
+# paper's Table 2 metric) at five temperatures (its Fig. 3-right), from --compare's policies
+
+HEAD_TO_HEAD_TEMPERATURES = (0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+def head_to_head(cfg: Config, device) -> None:
+    """At each of HEAD_TO_HEAD_TEMPERATURES, every policy --compare trained answers its
+    reference's test prompts once, and the judge compares FPO's response with each other
+    method's on the same prompt; a tie counts half. Nothing is trained: the policies are those
+    of compare.json's rows. Writes head_to_head.md (mean over references and prompts with a 95%
+    bootstrap interval over both) and head_to_head.svg."""
+    out = Path(cfg.run.out_dir)
+    compare_json = read_json(out / "compare.json", "run --compare first")
+    labels = list(compare_json["settings"])
+    seeds = sorted({row["seed"] for row in compare_json["rows"]})
+    temperatures = HEAD_TO_HEAD_TEMPERATURES
+    print(f"\n== head to head: FPO against {', '.join(labels[1:])} at temperatures "
+          f"{', '.join(map(str, temperatures))}, on {len(seeds)} references ==")
+    scores = {}  # (seed, temperature): {label: the judge's score per test prompt}
+    started = time.time()
+    for seed in seeds:
+        ref_cfg, _ = reference_run(cfg, seed, device)
+        rows = {row["label"]: row["made_from"] for row in compare_json["rows"]
+                if row["seed"] == seed}
+        for temperature in temperatures:
+            print(f"head to head: seed {seed}, temperature {temperature} | "
+                  f"{time.time() - started:.0f}s", flush=True)
+            scores[seed, temperature] = judged_scores(ref_cfg, device, rows, temperature)
+    results = {
+        label: {
+            temperature: bootstrap_mean([
+                [win_rate([fpo], [other]) for fpo, other in zip(
+                    scores[seed, temperature]["FPO"], scores[seed, temperature][label], strict=True
+                )]
+                for seed in seeds
+            ])
+            for temperature in temperatures
+        }
+        for label in labels[1:]
+    }
+    n_prompts = len(scores[seeds[0], temperatures[0]]["FPO"])
+    table = report.head_to_head_table(results, temperatures, seeds, n_prompts)
+    write_text(out / "head_to_head.md", table)
+    series = {
+        label: [(temperature, mean) for temperature, (mean, _, _) in by_temperature.items()]
+        for label, by_temperature in results.items()
+    }
+    series["a tie (0.5)"] = [(temperatures[0], 0.5), (temperatures[-1], 0.5)]
+    chart = report.svg_chart(
+        "FPO's head-to-head win rate against each method (test prompts)",
+        "sampling temperature",
+        "FPO's win rate",
+        series,
+        lines=True,
+    )
+    write_text(out / "head_to_head.svg", chart)
+    print("\n" + table + f"\nhead to head: wrote {out / 'head_to_head.md'} and "
+          f"{out / 'head_to_head.svg'} | {(time.time() - started) / 60:.1f} min")
+
+
+def judged_scores(ref_cfg: Config, device, rows: dict, temperature: float) -> dict:
+    """{label: the judge's score of the policy's sample per test prompt} at this temperature, for
+    the policies of one reference's compare rows ({label: the row's made_from}); read back from
+    head_to_head_t<temperature>.json when made from the same rows and judging."""
+    seed = ref_cfg.run.seed
+    eval_cfg = dataclasses.replace(ref_cfg.eval, temperature=temperature)
+    path = Path(ref_cfg.run.out_dir) / f"head_to_head_t{temperature:g}.json"
+    made_from = {"rows": rows, "eval": dataclasses.asdict(eval_cfg)}
+    saved = saved_run(path, made_from)
+    if saved is not None:
+        return saved["scores"]
+    reference, gpt_fingerprint = train.load_gpt(ref_cfg, device)
+    reference.eval().requires_grad_(False)
+    inputs = train.load_preference_inputs(ref_cfg, reference, gpt_fingerprint, device)
+    prompt_texts, _ = train.held_out_prompts(ref_cfg, inputs)
+    prompts = encode_prompts(prompt_texts, inputs.enc, reference.config.block_size)
+    scores = {}
+    for label in rows:
+        policy, _ = train.load_policy(ref_cfg, compare_tag(label, seed), reference, inputs, device)
+        responses = sample_responses(policy, prompts, inputs.enc, eval_cfg, seed, device)
+        scores[label] = judge_stats(prompt_texts, responses, inputs.enc)["scores"]
+    write_json(path, {"scores": scores, "made_from": made_from})
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------
 # --bench, and the memory of a training loop alone, with everything it needs already loaded
 
 
@@ -795,18 +886,21 @@ def bench(cfg: Config, device) -> None:
 
 def main(argv: list[str]) -> None:
     cfg = parse_args(argv, description=__doc__.split("\n\n")[0], prog="experiments.py")
-    chosen = [name for name in ("bench", "compare", "sweep") if getattr(cfg.run, name)]
+    experiments = {
+        "sweep": sweep, "compare": compare, "head_to_head": head_to_head, "bench": bench
+    }
+    chosen = [name for name in experiments if getattr(cfg.run, name)]
     if len(chosen) != 1:
-        raise UsageError("pick one experiment: --sweep, --compare or --bench")
+        raise UsageError("pick one experiment: --sweep, --compare, --head_to_head or --bench")
     check_experiment(cfg, chosen[0])
     device = train.start_run(cfg)
     with out_dir_lock(cfg.run.out_dir):
-        {"bench": bench, "compare": compare, "sweep": sweep}[chosen[0]](cfg, device)
+        experiments[chosen[0]](cfg, device)
 
 
 def check_experiment(cfg: Config, experiment: str) -> None:
     """Refuse, before any work, what an experiment would fail at or silently get wrong later."""
-    if experiment in ("sweep", "compare") and cfg.run.preference_file:
+    if experiment in ("sweep", "compare", "head_to_head") and cfg.run.preference_file:
         raise UsageError(
             f"--{experiment} judges sampled responses, and the judge knows only the toy world: "
             "drop --preference_file (--bench and `python train.py` take it)"

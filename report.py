@@ -158,6 +158,39 @@ def sweep_report(picks: dict, references: dict, validity_floor: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def head_to_head_table(
+    results: dict[str, dict[float, tuple[float, float, float]]],
+    temperatures: tuple[float, ...],
+    seeds: list[int],
+    n_prompts: int,
+) -> str:
+    """Markdown: FPO's head-to-head win rate against each method ({label: {temperature: (mean,
+    low, high)}}) at every temperature, and at how many temperatures its interval lies above
+    0.5 (FPO better) or below it (FPO worse)."""
+    header = " | ".join(f"T = {temperature:g}" for temperature in temperatures)
+    lines = [
+        f"| FPO against | {header} | above 0.5 | below 0.5 |",
+        "|---" * (len(temperatures) + 3) + "|",
+    ]
+    for label, by_temperature in results.items():
+        cells = [
+            f"{mean:.3f} [{low:.3f}, {high:.3f}]" for mean, low, high in by_temperature.values()
+        ]
+        above = sum(low > 0.5 for _, low, _ in by_temperature.values())
+        below = sum(high < 0.5 for _, _, high in by_temperature.values())
+        lines.append(
+            f"| {label} | {' | '.join(cells)} | {above} of {len(temperatures)} | "
+            f"{below} of {len(temperatures)} |"
+        )
+    lines.append(
+        f"\nFPO's response judged against the other method's on the same test prompt (a tie "
+        f"counts half): the mean over {len(seeds)} reference(s) (seeds "
+        f"{', '.join(map(str, seeds))}) and {n_prompts} prompts each, with a 95% bootstrap "
+        "interval over references, then prompts within each.\n"
+    )
+    return "\n".join(lines)
+
+
 RUN_COLUMNS = {  # column: (results key path, digits)
     "win rate": (("win_rate",), 3),
     "valid": (("policy", "valid_rate"), 3),

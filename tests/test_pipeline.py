@@ -4,6 +4,7 @@ import dataclasses
 import gc
 import json
 import math
+import re
 from xml.etree import ElementTree
 
 import pytest
@@ -118,6 +119,34 @@ def test_compare_writes_a_finite_row_for_every_method(tiny_run, tmp_path):
         assert online[key] == offline[key], key
     for key in ("feature_drift", "policy.kl_from_reference", "policy.entropy_per_token"):
         assert math.isclose(online[key], offline[key], rel_tol=1e-4), key
+
+
+@pytest.mark.slow
+def test_head_to_head_judges_the_compare_policies_at_every_temperature(tiny_run, tmp_path, monkeypatch):
+    _, argv = tiny_run
+    argv = argv + ["--out_dir", str(tmp_path), "--threads", "1"]
+    tiny_reference(tiny_run, tmp_path)
+    rows = {"FPO": experiments.COMPARE_ROWS["FPO"], "SimPO": experiments.COMPARE_ROWS["SimPO"], "DPO": experiments.COMPARE_ROWS["DPO"]}
+    monkeypatch.setattr(experiments, "COMPARE_ROWS", rows)
+    experiments.main(argv + ["--compare", "--seeds", "1", "--pref_steps", "4"])
+    monkeypatch.setattr(train, "train_preference", lambda *args, **kwargs: pytest.fail("head to head trained"))
+    experiments.main(argv + ["--head_to_head"])
+    table = (tmp_path / "head_to_head.md").read_text()
+    lines = table.splitlines()
+    assert lines[0] == "| FPO against | T = 0.2 | T = 0.4 | T = 0.6 | T = 0.8 | T = 1 | above 0.5 | below 0.5 |"
+    assert [line.split(" | ")[0] for line in lines[2:4]] == ["| SimPO", "| DPO"] and lines[4] == ""
+    for line in lines[2:4]:
+        cells = line.split(" | ")[1:6]
+        assert all(re.fullmatch(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", cell) for cell in cells), line
+    series = ElementTree.parse(tmp_path / "head_to_head.svg").getroot().findall(".//{http://www.w3.org/2000/svg}g[@class='series']")
+    assert [g.get("data-label") for g in series] == ["SimPO", "DPO", "a tie (0.5)"]
+    # A rerun samples nothing and writes the same table.
+    monkeypatch.setattr(experiments, "sample_responses", lambda *args, **kwargs: pytest.fail("sampled again"))
+    experiments.main(argv + ["--head_to_head"])
+    assert (tmp_path / "head_to_head.md").read_text() == table
+    # The judge's scores are kept per reference and temperature: one per method and test prompt.
+    scores = json.loads((tmp_path / "ref_seed1337" / "head_to_head_t1.json").read_text())["scores"]
+    assert set(scores) == {"FPO", "SimPO", "DPO"} and len(scores["FPO"]) == 24
 
 
 @pytest.mark.slow
