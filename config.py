@@ -35,6 +35,7 @@ class RunConfig:
     sweep_seed: int = 1000  # --sweep's first reference seed (then +1, ...); not --compare's seeds
     sweep_references: int = 3  # how many references (whole pipelines) --sweep tunes on
     head_to_head: bool = False  # experiments.py: FPO judged against each method, at 5 temperatures
+    ablation: bool = False  # experiments.py: FPO's SAE block, alpha, stop-gradient or k changed
     bench: bool = False  # experiments.py: time training steps of each method on identical batches
     bench_steps: int = 50  # timed steps per method in --bench
     log_every: int = 50  # steps between progress lines, in every training stage

@@ -9,6 +9,8 @@
                                           reference's numbers, paired differences from FPO
     python experiments.py --head_to_head  FPO judged against each method, prompt by prompt, at 5
                                           temperatures, from --compare's policies
+    python experiments.py --ablation      FPO with its SAE block, alpha and stop-gradient, or k
+                                          changed, on --compare's references
     python experiments.py --bench         step times on identical batches, and each training
                                           loop's peak memory
 
@@ -28,6 +30,7 @@ import multiprocessing
 import os
 import re
 import resource
+import shutil
 import signal
 import statistics
 import sys
@@ -52,7 +55,7 @@ from evaluate import (
 from model import GPT
 from runtime import (
     UsageError, autocast, batch_indices, check_made_from, load_checkpoint, out_dir_lock,
-    read_json, synchronize, write_json, write_text,
+    read_json, synchronize, write_atomically, write_json, write_text,
 )
 
 # Per-method settings for --bench, and for --compare without a --sweep: FPO at the defaults (from
@@ -102,25 +105,28 @@ def reference_run(cfg: Config, seed: int, device) -> tuple[Config, dict]:
     ref_cfg = dataclasses.replace(
         cfg, run=dataclasses.replace(cfg.run, seed=seed, out_dir=str(ref_dir))
     )
-    for name, stage, make in (
-        ("gpt.pt", "pretrain", train.pretrain),
-        ("sae.pt", "sae", train.train_sae_stage),
-    ):
-        path = ref_dir / name
-        if not path.exists():
-            make(ref_cfg, device)
-            continue
-        saved = load_checkpoint(path, name.removesuffix(".pt"), "")["config"]
-        asked = stage_settings(ref_cfg, stage)
-        keys = asked.keys() | saved.keys()
-        changed = sorted(key for key in keys if saved.get(key) != asked.get(key))
-        if changed:
-            shown = ", ".join(f"--{key} {saved.get(key)!r}" for key in changed)
-            raise UsageError(
-                f"{path} was made with {shown}, not this run's settings: delete {ref_dir} to "
-                "make it anew, or pass another --out_dir"
-            )
+    make_once(ref_cfg, "pretrain", device)
+    make_once(ref_cfg, "sae", device)
     return ref_cfg, inputs_made_from(ref_cfg, device)
+
+
+def make_once(cfg: Config, stage: str, device) -> None:
+    """Make out_dir's gpt.pt (stage pretrain) or sae.pt (stage sae) unless it is there. One made
+    with other settings is refused, never silently reused or overwritten."""
+    ref_dir = Path(cfg.run.out_dir)
+    name = {"pretrain": "gpt.pt", "sae": "sae.pt"}[stage]
+    if not (ref_dir / name).exists():
+        {"pretrain": train.pretrain, "sae": train.train_sae_stage}[stage](cfg, device)
+        return
+    saved = load_checkpoint(ref_dir / name, name.removesuffix(".pt"), "")["config"]
+    asked = stage_settings(cfg, stage)
+    changed = sorted(key for key in asked.keys() | saved.keys() if saved.get(key) != asked.get(key))
+    if changed:
+        shown = ", ".join(f"--{key} {saved.get(key)!r}" for key in changed)
+        raise UsageError(
+            f"{ref_dir / name} was made with {shown}, not this run's settings: delete {ref_dir} "
+            "to make it anew, or pass another --out_dir"
+        )
 
 
 def data_settings(cfg: Config) -> dict:
@@ -704,6 +710,149 @@ def judged_scores(ref_cfg: Config, device, rows: dict, temperature: float) -> di
 
 
 # ----------------------------------------------------------------------------------------------
+# --ablation: FPO at the default setting with one thing changed (the paper's Table 3, and k)
+
+ABLATION_ALPHAS = (0.0, 1.0, 4.0, 16.0, 64.0)
+ABLATION_FPO_KS = (4, 8, 16, 32, 64, 256)
+ABLATION_COLUMNS = {  # column: (results key path, digits); the paper's three first
+    "reward acc (train)": (("train_reward_accuracy",), 3),
+    "reward acc (held-out)": (("reward_accuracy",), 3),
+    "entropy": (("policy", "entropy_per_token"), 3),
+    "win rate": (("win_rate",), 3),
+    "valid": (("policy", "valid_rate"), 3),
+    "KL from ref": (("policy", "kl_from_reference"), 2),
+    "length": (("policy", "mean_length"), 1),
+}
+
+
+def ablation_rows(cfg: Config) -> dict[str, dict[str, dict]]:
+    """{table: {row label: the settings it changes}}: the SAE on every block; alpha with and
+    without the stop-gradient on D(y_w); FPO's k with alpha scaled by default k / k (D(y) is a
+    mean over the union of top-k sets, so the constraint's weight moves with k) and fixed."""
+    pref_cfg = cfg.prefer
+    return {
+        "The SAE's block": {
+            f"block {block}": {"sae_layer": block} for block in range(cfg.pretrain.n_layer)
+        },
+        "alpha, with and without the stop-gradient on D(y_w)": {
+            f"alpha {alpha:g}, stop-gradient {'on' if stop else 'off'}": {
+                "alpha": alpha, "fpo_stop_grad": stop
+            }
+            for alpha in ABLATION_ALPHAS
+            for stop in (True, False)
+        },
+        f"FPO's k, alpha scaled by {pref_cfg.fpo_k}/k or fixed at {pref_cfg.alpha:g}": {
+            f"k {k}, alpha {alpha:g} ({scaled})": {"fpo_k": k, "alpha": alpha}
+            for k in ABLATION_FPO_KS
+            for scaled, alpha in (
+                ("scaled", pref_cfg.alpha * pref_cfg.fpo_k / k), ("fixed", pref_cfg.alpha)
+            )
+        },
+    }
+
+
+def ablation(cfg: Config, device) -> None:
+    """FPO at the default settings with one of them changed, per row of ablation_rows, on the
+    references of --seeds (--compare's: their GPTs and SAEs are shared), judged on the test
+    prompts. Rows with the same settings are trained once; a finished run made from the same
+    inputs is read back. Writes ablation.md (mean ± std over the references) and ablation.svg."""
+    out = Path(cfg.run.out_dir)
+    tables = ablation_rows(cfg)
+    seeds = compare_seeds(cfg)
+    n_rows = sum(map(len, tables.values()))
+    print(f"\n== ablation: {n_rows} rows of FPO on {len(seeds)} references "
+          f"(seeds {seeds[0]}-{seeds[-1]}) ==")
+    rows = {table: [] for table in tables}
+    started = time.time()
+    for seed in seeds:
+        ref_cfg, _ = reference_run(cfg, seed, device)
+        for table, changes in tables.items():
+            for label, changed in changes.items():
+                print(f"ablation: seed {seed}, {label} | {time.time() - started:.0f}s", flush=True)
+                results = ablation_run(ref_cfg, device, changed)
+                rows[table].append(results | {"label": label})
+    pref_cfg = cfg.prefer
+    sections = [
+        f"Every row is FPO at beta {pref_cfg.beta:g}, alpha {pref_cfg.alpha:g}, k "
+        f"{pref_cfg.fpo_k}, pref_lr {pref_cfg.pref_lr:g}, {pref_cfg.pref_steps} steps, the SAE on "
+        f"block {cfg.sae.sae_layer % cfg.pretrain.n_layer} and the stop-gradient on, but for "
+        "what the row names. Test prompts.\n"
+    ]
+    sections += [
+        f"### {table}\n\n" + report.compare_table(
+            rows[table], list(tables[table]), ABLATION_COLUMNS, seeds, {}, "setting"
+        )
+        for table in tables
+    ]
+    write_text(out / "ablation.md", "\n".join(sections))
+    write_text(out / "ablation.svg", ablation_chart(rows, tables))
+    print("\n" + "\n".join(sections) + f"\nablation: wrote {out / 'ablation.md'} and "
+          f"{out / 'ablation.svg'} | {(time.time() - started) / 60:.1f} min")
+
+
+def ablation_run(ref_cfg: Config, device, changed: dict) -> dict:
+    """FPO trained and judged on one reference with `changed` settings; read back when a run of
+    the same settings from the same inputs finished. A change of the SAE's block trains an SAE
+    (and its cache) on that block, in its own directory beside the reference's."""
+    pref_changes = {key: value for key, value in changed.items() if key != "sae_layer"}
+    run_cfg = with_method(ref_cfg, {"method": "fpo"} | pref_changes)
+    block = changed.get("sae_layer", ref_cfg.sae.sae_layer) % ref_cfg.pretrain.n_layer
+    if block != ref_cfg.sae.sae_layer % ref_cfg.pretrain.n_layer:
+        run_cfg = sae_on_block(run_cfg, block, device)
+    pref_cfg = run_cfg.prefer
+    tag = (f"ablation_block{block}_alpha{pref_cfg.alpha:g}_k{pref_cfg.fpo_k}"
+           f"_stopgrad{int(pref_cfg.fpo_stop_grad)}")
+    path = Path(run_cfg.run.out_dir) / f"{tag}_results.json"
+    made_from = inputs_made_from(run_cfg, device) | {
+        "eval": dataclasses.asdict(run_cfg.eval),
+        "settings": stage_settings(run_cfg, "prefer"),
+    }
+    saved = saved_run(path, made_from)
+    if saved is not None:
+        return saved
+    seed = run_cfg.run.seed
+    train.train_preference(run_cfg, device, seed, tag)
+    results = train.evaluate_policy(run_cfg, device, seed, tag, training_accuracy=True)
+    results["made_from"] = made_from
+    write_json(path, results)
+    return results
+
+
+def sae_on_block(ref_cfg: Config, block: int, device) -> Config:
+    """ref_cfg in the reference's sae_block<block>/ directory: the reference GPT (copied there)
+    with an SAE trained on that block's output, made once."""
+    block_dir = Path(ref_cfg.run.out_dir) / f"sae_block{block}"
+    block_dir.mkdir(exist_ok=True)
+    block_cfg = dataclasses.replace(
+        ref_cfg,
+        run=dataclasses.replace(ref_cfg.run, out_dir=str(block_dir)),
+        sae=dataclasses.replace(ref_cfg.sae, sae_layer=block),
+    )
+    if not (block_dir / "gpt.pt").exists():
+        write_atomically(block_dir / "gpt.pt",
+                         lambda tmp: shutil.copyfile(Path(ref_cfg.run.out_dir) / "gpt.pt", tmp))
+    make_once(block_cfg, "sae", device)
+    return block_cfg
+
+
+def ablation_chart(rows: dict, tables: dict) -> str:
+    """Win rate and validity against alpha, with and without the stop-gradient (mean over the
+    references), one panel each."""
+    table = next(name for name in tables if name.startswith("alpha"))
+    panels = {}
+    for key, name in ((("win_rate",), "win rate"), (("policy", "valid_rate"), "valid")):
+        for stop in ("on", "off"):
+            panels[f"{name}, stop-gradient {stop}"] = [
+                (alpha, statistics.fmean(
+                    report.nested(row, key) for row in rows[table]
+                    if row["label"] == f"alpha {alpha:g}, stop-gradient {stop}"
+                ))
+                for alpha in ABLATION_ALPHAS
+            ]
+    return report.svg_panels("FPO's alpha, with and without the stop-gradient", "alpha", panels)
+
+
+# ----------------------------------------------------------------------------------------------
 # --bench, and the memory of a training loop alone, with everything it needs already loaded
 
 
@@ -887,11 +1036,17 @@ def bench(cfg: Config, device) -> None:
 def main(argv: list[str]) -> None:
     cfg = parse_args(argv, description=__doc__.split("\n\n")[0], prog="experiments.py")
     experiments = {
-        "sweep": sweep, "compare": compare, "head_to_head": head_to_head, "bench": bench
+        "sweep": sweep,
+        "compare": compare,
+        "head_to_head": head_to_head,
+        "ablation": ablation,
+        "bench": bench,
     }
     chosen = [name for name in experiments if getattr(cfg.run, name)]
     if len(chosen) != 1:
-        raise UsageError("pick one experiment: --sweep, --compare, --head_to_head or --bench")
+        raise UsageError(
+            "pick one experiment: --sweep, --compare, --head_to_head, --ablation or --bench"
+        )
     check_experiment(cfg, chosen[0])
     device = train.start_run(cfg)
     with out_dir_lock(cfg.run.out_dir):
@@ -900,7 +1055,7 @@ def main(argv: list[str]) -> None:
 
 def check_experiment(cfg: Config, experiment: str) -> None:
     """Refuse, before any work, what an experiment would fail at or silently get wrong later."""
-    if experiment in ("sweep", "compare", "head_to_head") and cfg.run.preference_file:
+    if experiment in ("sweep", "compare", "head_to_head", "ablation") and cfg.run.preference_file:
         raise UsageError(
             f"--{experiment} judges sampled responses, and the judge knows only the toy world: "
             "drop --preference_file (--bench and `python train.py` take it)"

@@ -73,12 +73,14 @@ def compare_table(
     columns: dict,
     seeds: list[int],
     differences: dict[str, tuple[float, float, float]],
+    first_column: str = "method",
 ) -> str:
-    """Markdown: one row per method, mean ± standard deviation over the references (seeds) of each
-    column ({name: (results key path, digits)}); each reference's win rate and valid rate per
-    method; then each baseline's paired difference in win rate from FPO, {label: (mean, low,
-    high)}, with its 95% bootstrap interval over references and prompts."""
-    lines = [f"| method | {' | '.join(columns)} |", "|---" * (len(columns) + 1) + "|"]
+    """Markdown: one row per method (or setting: `first_column`), mean ± standard deviation over
+    the references (seeds) of each column ({name: (results key path, digits)}); each reference's
+    win rate and valid rate per method; then each baseline's paired difference in win rate from
+    FPO, {label: (mean, low, high)}, with its 95% bootstrap interval over references and prompts."""
+    lines = [f"| {first_column} | {' | '.join(columns)} |"]
+    lines.append("|---" * (len(columns) + 1) + "|")
     for label in labels:
         cells = []
         for path, digits in columns.values():

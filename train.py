@@ -48,7 +48,7 @@ from sae import (
 def main(argv: list[str]) -> None:
     """Parse and check every flag, then run the stages of --stage in order."""
     cfg = parse_args(argv, description=__doc__.split("\n\n")[0])
-    for experiment in ("bench", "compare", "head_to_head", "sweep"):
+    for experiment in ("ablation", "bench", "compare", "head_to_head", "sweep"):
         if getattr(cfg.run, experiment):
             raise UsageError(
                 f"--{experiment} is an experiment: run `python experiments.py --{experiment}` "
@@ -729,14 +729,19 @@ def held_out_accuracy(
     reference: GPT,
     inputs: PreferenceInputs,
     device,
+    split: str = "test",
 ) -> dict:
-    """On the held-out pairs (cache rows after the training pairs'): mean feature drift D(y),
-    reward accuracy with the method's own reward, and with the implicit DPO reward
-    log pi(y) - log pi_ref(y) (summed log-probs), one measure for every method."""
+    """On the held-out pairs (cache rows after the training pairs'), or with split "train" on as
+    many of the training pairs (the first ones): mean feature drift D(y), reward accuracy with
+    the method's own reward, and with the implicit DPO reward log pi(y) - log pi_ref(y) (summed
+    log-probs), one measure for every method."""
     accuracies, implicit_accuracies, feature_drifts = [], [], []
     eos = data.eos_id(inputs.enc)
-    row_offset = len(inputs.train_pairs)
-    for batch in data.every_pair(inputs.test_pairs, 64, row_offset, eos, device):
+    if split == "test":
+        pairs, row_offset = inputs.test_pairs, len(inputs.train_pairs)
+    else:
+        pairs, row_offset = inputs.train_pairs[: len(inputs.test_pairs)], 0
+    for batch in data.every_pair(pairs, 64, row_offset, eos, device):
         rows, input_ids, mask = batch
         B = len(rows) // 2
         with autocast(device):
@@ -772,11 +777,13 @@ def evaluate_policy(
     seed: int,
     tag: str = "policy",
     reference_samples: dict | None = None,
+    training_accuracy: bool = False,
 ) -> dict:
     """Everything results.json holds for out_dir/<tag>.pt: held_out_accuracy, then the judge's
     comparison with the reference on held-out prompts, and the settings it all was made with.
     The reference's samples depend only on the seed: pass the same dict to reuse them across
-    methods. The policy's own training settings (saved in <tag>.pt) decide its loss terms."""
+    methods. The policy's own training settings (saved in <tag>.pt) decide its loss terms.
+    training_accuracy: also the reward accuracy on training pairs (train_reward_accuracy)."""
     print(f"\n== eval: {tag} ==")
     reference, gpt_fingerprint = load_gpt(cfg, device)
     reference.eval().requires_grad_(False)
@@ -785,6 +792,11 @@ def evaluate_policy(
     trained_cfg = settings_section(PreferenceConfig, trained_with)
     results = {"method": trained_cfg.method, "seed": seed}
     results |= held_out_accuracy(trained_cfg, cfg.sae.sae_layer, policy, reference, inputs, device)
+    if training_accuracy:
+        on_training_pairs = held_out_accuracy(
+            trained_cfg, cfg.sae.sae_layer, policy, reference, inputs, device, split="train"
+        )
+        results["train_reward_accuracy"] = on_training_pairs["reward_accuracy"]
     prompt_texts, judged = held_out_prompts(cfg, inputs)
     results |= evaluate.judge_against_reference(
         policy,

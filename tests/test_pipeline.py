@@ -242,3 +242,35 @@ def test_sweep_picks_each_method_over_its_references_resumes_and_feeds_compare(t
     compare_md = (out_dir / "compare.md").read_text()
     assert "| method | seed 1337 | seed 1338 |" in compare_md
     assert "| FPO's win rate minus | difference | 95% interval |" in compare_md
+
+
+@pytest.mark.slow
+def test_ablation_has_a_row_per_setting_trains_each_setting_once_and_reruns_nothing(tmp_path, monkeypatch):
+    # A 2-block GPT, so one row needs an SAE of its own on the other block.
+    argv = TINY + ["--threads", "1", "--out_dir", str(tmp_path), "--n_layer", "2", "--seeds", "1", "--pref_steps", "6"]
+    monkeypatch.setattr(experiments, "ABLATION_ALPHAS", (0.0, 16.0))
+    monkeypatch.setattr(experiments, "ABLATION_FPO_KS", (16, 32))
+    trained = []
+    train_preference = train.train_preference
+    monkeypatch.setattr(train, "train_preference", lambda cfg, device, seed, tag, **kw: trained.append(tag) or train_preference(cfg, device, seed, tag, **kw))
+    experiments.main(argv + ["--ablation"])
+    text = (tmp_path / "ablation.md").read_text()
+    labels = [line.split(" | ")[0][2:] for line in text.splitlines() if line.startswith("| ") and not line.startswith("| setting")]
+    assert labels == [
+        "block 0", "block 1",
+        "alpha 0, stop-gradient on", "alpha 0, stop-gradient off", "alpha 16, stop-gradient on", "alpha 16, stop-gradient off",
+        "k 16, alpha 32 (scaled)", "k 16, alpha 16 (fixed)", "k 32, alpha 16 (scaled)", "k 32, alpha 16 (fixed)",
+    ]
+    # The default setting (block 1, alpha 16 with the stop-gradient, k 32) is one run, shared by its rows.
+    assert len(trained) == len(set(trained)) == 7
+    assert (tmp_path / "ref_seed1337" / "sae_block0" / "sae.pt").exists()
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines() if line.startswith("| ") and not line.startswith("| setting")}
+    assert rows["block 1"][1:] == rows["alpha 16, stop-gradient on"][1:] == rows["k 32, alpha 16 (fixed)"][1:]
+    assert rows["block 0"][1:] != rows["block 1"][1:]
+    series = ElementTree.parse(tmp_path / "ablation.svg").getroot().findall(".//{http://www.w3.org/2000/svg}g[@class='series']")
+    assert len(series) == 4
+    # A rerun trains nothing and writes the same table.
+    monkeypatch.setattr(train, "train_preference", lambda *args, **kwargs: pytest.fail("trained again"))
+    monkeypatch.setattr(train, "train_sae_stage", lambda *args, **kwargs: pytest.fail("an SAE trained again"))
+    experiments.main(argv + ["--ablation"])
+    assert (tmp_path / "ablation.md").read_text() == text
