@@ -795,6 +795,8 @@ def ablation_run(ref_cfg: Config, device, changed: dict) -> dict:
     the same settings from the same inputs finished. A change of the SAE's block trains an SAE
     (and its cache) on that block, in its own directory beside the reference's."""
     pref_changes = {key: value for key, value in changed.items() if key != "sae_layer"}
+    if pref_changes.get("alpha") == 0.0:  # no constraint: the stop-gradient changes nothing
+        pref_changes["fpo_stop_grad"] = True
     run_cfg = with_method(ref_cfg, {"method": "fpo"} | pref_changes)
     block = changed.get("sae_layer", ref_cfg.sae.sae_layer) % ref_cfg.pretrain.n_layer
     if block != ref_cfg.sae.sae_layer % ref_cfg.pretrain.n_layer:
