@@ -26,6 +26,7 @@ child process, so its memory is its own. Each JSON file records what it was made
 import contextlib
 import dataclasses
 import hashlib
+import math
 import multiprocessing
 import os
 import re
@@ -252,20 +253,22 @@ def train_in_child(tag: str, to_continue: str, function, *args):
 # over-optimisation
 
 # Every method gets the same budget: 3 learning rates x 3 settings of its other knobs (beta, and
-# gamma for SimPO or alpha for FPO, FPO-KL and TDPO-2) = 9 runs on each reference, each judged at
-# 6 points along twice the default length, so the pick also chooses when to stop. beta is on the
-# scale of each method's log-probs: summed for DPO and TDPO, averaged (about 15x smaller) for FPO
-# and SimPO. FPO's D(y) scales with the SAE's activations, so its alpha is searched over decades
-# rather than taken from the paper. FPO-KL's SeqKL is in nats summed over the response, so its
-# alphas are smaller: its weight on SeqKL, alpha x beta, spans 0.08 to 0.64, as TDPO-2's grid
-# spans 0.05 to 0.6. DPO (offline cache) computes DPO's loss
-# (tests check they are equal), so it takes DPO's pick rather than training the same runs twice.
+# gamma for SimPO or alpha for FPO, FPO-KL and TDPO-2; FPO without its constraint, alpha 0, has
+# beta alone) = 9 runs on each reference, each judged at 6 points along twice the default length,
+# so the pick also chooses when to stop. beta is on the scale of each method's log-probs: summed
+# for DPO and TDPO, averaged (about 15x smaller) for FPO and SimPO. FPO's D(y) scales with the
+# SAE's activations, so its alpha is searched over decades rather than taken from the paper.
+# FPO-KL's SeqKL is in nats summed over the response, so its alphas are smaller: its weight on
+# SeqKL, alpha x beta, spans 0.08 to 0.64, as TDPO-2's grid spans 0.05 to 0.6. DPO (offline
+# cache) computes DPO's loss (tests check they are equal), so it takes DPO's pick rather than
+# training the same runs twice.
 SWEEP_LRS = (2e-5, 6e-5, 1.8e-4)
 SWEEP_KNOBS = {
     "FPO": [
         {"method": "fpo", "beta": beta, "alpha": alpha}
         for beta, alpha in ((2.0, 4.0), (2.0, 16.0), (4.0, 16.0))
     ],
+    "FPO (alpha=0)": [{"method": "fpo", "beta": beta, "alpha": 0.0} for beta in (1.0, 2.0, 4.0)],
     "FPO-KL": [
         {"method": "fpo_kl", "beta": beta, "alpha": alpha}
         for beta, alpha in ((2.0, 0.04), (2.0, 0.16), (4.0, 0.16))
@@ -282,6 +285,7 @@ SWEEP_KNOBS = {
     ],
 }
 VALIDITY_FLOOR = 0.9  # a pick must keep this share of each reference's own valid rate
+MATCHED_KL = "FPO at TDPO-2's KL"  # a second pick of FPO's, nearest TDPO-2's pick in KL
 POINT_KEYS = {
     "judge_score": ("policy", "judge_score"),
     "valid_rate": ("policy", "valid_rate"),
@@ -378,6 +382,13 @@ def sweep(cfg: Config, device) -> None:
         label: pick_setting(runs_by_seed, reference_valid)
         for label, runs_by_seed in grid_runs.items()
     }
+    for label, pick in picks.items():
+        pick["edges"] = grid_edges(pick["settings"], SWEEP_KNOBS[label], every, cfg.prefer)
+    if "FPO" in picks and "TDPO-2" in picks:  # like for like: FPO's point nearest TDPO-2's KL
+        picks[MATCHED_KL] = pick_at_kl(grid_runs["FPO"], reference_valid, picks["TDPO-2"])
+        picks[MATCHED_KL]["edges"] = grid_edges(
+            picks[MATCHED_KL]["settings"], SWEEP_KNOBS["FPO"], every, cfg.prefer
+        )
     write_json(out / "sweep_picks.json", {"made_from": recipe(cfg), "picks": picks})
     sweep_md = report.sweep_report(picks, references, VALIDITY_FLOOR)
     write_text(out / "sweep.md", sweep_md)
@@ -431,6 +442,30 @@ def pick_setting(runs_by_seed: dict[int, list[dict]], reference_valid: dict[int,
     whose worst validity, relative to that floor, is highest. runs_by_seed: {seed: that
     reference's runs of the method}. The pick's `validation` holds its point on every reference
     (by seed), and `run` the tag of its runs."""
+    candidates = grid_points(runs_by_seed)
+    fluent = [c for c in candidates if validity_margin(c, reference_valid) >= 0]
+    if fluent:
+        return max(fluent, key=lambda c: min(p["judge_score"] for p in c["validation"].values()))
+    return max(candidates, key=lambda c: validity_margin(c, reference_valid))
+
+
+def pick_at_kl(
+    runs_by_seed: dict[int, list[dict]], reference_valid: dict[int, float], target: dict
+) -> dict:
+    """Among one method's fluent grid points (as in pick_setting), the one whose KL from the
+    reference, averaged over the references, is nearest (on a log scale) to the `target` pick's:
+    the method compared with another at the same distance from the reference."""
+    def mean_kl(candidate: dict) -> float:
+        return statistics.fmean(p["kl_from_reference"] for p in candidate["validation"].values())
+
+    candidates = grid_points(runs_by_seed)
+    fluent = [c for c in candidates if validity_margin(c, reference_valid) >= 0] or candidates
+    target_kl = mean_kl(target)
+    return min(fluent, key=lambda c: abs(math.log(max(mean_kl(c), 1e-6) / max(target_kl, 1e-6))))
+
+
+def grid_points(runs_by_seed: dict[int, list[dict]]) -> list[dict]:
+    """Every (setting, length) of one method's runs, with its judged point on every reference."""
     candidates = {}
     for seed, runs in runs_by_seed.items():
         for run in runs:
@@ -441,20 +476,35 @@ def pick_setting(runs_by_seed: dict[int, list[dict]], reference_valid: dict[int,
                     "run": run["tag"],
                 })
                 candidate["validation"][str(seed)] = point
+    return list(candidates.values())
 
-    def worst(candidate: dict, key: str) -> float:
-        return min(point[key] for point in candidate["validation"].values())
 
-    def validity_margin(candidate: dict) -> float:
-        return min(
-            point["valid_rate"] - VALIDITY_FLOOR * reference_valid[int(seed)]
-            for seed, point in candidate["validation"].items()
-        )
+def validity_margin(candidate: dict, reference_valid: dict[int, float]) -> float:
+    """How far the point's valid rate stays above VALIDITY_FLOOR x the reference's own, at worst
+    over the references (negative: below it on some reference)."""
+    return min(
+        point["valid_rate"] - VALIDITY_FLOOR * reference_valid[int(seed)]
+        for seed, point in candidate["validation"].items()
+    )
 
-    fluent = [c for c in candidates.values() if validity_margin(c) >= 0]
-    if fluent:
-        return max(fluent, key=lambda c: worst(c, "judge_score"))
-    return max(candidates.values(), key=validity_margin)
+
+def grid_edges(settings: dict, knobs: list[dict], every: int, pref_cfg) -> list[str]:
+    """Where a pick sits on an edge of its method's grid: the smallest or largest value of a
+    knob the grid varies (pref_lr, beta, alpha, gamma), or the first or last judged step."""
+    grid = {"pref_lr": list(SWEEP_LRS)}
+    for setting in knobs:
+        for key, value in setting.items():
+            if key != "method":
+                grid.setdefault(key, []).append(value)
+    edges = []
+    for key, values in grid.items():
+        if len(set(values)) > 1 and settings[key] in (min(values), max(values)):
+            edges.append(f"{'smallest' if settings[key] == min(values) else 'largest'} {key}")
+    if settings["pref_steps"] == every:
+        edges.append("first judged step")
+    if settings["pref_steps"] == 2 * pref_cfg.pref_steps:
+        edges.append("last judged step")
+    return edges
 
 
 def write_sweep_charts(out: Path, grid_runs: dict, picks: dict) -> None:
@@ -496,6 +546,7 @@ def write_sweep_charts(out: Path, grid_runs: dict, picks: dict) -> None:
         series = {
             label: [(p["step"], p[key]) for p in run_means(grid_runs[label], pick["run"])]
             for label, pick in picks.items()
+            if label in grid_runs  # not MATCHED_KL, a second pick of FPO's
         }
         chart = report.svg_chart(
             f"{title} along training, each method at its pick's setting (mean over references)",
@@ -513,7 +564,8 @@ def write_sweep_charts(out: Path, grid_runs: dict, picks: dict) -> None:
 
 def compare_rows(cfg: Config) -> dict[str, dict]:
     """Each row's preference settings: the picks in --picks, or in out_dir's sweep_picks.json if
-    it holds one (FPO's also with alpha 0; DPO's also from the offline cache), else COMPARE_ROWS
+    it holds one (FPO's also with alpha 0, beside alpha 0's own pick; DPO's also from the offline
+    cache), else COMPARE_ROWS
     at the default length. Picks tuned with other settings (pretraining, SAE, data, training or
     judging) are refused: they were tuned for another recipe."""
     path = Path(cfg.run.picks) if cfg.run.picks else Path(cfg.run.out_dir) / "sweep_picks.json"
@@ -530,7 +582,7 @@ def compare_rows(cfg: Config) -> dict[str, dict]:
     check_made_from(path, saved, recipe(cfg), "rerun --sweep with these flags, or pass its own")
     picks = {label: pick["settings"] for label, pick in saved["picks"].items()}
     print(f"compare: the settings --sweep picked, from {path}")
-    rows = {"FPO": picks["FPO"], "FPO (alpha=0)": picks["FPO"] | {"alpha": 0.0}}
+    rows = {"FPO": picks["FPO"], "FPO (alpha=0) at FPO's pick": picks["FPO"] | {"alpha": 0.0}}
     for label, settings in picks.items():
         rows[label] = settings
         if label == "DPO":
@@ -608,8 +660,9 @@ def compare(cfg: Config, device) -> None:
 
 
 def win_rate_differences(rows: list[dict], labels: list[str]) -> dict:
-    """Each baseline's paired difference in per-prompt wins from FPO's, {label: (mean, low,
-    high)}, over the same references and prompts; empty without judged rows."""
+    """Paired differences in per-prompt wins over the same references and prompts, {"A - B":
+    (mean, low, high)}: FPO's from each other row's, and FPO at TDPO-2's KL from TDPO-2's; empty
+    without judged rows."""
     by_seed = sorted(rows, key=lambda r: r["seed"])
     wins = {
         label: [
@@ -619,7 +672,10 @@ def win_rate_differences(rows: list[dict], labels: list[str]) -> dict:
     }
     if not wins["FPO"]:
         return {}
-    return {label: paired_difference(wins["FPO"], wins[label]) for label in labels[1:]}
+    pairs = [("FPO", label) for label in labels[1:]]
+    if MATCHED_KL in labels and "TDPO-2" in labels:
+        pairs.append((MATCHED_KL, "TDPO-2"))
+    return {f"{a} - {b}": paired_difference(wins[a], wins[b]) for a, b in pairs}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -77,8 +77,8 @@ def compare_table(
 ) -> str:
     """Markdown: one row per method (or setting: `first_column`), mean ± standard deviation over
     the references (seeds) of each column ({name: (results key path, digits)}); each reference's
-    win rate and valid rate per method; then each baseline's paired difference in win rate from
-    FPO, {label: (mean, low, high)}, with its 95% bootstrap interval over references and prompts."""
+    win rate and valid rate per method; then paired differences in win rate, {"A - B": (mean,
+    low, high)}, each with its 95% bootstrap interval over references and prompts."""
     lines = [f"| {first_column} | {' | '.join(columns)} |"]
     lines.append("|---" * (len(columns) + 1) + "|")
     for label in labels:
@@ -106,7 +106,7 @@ def compare_table(
             for seed in seeds
         ]
         lines.append(f"| {label} | {' | '.join(cells)} |")
-    lines += ["", "| FPO's win rate minus | difference | 95% interval |", "|---|---|---|"]
+    lines += ["", "| win rate difference | mean | 95% interval |", "|---|---|---|"]
     for label, (mean, low, high) in differences.items():
         lines.append(f"| {label} | {mean:+.3f} | [{low:+.3f}, {high:+.3f}] |")
     n_prompts = len(next(row["prompt_wins"] for row in rows if "prompt_wins" in row))
@@ -136,8 +136,8 @@ def sweep_report(picks: dict, references: dict, validity_floor: float) -> str:
         "worst-case judge score over them. Per reference (seeds "
         f"{', '.join(map(str, seeds))}), in that order:\n",
         "| method | picked setting | steps | worst judge score | judge score | valid | win rate "
-        "| KL from ref |",
-        "|---|---|---|---|---|---|---|---|",
+        "| KL from ref | on the grid's edge |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, pick in picks.items():
         setting = ", ".join(
@@ -153,9 +153,10 @@ def sweep_report(picks: dict, references: dict, validity_floor: float) -> str:
                 ("judge_score", 3), ("valid_rate", 3), ("win_rate", 3), ("kl_from_reference", 2)
             )
         ]
+        edges = ", ".join(pick["edges"]) or "no (interior)"
         lines.append(
             f"| {label} | {setting} | {pick['settings']['pref_steps']} | {worst:.3f} | "
-            f"{' | '.join(cells)} |"
+            f"{' | '.join(cells)} | {edges} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -163,6 +163,32 @@ def test_pick_setting_takes_the_best_worst_case_judge_score_that_keeps_validity_
     assert experiments.pick_setting(low, reference_valid={1: 1.0, 2: 1.0})["run"] == "b"
 
 
+def test_pick_at_kl_takes_the_fluent_point_nearest_the_target_kl_on_a_log_scale():
+    def run(tag, *points):
+        return {"tag": tag, "overrides": {}, "points": [{"step": s, "kl_from_reference": kl, "valid_rate": v, "judge_score": 0.5} for s, kl, v in points]}
+
+    runs = {1: [run("a", (50, 0.4, 1.0), (100, 1.6, 1.0), (150, 0.9, 0.5))], 2: [run("a", (50, 0.6, 1.0), (100, 2.4, 1.0), (150, 1.1, 0.5))]}
+    target = {"validation": {"1": {"kl_from_reference": 0.8}, "2": {"kl_from_reference": 1.2}}}  # mean 1.0
+    # Mean KLs 0.5, 2.0 and 1.0: step 150 matches, but is not fluent; 0.5 and 2.0 are equally far
+    # on a log scale, and the first found is kept.
+    pick = experiments.pick_at_kl(runs, {1: 1.0, 2: 1.0}, target)
+    assert pick["settings"] == {"pref_steps": 50}
+    target["validation"]["2"]["kl_from_reference"] = 2.4  # mean 1.6: nearer 2.0 than 0.5
+    assert experiments.pick_at_kl(runs, {1: 1.0, 2: 1.0}, target)["settings"] == {"pref_steps": 100}
+
+
+def test_grid_edges_name_each_knob_at_its_extreme_and_the_end_steps():
+    fpo_knobs = [{"method": "fpo", "beta": 2.0, "alpha": 4.0}, {"method": "fpo", "beta": 2.0, "alpha": 16.0}, {"method": "fpo", "beta": 4.0, "alpha": 16.0}]
+    dpo_knobs = [{"method": "dpo", "beta": beta} for beta in (0.05, 0.1, 0.3)]
+    pref_cfg = config.PreferenceConfig(pref_steps=150)  # judged every 50 steps, to 300
+    top = {"method": "fpo", "beta": 4.0, "alpha": 16.0, "pref_lr": 1.8e-4, "pref_steps": 300}
+    assert experiments.grid_edges(top, fpo_knobs, 50, pref_cfg) == ["largest pref_lr", "largest beta", "largest alpha", "last judged step"]
+    middle = {"method": "dpo", "beta": 0.1, "pref_lr": 6e-5, "pref_steps": 100}
+    assert experiments.grid_edges(middle, dpo_knobs, 50, pref_cfg) == []
+    low = middle | {"beta": 0.05, "pref_lr": 2e-5, "pref_steps": 50}
+    assert experiments.grid_edges(low, dpo_knobs, 50, pref_cfg) == ["smallest pref_lr", "smallest beta", "first judged step"]
+
+
 def test_svg_chart_parses_with_one_series_per_label():
     series = {"FPO": [(0.5, 0.6), (2.0, 0.7)], "DPO": [(10.0, 0.3)], "SimPO & co": []}
     for lines, log_x in ((True, False), (False, True)):

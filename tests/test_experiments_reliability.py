@@ -344,7 +344,7 @@ def test_sweep_runs_and_picks_are_used_only_from_the_same_inputs(
 
     monkeypatch.setattr(experiments, "in_child_process", train_here)
     experiments.main(argv + ["--compare", "--seeds", "1", "--resume"])
-    assert trained == ["compare_fpo_seed1337", "compare_fpo_alpha_0_seed1337"]
+    assert trained == ["compare_fpo_seed1337", "compare_fpo_alpha_0_at_fpo_s_pick_seed1337"]
     rows = json.loads((out_dir / "compare.json").read_text())["rows"]
     assert [row["trained_with"]["beta"] for row in rows] == [4.0, 4.0]
 

@@ -205,20 +205,20 @@ def test_sweep_picks_each_method_over_its_references_resumes_and_feeds_compare(t
     assert [gpt["config"]["seed"] for gpt in gpts] == [1000, 1001]
     assert not torch.equal(*(next(iter(gpt["state_dict"].values())) for gpt in gpts))
     picks = json.loads((out_dir / "sweep_picks.json").read_text())["picks"]
-    assert set(picks) == set(experiments.SWEEP_KNOBS)
+    assert set(picks) == set(experiments.SWEEP_KNOBS) | {"FPO at TDPO-2's KL"}
     for label, pick in picks.items():
         assert set(pick["validation"]) == {"1000", "1001"} and pick["settings"]["pref_lr"] in (1e-3, 3e-3)
         for reference in references:
             run = json.loads((reference / f"{pick['run']}_results.json").read_text())
             assert [point["step"] for point in run["points"]] == [2, 4, 6, 8, 10, 12]  # every third of --pref_steps, to twice it
-            assert run["label"] == label and pick["validation"][reference.name.removeprefix("ref_seed")] in run["points"]
+            assert run["label"] == label.replace(" at TDPO-2's KL", "") and pick["validation"][reference.name.removeprefix("ref_seed")] in run["points"]
     assert not list(out_dir.glob("ref_seed*/sweep_*_step*.pt"))  # snapshots are deleted once judged
     for name in ("frontier", "validity", "win_rate"):
         series = ElementTree.parse(out_dir / f"{name}.svg").getroot().findall(".//{http://www.w3.org/2000/svg}g[@class='series']")
         assert [g.get("data-label") for g in series] == list(experiments.SWEEP_KNOBS), name
     sweep_md = (out_dir / "sweep.md").read_text()
     table = sweep_md.split("| method | picked setting |")[1].splitlines()[2:]
-    assert [row.split(" | ")[0] for row in table if row] == [f"| {label}" for label in experiments.SWEEP_KNOBS]
+    assert [row.split(" | ")[0] for row in table if row] == [f"| {label}" for label in picks]
     assert "the highest worst-case judge score" in sweep_md
     # A rerun trains nothing: every reference and every run's results are on disk.
     monkeypatch.setattr(train, "pretrain", lambda *args, **kwargs: pytest.fail("a reference was pretrained again"))
@@ -236,12 +236,16 @@ def test_sweep_picks_each_method_over_its_references_resumes_and_feeds_compare(t
     (out_dir / "sweep_picks.json").rename(picks_file)
     experiments.main(sweep_argv + ["--compare", "--seeds", "2", "--picks", str(picks_file)])
     compare = json.loads((out_dir / "compare.json").read_text())
-    assert compare["settings"]["FPO"] == picks["FPO"]["settings"] and compare["settings"]["FPO (alpha=0)"]["alpha"] == 0.0
+    assert compare["settings"]["FPO"] == picks["FPO"]["settings"] and compare["settings"]["FPO (alpha=0) at FPO's pick"]["alpha"] == 0.0
+    assert compare["settings"]["FPO (alpha=0)"] == picks["FPO (alpha=0)"]["settings"]  # its own pick
     assert compare["settings"]["DPO (offline cache)"] == picks["DPO"]["settings"] | {"method": "dpo_offline"}
     assert sorted({row["seed"] for row in compare["rows"]}) == [1337, 1338]
     compare_md = (out_dir / "compare.md").read_text()
     assert "| method | seed 1337 | seed 1338 |" in compare_md
-    assert "| FPO's win rate minus | difference | 95% interval |" in compare_md
+    assert "| win rate difference | mean | 95% interval |" in compare_md
+    # FPO's second pick, nearest TDPO-2's in KL, is a row of its own, paired with TDPO-2.
+    assert compare["settings"]["FPO at TDPO-2's KL"]["method"] == "fpo"
+    assert "| FPO at TDPO-2's KL - TDPO-2 |" in compare_md and "| FPO - TDPO-2 |" in compare_md
 
 
 @pytest.mark.slow
