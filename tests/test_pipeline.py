@@ -124,7 +124,7 @@ def test_compare_writes_a_finite_row_for_every_method(tiny_run, tmp_path):
 @pytest.mark.slow
 def test_head_to_head_judges_the_compare_policies_at_every_temperature(tiny_run, tmp_path, monkeypatch):
     _, argv = tiny_run
-    argv = argv + ["--out_dir", str(tmp_path), "--threads", "1"]
+    argv = argv + ["--out_dir", str(tmp_path)]
     tiny_reference(tiny_run, tmp_path)
     rows = {"FPO": experiments.COMPARE_ROWS["FPO"], "SimPO": experiments.COMPARE_ROWS["SimPO"], "DPO": experiments.COMPARE_ROWS["DPO"]}
     monkeypatch.setattr(experiments, "COMPARE_ROWS", rows)
@@ -251,7 +251,7 @@ def test_sweep_picks_each_method_over_its_references_resumes_and_feeds_compare(t
 @pytest.mark.slow
 def test_ablation_has_a_row_per_setting_trains_each_setting_once_and_reruns_nothing(tmp_path, monkeypatch):
     # A 2-block GPT, so one row needs an SAE of its own on the other block.
-    argv = TINY + ["--threads", "1", "--out_dir", str(tmp_path), "--n_layer", "2", "--seeds", "1", "--pref_steps", "6"]
+    argv = TINY + ["--out_dir", str(tmp_path), "--n_layer", "2", "--seeds", "1", "--pref_steps", "6"]
     monkeypatch.setattr(experiments, "ABLATION_ALPHAS", (0.0, 16.0))
     monkeypatch.setattr(experiments, "ABLATION_FPO_KS", (16, 32))
     trained = []
