@@ -251,6 +251,45 @@ def most_constrained_latents(cache: dict, fpo_k: int, n: int) -> list[int]:
     return [latent for latent, _ in counts.most_common(n)]
 
 
+@torch.no_grad()
+def attribute_latents(
+    model: GPT, sae, layer: int, batches, enc, n: int
+) -> dict[str, list[int]]:
+    """The n SAE latents that most separate each attribute the judge scores, read where the model
+    decides a word: at the positions that generate a response token (as pooled(y) reads them).
+    - sentiment: positions generating a positive word against those generating a negative one,
+      by the gap of their mean activations over the pooled standard deviation;
+    - topic: positions generating a noun, grouped by the noun's topic, by the variance of the
+      topics' mean activations over the mean variance within a topic.
+    batches: (input_ids (B, T), response_mask (B, T)) pairs. Returns {"sentiment": [...],
+    "topic": [...]}, each sorted by latent number."""
+    def single_tokens(words) -> list[int]:
+        ids = [data.encode(enc, " " + word) for word in words]
+        return [token[0] for token in ids if len(token) == 1]
+
+    positive = torch.tensor(single_tokens(data.POSITIVE_ADJECTIVES + data.POSITIVE_VERBS))
+    negative = torch.tensor(single_tokens(data.NEGATIVE_ADJECTIVES + data.NEGATIVE_VERBS))
+    topic_nouns = [torch.tensor(single_tokens(nouns)) for nouns in data.TOPICS.values()]
+    codes, next_tokens = [], []
+    for input_ids, mask in batches:
+        _, hidden = model(input_ids, hidden_layer=layer)
+        generating = mask[:, 1:].bool()  # position t generates response token t+1
+        codes.append(sae.encode(hidden[:, :-1][generating].float()).cpu())  # (N, d_sae)
+        next_tokens.append(input_ids[:, 1:][generating].cpu())  # (N,)
+    codes, next_tokens = torch.cat(codes), torch.cat(next_tokens)
+    on_positive = codes[torch.isin(next_tokens, positive)]
+    on_negative = codes[torch.isin(next_tokens, negative)]
+    spread = ((on_positive.var(0) + on_negative.var(0)) / 2).sqrt() + 1e-6
+    sentiment_gap = (on_positive.mean(0) - on_negative.mean(0)).abs() / spread  # (d_sae,)
+    by_topic = [codes[torch.isin(next_tokens, nouns)] for nouns in topic_nouns]
+    between = torch.stack([group.mean(0) for group in by_topic]).var(0)  # (d_sae,)
+    within = torch.stack([group.var(0) for group in by_topic]).mean(0) + 1e-6
+    return {
+        "sentiment": sorted(sentiment_gap.topk(n).indices.tolist()),
+        "topic": sorted((between / within).topk(n).indices.tolist()),
+    }
+
+
 # ----------------------------------------------------------------------------------------------
 # `python evaluate.py OUT_DIR...`: the per-seed table of finished runs (docs/seeds.md)
 

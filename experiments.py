@@ -11,6 +11,7 @@
                                           temperatures, from --compare's policies
     python experiments.py --ablation      FPO with its SAE block, alpha and stop-gradient, or k
                                           changed, on --compare's references
+    python experiments.py --control       FPO's constraint on the sentiment or topic latents only
     python experiments.py --bench         step times on identical batches, and each training
                                           loop's peak memory
 
@@ -51,7 +52,8 @@ import report
 import train
 from config import Config, parse_args, run_command, stage_settings
 from evaluate import (
-    bootstrap_mean, encode_prompts, judge_stats, paired_difference, sample_responses, win_rate,
+    attribute_latents, bootstrap_mean, encode_prompts, judge_stats, paired_difference,
+    sample_responses, win_rate,
 )
 from model import GPT
 from runtime import (
@@ -825,7 +827,7 @@ def ablation(cfg: Config, device) -> None:
         for table, changes in tables.items():
             for label, changed in changes.items():
                 print(f"ablation: seed {seed}, {label} | {time.time() - started:.0f}s", flush=True)
-                results = ablation_run(ref_cfg, device, changed)
+                results = fpo_variant(ref_cfg, device, changed)
                 rows[table].append(results | {"label": label})
     pref_cfg = cfg.prefer
     sections = [
@@ -846,10 +848,11 @@ def ablation(cfg: Config, device) -> None:
           f"{out / 'ablation.svg'} | {(time.time() - started) / 60:.1f} min")
 
 
-def ablation_run(ref_cfg: Config, device, changed: dict) -> dict:
-    """FPO trained and judged on one reference with `changed` settings; read back when a run of
-    the same settings from the same inputs finished. A change of the SAE's block trains an SAE
-    (and its cache) on that block, in its own directory beside the reference's."""
+def fpo_variant(ref_cfg: Config, device, changed: dict) -> dict:
+    """FPO trained and judged on one reference with `changed` settings (the SAE's block, or any
+    of the preference settings); read back when a run of the same settings from the same inputs
+    finished. A change of the SAE's block trains an SAE (and its cache) on that block, in its own
+    directory beside the reference's."""
     pref_changes = {key: value for key, value in changed.items() if key != "sae_layer"}
     if pref_changes.get("alpha") == 0.0:  # no constraint: the stop-gradient changes nothing
         pref_changes["fpo_stop_grad"] = True
@@ -858,8 +861,10 @@ def ablation_run(ref_cfg: Config, device, changed: dict) -> dict:
     if block != ref_cfg.sae.sae_layer % ref_cfg.pretrain.n_layer:
         run_cfg = sae_on_block(run_cfg, block, device)
     pref_cfg = run_cfg.prefer
-    tag = (f"ablation_block{block}_alpha{pref_cfg.alpha:g}_k{pref_cfg.fpo_k}"
+    tag = (f"fpo_block{block}_alpha{pref_cfg.alpha:g}_k{pref_cfg.fpo_k}"
            f"_stopgrad{int(pref_cfg.fpo_stop_grad)}")
+    if pref_cfg.fpo_latents:
+        tag += "_latents" + hashlib.sha256(pref_cfg.fpo_latents.encode()).hexdigest()[:8]
     path = Path(run_cfg.run.out_dir) / f"{tag}_results.json"
     made_from = inputs_made_from(run_cfg, device) | {
         "eval": dataclasses.asdict(run_cfg.eval),
@@ -908,6 +913,96 @@ def ablation_chart(rows: dict, tables: dict) -> str:
                 for alpha in ABLATION_ALPHAS
             ]
     return report.svg_panels("FPO's alpha, with and without the stop-gradient", "alpha", panels)
+
+
+# ----------------------------------------------------------------------------------------------
+# --control: FPO's constraint on chosen latents only (the paper's Sec. 5.3, Table 4)
+
+CONTROL_LATENTS = 8  # latents per chosen set
+CONTROL_COLUMNS = {  # column: (results key path, digits)
+    "positive": (("policy", "positive_rate"), 3),
+    "positive - reference": (("positive_change",), 3),
+    "on topic": (("policy", "on_topic_rate"), 3),
+    "on topic - reference": (("on_topic_change",), 3),
+    "win rate": (("win_rate",), 3),
+    "valid": (("policy", "valid_rate"), 3),
+    "KL from ref": (("policy", "kl_from_reference"), 2),
+}
+
+
+def control(cfg: Config, device) -> None:
+    """FPO at the default settings with D(y) over four sets of latents, on the references of
+    --seeds: all of them (as always), the CONTROL_LATENTS that most separate positive from
+    negative words, those that most separate the topics (evaluate.attribute_latents, found on
+    each reference's held-out pairs), and as many at random. Each set's effect on the judge's
+    positive and on-topic rates, against the reference's. Writes control.md and control.svg."""
+    out = Path(cfg.run.out_dir)
+    seeds = compare_seeds(cfg)
+    print(f"\n== control: FPO constrained on chosen latents, on {len(seeds)} references ==")
+    rows = []
+    chosen = {}  # seed: {set: latents}
+    started = time.time()
+    for seed in seeds:
+        ref_cfg, _ = reference_run(cfg, seed, device)
+        chosen[seed] = latent_sets(ref_cfg, device)
+        for label, latents in chosen[seed].items():
+            print(f"control: seed {seed}, {label} {latents} | {time.time() - started:.0f}s",
+                  flush=True)
+            results = fpo_variant(ref_cfg, device, {"fpo_latents": latents})
+            changes = {
+                f"{name}_change": results["policy"][f"{name}_rate"]
+                - results["reference"][f"{name}_rate"]
+                for name in ("positive", "on_topic")
+            }
+            rows.append(results | changes | {"label": label})
+    labels = list(chosen[seeds[0]])
+    table = report.compare_table(rows, labels, CONTROL_COLUMNS, seeds, {}, "D(y) over")
+    sets = "\n".join(
+        f"- seed {seed}: " + "; ".join(f"{label} {latents or 'all'}"
+                                      for label, latents in by_label.items())
+        for seed, by_label in chosen.items()
+    )
+    control_md = f"{table}\nThe latents of each set, per reference:\n\n{sets}\n"
+    write_text(out / "control.md", control_md)
+    series = {
+        label: [(row["positive_change"], row["on_topic_change"])
+                for row in rows if row["label"] == label]
+        for label in labels
+    }
+    chart = report.svg_chart(
+        "What constraining chosen latents does (one point per reference)",
+        "positive rate, policy - reference",
+        "on-topic rate, policy - reference",
+        series,
+        lines=False,
+    )
+    write_text(out / "control.svg", chart)
+    print("\n" + control_md + f"\ncontrol: wrote {out / 'control.md'} and "
+          f"{out / 'control.svg'} | {(time.time() - started) / 60:.1f} min")
+
+
+def latent_sets(ref_cfg: Config, device) -> dict[str, str]:
+    """{set: --fpo_latents}: every latent (empty), the sentiment and the topic latents of
+    evaluate.attribute_latents on the reference's held-out pairs, and a random set as large."""
+    reference, gpt_fingerprint = train.load_gpt(ref_cfg, device)
+    reference.eval().requires_grad_(False)
+    inputs = train.load_preference_inputs(ref_cfg, reference, gpt_fingerprint, device)
+    eos = data.eos_id(inputs.enc)
+    batches = (
+        (input_ids, mask)
+        for _, input_ids, mask in data.every_pair(inputs.test_pairs, 64, 0, eos, device)
+    )
+    found = attribute_latents(
+        reference, inputs.sae, ref_cfg.sae.sae_layer, batches, inputs.enc, CONTROL_LATENTS
+    )
+    generator = torch.Generator().manual_seed(ref_cfg.run.seed)
+    drawn = torch.randperm(inputs.sae.d_sae, generator=generator)[:CONTROL_LATENTS]
+    return {
+        "all latents": "",
+        "sentiment latents": ",".join(map(str, found["sentiment"])),
+        "topic latents": ",".join(map(str, found["topic"])),
+        "random latents": ",".join(map(str, sorted(drawn.tolist()))),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1098,12 +1193,14 @@ def main(argv: list[str]) -> None:
         "compare": compare,
         "head_to_head": head_to_head,
         "ablation": ablation,
+        "control": control,
         "bench": bench,
     }
     chosen = [name for name in experiments if getattr(cfg.run, name)]
     if len(chosen) != 1:
         raise UsageError(
-            "pick one experiment: --sweep, --compare, --head_to_head, --ablation or --bench"
+            "pick one experiment: --sweep, --compare, --head_to_head, --ablation, --control or "
+            "--bench"
         )
     check_experiment(cfg, chosen[0])
     device = train.start_run(cfg)
@@ -1113,7 +1210,8 @@ def main(argv: list[str]) -> None:
 
 def check_experiment(cfg: Config, experiment: str) -> None:
     """Refuse, before any work, what an experiment would fail at or silently get wrong later."""
-    if experiment in ("sweep", "compare", "head_to_head", "ablation") and cfg.run.preference_file:
+    judged = ("sweep", "compare", "head_to_head", "ablation", "control")
+    if experiment in judged and cfg.run.preference_file:
         raise UsageError(
             f"--{experiment} judges sampled responses, and the judge knows only the toy world: "
             "drop --preference_file (--bench and `python train.py` take it)"

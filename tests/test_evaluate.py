@@ -219,3 +219,44 @@ def test_training_chart_has_one_panel_per_logged_quantity(tmp_path):
     series = root.findall(".//{http://www.w3.org/2000/svg}g[@class='series']")
     assert [g.get("data-label") for g in series] == ["loss", "margin", "accuracy", "feature_drift"]
     assert all(len(g.findall("{http://www.w3.org/2000/svg}circle")) == 4 for g in series)
+
+
+def test_attribute_latents_finds_planted_sentiment_and_topic_latents():
+    """A stand-in GPT whose hidden state at a position is a code of the next token, with latent 3
+    planted on positive words, 5 on negative ones and 8 + i on topic i's nouns, read through an
+    identity SAE: those are the latents found, above every noise latent."""
+    enc = data.load_tokenizer()
+
+    def token(word):
+        (token_id,) = data.encode(enc, " " + word)
+        return token_id
+
+    n_topics = len(data.TOPICS)
+    width = 8 + n_topics + 4
+    generator = torch.Generator().manual_seed(0)
+    table = 0.1 * torch.rand(enc.n_vocab, width, generator=generator)  # every token: some noise
+    for word in data.POSITIVE_ADJECTIVES + data.POSITIVE_VERBS:
+        table[token(word), 3] += 1.0
+    for word in data.NEGATIVE_ADJECTIVES + data.NEGATIVE_VERBS:
+        table[token(word), 5] += 1.0
+    for i, nouns in enumerate(data.TOPICS.values()):
+        for noun in nouns:
+            table[token(noun), 8 + i] += 1.0
+
+    class NextTokenCode(torch.nn.Module):
+        def forward(self, ids, hidden_layer):
+            hidden = torch.zeros(*ids.shape, width)
+            hidden[:, :-1] = table[ids[:, 1:]]  # position t holds the code of token t + 1
+            return None, hidden
+
+    class Identity(torch.nn.Module):
+        def encode(self, x):
+            return x
+
+    words = [w for nouns in data.TOPICS.values() for w in nouns] + data.POSITIVE_ADJECTIVES + data.NEGATIVE_ADJECTIVES + ["the", "."]
+    ids = torch.tensor([[token(words[i]) for i in torch.randint(0, len(words), (12,), generator=generator).tolist()] for _ in range(64)])
+    mask = torch.ones_like(ids)
+    mask[:, 0] = 0  # the first token is the prompt
+    found = evaluate.attribute_latents(NextTokenCode(), Identity(), -1, [(ids, mask)], enc, n=2)
+    assert found["sentiment"] == [3, 5]
+    assert set(found["topic"]) <= set(range(8, 8 + n_topics)) and len(found["topic"]) == 2

@@ -278,3 +278,23 @@ def test_ablation_has_a_row_per_setting_trains_each_setting_once_and_reruns_noth
     monkeypatch.setattr(train, "train_sae_stage", lambda *args, **kwargs: pytest.fail("an SAE trained again"))
     experiments.main(argv + ["--ablation"])
     assert (tmp_path / "ablation.md").read_text() == text
+
+
+@pytest.mark.slow
+def test_control_constrains_each_latent_set_and_reruns_nothing(tiny_run, tmp_path, monkeypatch):
+    _, argv = tiny_run
+    argv = argv + ["--out_dir", str(tmp_path), "--seeds", "1", "--pref_steps", "6"]
+    tiny_reference(tiny_run, tmp_path)
+    experiments.main(argv + ["--control"])
+    text = (tmp_path / "control.md").read_text()
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and not line.startswith("| D(y) over")]
+    assert [row[0][2:] for row in rows] == ["all latents", "sentiment latents", "topic latents", "random latents"]
+    # Each run trained D(y) over its set: 8 latents each, all of them for the first.
+    saved = {json.loads(path.read_text())["trained_with"]["fpo_latents"] for path in (tmp_path / "ref_seed1337").glob("fpo_*_results.json")}
+    assert "" in saved and len(saved) == 4 and all(len(latents.split(",")) == 8 for latents in saved - {""})
+    assert "- seed 1337: all latents all; sentiment latents " in text
+    series = ElementTree.parse(tmp_path / "control.svg").getroot().findall(".//{http://www.w3.org/2000/svg}g[@class='series']")
+    assert [g.get("data-label") for g in series] == ["all latents", "sentiment latents", "topic latents", "random latents"]
+    monkeypatch.setattr(train, "train_preference", lambda *args, **kwargs: pytest.fail("trained again"))
+    experiments.main(argv + ["--control"])
+    assert (tmp_path / "control.md").read_text() == text
