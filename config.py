@@ -37,6 +37,7 @@ class RunConfig:
     head_to_head: bool = False  # experiments.py: FPO judged against each method, at 5 temperatures
     ablation: bool = False  # experiments.py: FPO's SAE block, alpha, stop-gradient or k changed
     control: bool = False  # experiments.py: FPO constrained on the sentiment or topic latents only
+    bound: bool = False  # experiments.py: per-token KL against SAE-code change; D(y) against SeqKL
     bench: bool = False  # experiments.py: time training steps of each method on identical batches
     bench_steps: int = 50  # timed steps per method in --bench
     log_every: int = 50  # steps between progress lines, in every training stage

@@ -291,6 +291,88 @@ def attribute_latents(
 
 
 # ----------------------------------------------------------------------------------------------
+# The paper's bound (its Appendix B): per-token KL against the change of the SAE codes
+
+
+@torch.no_grad()
+def bound_terms(
+    policy: GPT, reference: GPT, sae, layer: int, input_ids: torch.Tensor, mask: torch.Tensor,
+    fpo_k: int,
+) -> dict[str, torch.Tensor]:
+    """What the bound relates, on given responses. Per position that generates a response token
+    (N of them): `kl`, KL(pi_ref || pi_theta) over the whole vocabulary; `logit_gap`, the squared
+    distance of the two logit vectors; `code_gap`, ||c_theta - c_ref||^2 of the SAE codes of the
+    two residual streams; `sigma`, the smaller of the two streams' layer-norm scales. Per
+    response (B of them): `feature_drift`, D(y) over top-fpo_k pooled codes, and `sequence_kl`,
+    SeqKL(y). input_ids, mask: (B, T)."""
+    reference_logits, reference_hidden = reference(input_ids, hidden_layer=layer)
+    logits, hidden = policy(input_ids, hidden_layer=layer)
+    generating = mask[:, 1:].bool()  # position t generates response token t+1
+    reference_logps = torch.log_softmax(reference_logits[:, :-1][generating].float(), dim=-1)
+    logps = torch.log_softmax(logits[:, :-1][generating].float(), dim=-1)  # (N, V)
+    reference_codes = sae.encode(reference_hidden.float())  # (B, T, d_sae)
+    codes = sae.encode(hidden.float())
+    eps = reference.ln_f.eps
+    sigma = torch.minimum(
+        (hidden[:, :-1][generating].float().var(-1, unbiased=False) + eps).sqrt(),
+        (reference_hidden[:, :-1][generating].float().var(-1, unbiased=False) + eps).sqrt(),
+    )
+    pooled = fpo.pooled_features(codes, mask)  # (B, d_sae)
+    reference_pooled = fpo.pooled_features(reference_codes, mask)
+    return {
+        "kl": (reference_logps.exp() * (reference_logps - logps)).sum(-1),
+        "logit_gap": (logits - reference_logits)[:, :-1][generating].float().pow(2).sum(-1),
+        "code_gap": (codes - reference_codes)[:, :-1][generating].pow(2).sum(-1),
+        "sigma": sigma,
+        "feature_drift": fpo.feature_mse(pooled, reference_pooled, fpo_k),
+        "sequence_kl": fpo.sequence_kl(
+            p_logits=reference_logits, q_logits=logits, response_mask=mask
+        ),
+    }
+
+
+def bound_constant(reference: GPT, sae, sigma: float) -> float:
+    """M in KL_t <= M ||c_theta - c_ref||^2, through the final layer norm and the unembedding:
+    KL between two softmaxes is at most a quarter of their logits' squared distance (the
+    log-partition's Hessian, a covariance of one-hot vectors, has eigenvalues at most 1/2); the
+    logits move at most ||W_U|| times the normed stream; the layer norm moves at most
+    max|gamma| / sigma times the stream (sigma: its scale, here the smallest seen); and the
+    stream moves ||W_dec|| / s times the codes, if the SAE reconstructs both streams exactly
+    (s: the SAE's input scale). Assumes the policy's norm and unembedding are the reference's."""
+    w_u = torch.linalg.matrix_norm(reference.lm_head.weight.float(), ord=2)
+    w_dec = torch.linalg.matrix_norm(sae.W_dec.float(), ord=2) / sae.input_scale
+    gamma = reference.ln_f.weight.float().abs().max()
+    return (w_u * gamma / sigma * w_dec).pow(2).item() / 4
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Spearman's rank correlation of two (N,) tensors; tied values are ranked in their order
+    (meant for continuous data, where ties are rare)."""
+    ranks = [torch.empty(len(v), dtype=torch.float64) for v in (x, y)]
+    for rank, values in zip(ranks, (x, y)):
+        rank[values.argsort(stable=True)] = torch.arange(len(values), dtype=torch.float64)
+    return torch.corrcoef(torch.stack(ranks))[0, 1].item()
+
+
+def bootstrap_spearman(
+    x: list[torch.Tensor], y: list[torch.Tensor], n_resamples: int = 1000, seed: int = 0
+) -> tuple[float, float, float]:
+    """Spearman's rank correlation of x and y pooled over references (one (N_r,) tensor each),
+    and its 95% interval from resampling references, then items within each."""
+    generator = torch.Generator().manual_seed(seed)
+    draws = []
+    for _ in range(n_resamples):
+        picked = torch.randint(0, len(x), (len(x),), generator=generator).tolist()
+        items = [torch.randint(0, len(x[r]), (len(x[r]),), generator=generator) for r in picked]
+        draws.append(spearman(
+            torch.cat([x[r][i] for r, i in zip(picked, items)]),
+            torch.cat([y[r][i] for r, i in zip(picked, items)]),
+        ))
+    low, high = torch.quantile(torch.tensor(draws), torch.tensor([0.025, 0.975])).tolist()
+    return spearman(torch.cat(x), torch.cat(y)), low, high
+
+
+# ----------------------------------------------------------------------------------------------
 # `python evaluate.py OUT_DIR...`: the per-seed table of finished runs (docs/seeds.md)
 
 

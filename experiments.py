@@ -12,6 +12,8 @@
     python experiments.py --ablation      FPO with its SAE block, alpha and stop-gradient, or k
                                           changed, on --compare's references
     python experiments.py --control       FPO's constraint on the sentiment or topic latents only
+    python experiments.py --bound         per-token KL against the change of the SAE codes (the
+                                          paper's bound), and D(y) against SeqKL(y)
     python experiments.py --bench         step times on identical batches, and each training
                                           loop's peak memory
 
@@ -52,8 +54,8 @@ import report
 import train
 from config import Config, parse_args, run_command, stage_settings
 from evaluate import (
-    attribute_latents, bootstrap_mean, encode_prompts, judge_stats, paired_difference,
-    sample_responses, win_rate,
+    attribute_latents, bootstrap_mean, bootstrap_spearman, bound_constant, bound_terms,
+    encode_prompts, judge_stats, paired_difference, sample_responses, win_rate,
 )
 from model import GPT
 from runtime import (
@@ -1006,6 +1008,105 @@ def latent_sets(ref_cfg: Config, device) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------
+# --bound: does the change of the SAE codes bound the per-token KL (the paper's Appendix B), and
+# does D(y) track SeqKL(y) (its Fig. 4-right)? On --compare's policies
+
+
+def bound(cfg: Config, device) -> None:
+    """For the reference and every policy --compare trained, on each reference's held-out pairs
+    (chosen and rejected responses): per generating position, KL(pi_ref || pi_theta) against
+    M ||c_theta - c_ref||^2 (evaluate.bound_constant), and per response D(y) against SeqKL(y).
+    Nothing is trained. Writes bound.md and bound.svg."""
+    out = Path(cfg.run.out_dir)
+    compare_json = read_json(out / "compare.json", "run --compare first")
+    labels = list(compare_json["settings"])
+    seeds = sorted({row["seed"] for row in compare_json["rows"]})
+    print(f"\n== bound: {len(labels)} policies on {len(seeds)} references ==")
+    terms = {label: [] for label in labels}  # label: per reference, bound_terms of every pair
+    constants = {}  # seed: M
+    started = time.time()
+    for seed in seeds:
+        ref_cfg, _ = reference_run(cfg, seed, device)
+        reference, gpt_fingerprint = train.load_gpt(ref_cfg, device)
+        reference.eval().requires_grad_(False)
+        inputs = train.load_preference_inputs(ref_cfg, reference, gpt_fingerprint, device)
+        eos = data.eos_id(inputs.enc)
+        for label in labels:
+            print(f"bound: seed {seed}, {label} | {time.time() - started:.0f}s", flush=True)
+            tag = compare_tag(label, seed)
+            policy, _ = train.load_policy(ref_cfg, tag, reference, inputs, device)
+            batches = [
+                evaluate_bound_terms(policy, reference, inputs.sae, ref_cfg, input_ids, mask)
+                for _, input_ids, mask in data.every_pair(inputs.test_pairs, 64, 0, eos, device)
+            ]
+            terms[label].append({key: torch.cat([b[key] for b in batches]) for key in batches[0]})
+        sigma = min(t[-1]["sigma"].min().item() for t in terms.values())
+        constants[seed] = bound_constant(reference, inputs.sae, sigma)
+    table = report.bound_table(bound_summary(terms, constants, seeds), constants)
+    write_text(out / "bound.md", table)
+    series = {
+        label: [
+            (t["sequence_kl"].mean().item(), t["feature_drift"].mean().item())
+            for t in by_seed
+        ]
+        for label, by_seed in terms.items()
+    }
+    chart = report.svg_chart(
+        "D(y) against SeqKL(y): held-out responses, mean per reference and method",
+        "SeqKL(y) = sum of per-token KL(ref || policy), log scale",
+        "D(y)",
+        series,
+        lines=False,
+        log_x=True,
+    )
+    write_text(out / "bound.svg", chart)
+    print("\n" + table + f"\nbound: wrote {out / 'bound.md'} and {out / 'bound.svg'} | "
+          f"{(time.time() - started) / 60:.1f} min")
+
+
+def evaluate_bound_terms(policy, reference, sae, ref_cfg: Config, input_ids, mask) -> dict:
+    """bound_terms of one batch of pairs (chosen rows first), with `is_chosen` per response."""
+    terms = bound_terms(
+        policy, reference, sae, ref_cfg.sae.sae_layer, input_ids, mask, ref_cfg.prefer.fpo_k
+    )
+    half = len(input_ids) // 2
+    terms["is_chosen"] = torch.arange(len(input_ids), device=input_ids.device) < half
+    return {key: value.cpu() for key, value in terms.items()}
+
+
+def bound_summary(terms: dict, constants: dict, seeds: list[int]) -> dict[str, dict]:
+    """Per method: how often KL_t <= M ||dc_t||^2 holds, the quantiles of KL_t / (M ||dc_t||^2)
+    where the codes moved, the median of KL_t over its first step, a quarter of the logits'
+    squared distance, Spearman's correlation of KL_t with ||dc_t||^2 (per position) and of
+    SeqKL(y) with D(y) (per response), and of the margins SeqKL(y_l) - SeqKL(y_w) with
+    D(y_l) - D(y_w) (per pair), each with a bootstrap interval over references and items."""
+    summary = {}
+    for label, by_seed in terms.items():
+        bounds = [constants[seed] * t["code_gap"] for seed, t in zip(seeds, by_seed)]
+        kls = [t["kl"] for t in by_seed]
+        ratios = torch.cat([kl[b > 0] / b[b > 0] for kl, b in zip(kls, bounds)])
+        margins = {
+            key: [t[key][~t["is_chosen"]] - t[key][t["is_chosen"]] for t in by_seed]
+            for key in ("sequence_kl", "feature_drift")
+        }
+        logit_gaps = torch.cat([t["logit_gap"] for t in by_seed])
+        moved = logit_gaps > 0
+        summary[label] = {
+            "holds": torch.cat([kl <= b for kl, b in zip(kls, bounds)]).double().mean().item(),
+            "softmax step": torch.median(torch.cat(kls)[moved] / (logit_gaps[moved] / 4)).item(),
+            "ratio quantiles": torch.quantile(
+                ratios.double(), torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64)
+            ).tolist() if len(ratios) else [float("nan")] * 3,
+            "token": bootstrap_spearman(kls, [t["code_gap"] for t in by_seed]),
+            "response": bootstrap_spearman(
+                [t["sequence_kl"] for t in by_seed], [t["feature_drift"] for t in by_seed]
+            ),
+            "margin": bootstrap_spearman(margins["sequence_kl"], margins["feature_drift"]),
+        }
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
 # --bench, and the memory of a training loop alone, with everything it needs already loaded
 
 
@@ -1194,13 +1295,14 @@ def main(argv: list[str]) -> None:
         "head_to_head": head_to_head,
         "ablation": ablation,
         "control": control,
+        "bound": bound,
         "bench": bench,
     }
     chosen = [name for name in experiments if getattr(cfg.run, name)]
     if len(chosen) != 1:
         raise UsageError(
-            "pick one experiment: --sweep, --compare, --head_to_head, --ablation, --control or "
-            "--bench"
+            "pick one experiment: --sweep, --compare, --head_to_head, --ablation, --control, "
+            "--bound or --bench"
         )
     check_experiment(cfg, chosen[0])
     device = train.start_run(cfg)

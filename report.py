@@ -194,6 +194,35 @@ def head_to_head_table(
     return "\n".join(lines)
 
 
+def bound_table(summary: dict[str, dict], constants: dict[int, float]) -> str:
+    """Markdown: per method, how often the per-token bound holds, the quantiles of KL / bound,
+    and the three Spearman correlations with their 95% intervals (experiments.bound_summary)."""
+    def interval(mean: float, low: float, high: float) -> str:
+        return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+    lines = [
+        "| method | KL_t <= M dc_t^2 | KL_t / (M dc_t^2): 5% | 50% | 95% | KL_t / (dz_t^2 / 4): "
+        "50% | Spearman: KL_t, dc_t^2 | SeqKL(y), D(y) | SeqKL margin, D margin |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, row in summary.items():
+        quantiles = " | ".join(f"{q:.2g}" for q in row["ratio quantiles"])
+        correlations = " | ".join(interval(*row[key]) for key in ("token", "response", "margin"))
+        lines.append(
+            f"| {label} | {row['holds']:.3f} | {quantiles} | {row['softmax step']:.2g} | "
+            f"{correlations} |"
+        )
+    constants_text = ", ".join(f"seed {seed}: {m:.3g}" for seed, m in constants.items())
+    lines.append(
+        f"\nM per reference ({constants_text}). KL_t = KL(pi_ref || pi_theta) at a position that "
+        "generates a response token, dc_t^2 = the squared distance of the SAE codes of the two "
+        "residual streams there, dz_t^2 that of the two logit vectors; margins: rejected minus "
+        "chosen. Intervals: bootstrap over "
+        "references, then positions, responses or pairs within each.\n"
+    )
+    return "\n".join(lines)
+
+
 RUN_COLUMNS = {  # column: (results key path, digits)
     "win rate": (("win_rate",), 3),
     "valid": (("policy", "valid_rate"), 3),

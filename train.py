@@ -48,7 +48,8 @@ from sae import (
 def main(argv: list[str]) -> None:
     """Parse and check every flag, then run the stages of --stage in order."""
     cfg = parse_args(argv, description=__doc__.split("\n\n")[0])
-    for experiment in ("ablation", "bench", "compare", "control", "head_to_head", "sweep"):
+    experiments = ("ablation", "bench", "bound", "compare", "control", "head_to_head", "sweep")
+    for experiment in experiments:
         if getattr(cfg.run, experiment):
             raise UsageError(
                 f"--{experiment} is an experiment: run `python experiments.py --{experiment}` "

@@ -5,6 +5,7 @@ import json
 import math
 from xml.etree import ElementTree
 
+import pytest
 import torch
 
 import config
@@ -15,7 +16,7 @@ import fpo
 import report
 import train
 from model import GPT, GPTConfig
-from sae import train_sae
+from sae import SparseAutoencoder, train_sae
 
 CPU = torch.device("cpu")
 
@@ -260,3 +261,40 @@ def test_attribute_latents_finds_planted_sentiment_and_topic_latents():
     found = evaluate.attribute_latents(NextTokenCode(), Identity(), -1, [(ids, mask)], enc, n=2)
     assert found["sentiment"] == [3, 5]
     assert set(found["topic"]) <= set(range(8, 8 + n_topics)) and len(found["topic"]) == 2
+
+
+def test_bound_pieces_by_hand_and_the_softmax_step_on_random_models():
+    # M by hand: ||W_U|| = 2, max |gamma| = 3, sigma = 0.5, ||W_dec|| / s = 1: (2 * 3 / 0.5 * 1)^2 / 4 = 36.
+    reference = GPT(GPTConfig(vocab_size=4, block_size=8, n_layer=1, n_head=1, n_embd=4))
+    with torch.no_grad():
+        reference.lm_head.weight.copy_(2 * torch.eye(4))
+        reference.ln_f.weight.fill_(3.0)
+    sae = SparseAutoencoder(d_model=4, d_sae=4, k=2)
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.eye(4))
+    assert math.isclose(evaluate.bound_constant(reference, sae, sigma=0.5), 36.0, rel_tol=1e-6)
+    # KL between softmaxes is at most a quarter of the logits' squared distance, at every position.
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16)
+    reference, policy = GPT(config), GPT(config)
+    sae = SparseAutoencoder(d_model=16, d_sae=32, k=4)
+    torch.nn.init.normal_(sae.W_enc)
+    torch.nn.init.normal_(sae.W_dec)
+    input_ids = torch.randint(0, 50, (6, 16))
+    mask = torch.zeros(6, 16, dtype=torch.long)
+    mask[:, 5:] = 1
+    terms = evaluate.bound_terms(policy, reference, sae, -1, input_ids, mask, fpo_k=4)
+    assert terms["kl"].shape == terms["code_gap"].shape == terms["sigma"].shape == (6 * 11,)  # tokens 5..15 are generated
+    assert (terms["kl"] > 0).all() and (terms["kl"] <= terms["logit_gap"] / 4).all()
+    # Per response: SeqKL is the sum of its positions' KL.
+    torch.testing.assert_close(terms["sequence_kl"], terms["kl"].view(6, 11).sum(-1))
+    assert terms["feature_drift"].shape == (6,)
+
+
+def test_spearman_and_its_bootstrap_on_hand_made_examples():
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert evaluate.spearman(x, 10 * x) == pytest.approx(1.0)
+    assert evaluate.spearman(x, -x) == pytest.approx(-1.0)
+    assert evaluate.spearman(x, torch.tensor([1.0, 3.0, 2.0, 4.0])) == pytest.approx(0.8)  # 1 - 6 * 2 / (4 * 15)
+    mean, low, high = evaluate.bootstrap_spearman([x, x + 10], [x.exp(), (x + 10).exp()], n_resamples=50)
+    assert mean == pytest.approx(1.0) and low == pytest.approx(1.0) and high == pytest.approx(1.0)

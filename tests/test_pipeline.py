@@ -122,7 +122,7 @@ def test_compare_writes_a_finite_row_for_every_method(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_head_to_head_judges_the_compare_policies_at_every_temperature(tiny_run, tmp_path, monkeypatch):
+def test_head_to_head_and_bound_read_the_compare_policies(tiny_run, tmp_path, monkeypatch):
     _, argv = tiny_run
     argv = argv + ["--out_dir", str(tmp_path)]
     tiny_reference(tiny_run, tmp_path)
@@ -147,6 +147,13 @@ def test_head_to_head_judges_the_compare_policies_at_every_temperature(tiny_run,
     # The judge's scores are kept per reference and temperature: one per method and test prompt.
     scores = json.loads((tmp_path / "ref_seed1337" / "head_to_head_t1.json").read_text())["scores"]
     assert set(scores) == {"FPO", "SimPO", "DPO"} and len(scores["FPO"]) == 24
+    # --bound reads the same policies: a row per method, and the D(y)-SeqKL picture.
+    experiments.main(argv + ["--bound"])
+    bound = (tmp_path / "bound.md").read_text().splitlines()
+    assert [line.split(" | ")[0] for line in bound[2:5]] == ["| FPO", "| SimPO", "| DPO"] and bound[5] == ""
+    assert all(0.0 <= float(line.split(" | ")[1]) <= 1.0 for line in bound[2:5])
+    series = ElementTree.parse(tmp_path / "bound.svg").getroot().findall(".//{http://www.w3.org/2000/svg}g[@class='series']")
+    assert [g.get("data-label") for g in series] == ["FPO", "SimPO", "DPO"]
 
 
 @pytest.mark.slow

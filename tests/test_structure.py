@@ -90,7 +90,7 @@ def test_python_train_py_executes_train_py_once(tmp_path):
     assert done.stdout.splitlines()[-2:] == ["exit 2", "train imported again: False"], done.stdout
 
 
-@pytest.mark.parametrize("experiment", ["sweep", "compare", "head_to_head", "ablation", "control", "bench"])
+@pytest.mark.parametrize("experiment", ["sweep", "compare", "head_to_head", "ablation", "control", "bound", "bench"])
 def test_train_py_points_an_experiment_flag_to_experiments_py(experiment, no_training):
     with pytest.raises(UsageError, match=f"run `python experiments.py --{experiment}`"):
         train.main(TINY + [f"--{experiment}"])

@@ -59,6 +59,7 @@ PARSE_CASES = {
     "head_to_head": [(["--head_to_head=1"], "--head_to_head: ignored explicit argument '1'")],
     "ablation": [(["--ablation=1"], "--ablation: ignored explicit argument '1'")],
     "control": [(["--control=1"], "--control: ignored explicit argument '1'")],
+    "bound": [(["--bound=1"], "--bound: ignored explicit argument '1'")],
     "sweep": [(["--sweep=1"], "--sweep: ignored explicit argument '1'")],
     "threads": [(["--threads", "-1"], "--threads -1: must be >= 0"), (["--threads", "two"], "--threads: invalid int value: 'two'")],
     "bench_steps": [(["--bench", "--bench_steps", "0"], "--bench_steps 0: must be > 0")],
