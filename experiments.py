@@ -1015,8 +1015,9 @@ def latent_sets(ref_cfg: Config, device) -> dict[str, str]:
 def bound(cfg: Config, device) -> None:
     """For the reference and every policy --compare trained, on each reference's held-out pairs
     (chosen and rejected responses): per generating position, KL(pi_ref || pi_theta) against
-    M ||c_theta - c_ref||^2 (evaluate.bound_constant), and per response D(y) against SeqKL(y).
-    Nothing is trained. Writes bound.md and bound.svg."""
+    M ||c_theta - c_ref||^2 (evaluate.bound_constant), and per response D(y) against SeqKL(y);
+    then both along FPO's training at its pick (fpo_trajectory, the one run trained here).
+    Writes bound.md and bound.svg."""
     out = Path(cfg.run.out_dir)
     compare_json = read_json(out / "compare.json", "run --compare first")
     labels = list(compare_json["settings"])
@@ -1024,6 +1025,7 @@ def bound(cfg: Config, device) -> None:
     print(f"\n== bound: {len(labels)} policies on {len(seeds)} references ==")
     terms = {label: [] for label in labels}  # label: per reference, bound_terms of every pair
     constants = {}  # seed: M
+    trajectories = {}  # seed: FPO's mean SeqKL(y) and D(y) along its training
     started = time.time()
     for seed in seeds:
         ref_cfg, _ = reference_run(cfg, seed, device)
@@ -1042,7 +1044,11 @@ def bound(cfg: Config, device) -> None:
             terms[label].append({key: torch.cat([b[key] for b in batches]) for key in batches[0]})
         sigma = min(t[-1]["sigma"].min().item() for t in terms.values())
         constants[seed] = bound_constant(reference, inputs.sae, sigma)
+        trajectories[seed] = fpo_trajectory(
+            ref_cfg, device, compare_json["settings"]["FPO"], reference, inputs
+        )
     table = report.bound_table(bound_summary(terms, constants, seeds), constants)
+    table += "\n" + report.trajectory_table(trajectories)
     write_text(out / "bound.md", table)
     series = {
         label: [
@@ -1051,6 +1057,11 @@ def bound(cfg: Config, device) -> None:
         ]
         for label, by_seed in terms.items()
     }
+    series["FPO along training"] = [
+        (point["sequence_kl"], point["feature_drift"])
+        for points in trajectories.values()
+        for point in points
+    ]
     chart = report.svg_chart(
         "D(y) against SeqKL(y): held-out responses, mean per reference and method",
         "SeqKL(y) = sum of per-token KL(ref || policy), log scale",
@@ -1062,6 +1073,41 @@ def bound(cfg: Config, device) -> None:
     write_text(out / "bound.svg", chart)
     print("\n" + table + f"\nbound: wrote {out / 'bound.md'} and {out / 'bound.svg'} | "
           f"{(time.time() - started) / 60:.1f} min")
+
+
+def fpo_trajectory(
+    ref_cfg: Config, device, settings: dict, reference, inputs
+) -> list[dict]:
+    """FPO trained at `settings` once more, judged by its mean SeqKL(y) and D(y) on the held-out
+    responses at every fifth of its steps (the analogue of the paper's Fig. 4-right); read back
+    from bound_fpo_trajectory.json when made from the same reference and settings."""
+    run_cfg = with_method(ref_cfg, settings)
+    every = max(1, run_cfg.prefer.pref_steps // 5)
+    tag = "bound_fpo_trajectory"
+    out = Path(run_cfg.run.out_dir)
+    made_from = inputs_made_from(run_cfg, device) | {
+        "settings": stage_settings(run_cfg, "prefer")
+    }
+    saved = saved_run(out / f"{tag}.json", made_from)
+    if saved is not None:
+        return saved["points"]
+    train.train_preference(run_cfg, device, run_cfg.run.seed, tag, snapshot_every=every)
+    eos = data.eos_id(inputs.enc)
+    points = []
+    for step in range(every, run_cfg.prefer.pref_steps + 1, every):
+        snapshot = f"{tag}_step{step}"
+        policy, _ = train.load_policy(run_cfg, snapshot, reference, inputs, device)
+        batches = [
+            evaluate_bound_terms(policy, reference, inputs.sae, run_cfg, input_ids, mask)
+            for _, input_ids, mask in data.every_pair(inputs.test_pairs, 64, 0, eos, device)
+        ]
+        points.append({"step": step} | {
+            key: torch.cat([b[key] for b in batches]).mean().item()
+            for key in ("sequence_kl", "feature_drift")
+        })
+        (out / f"{snapshot}.pt").unlink()
+    write_json(out / f"{tag}.json", {"points": points, "made_from": made_from})
+    return points
 
 
 def evaluate_bound_terms(policy, reference, sae, ref_cfg: Config, input_ids, mask) -> dict:

@@ -223,6 +223,23 @@ def bound_table(summary: dict[str, dict], constants: dict[int, float]) -> str:
     return "\n".join(lines)
 
 
+def trajectory_table(trajectories: dict[int, list[dict]]) -> str:
+    """Markdown: FPO's mean SeqKL(y) and D(y) on held-out responses at each judged step, the mean
+    over the references ({seed: [{"step", "sequence_kl", "feature_drift"}]})."""
+    lines = ["| FPO at step | SeqKL(y) | D(y) |", "|---|---|---|"]
+    by_seed = list(trajectories.values())
+    for same_step in zip(*by_seed):
+        sequence_kl = sum(point["sequence_kl"] for point in same_step) / len(same_step)
+        drift = sum(point["feature_drift"] for point in same_step) / len(same_step)
+        lines.append(f"| {same_step[0]['step']} | {sequence_kl:.3f} | {drift:.5f} |")
+    lines.append(
+        f"\nFPO trained once more at its pick on each reference, both measured on the held-out "
+        f"pairs' responses at every fifth of its steps: the mean over {len(by_seed)} "
+        "reference(s).\n"
+    )
+    return "\n".join(lines)
+
+
 RUN_COLUMNS = {  # column: (results key path, digits)
     "win rate": (("win_rate",), 3),
     "valid": (("policy", "valid_rate"), 3),

@@ -153,7 +153,11 @@ def test_head_to_head_and_bound_read_the_compare_policies(tiny_run, tmp_path, mo
     assert [line.split(" | ")[0] for line in bound[2:5]] == ["| FPO", "| SimPO", "| DPO"] and bound[5] == ""
     assert all(0.0 <= float(line.split(" | ")[1]) <= 1.0 for line in bound[2:5])
     series = ElementTree.parse(tmp_path / "bound.svg").getroot().findall(".//{http://www.w3.org/2000/svg}g[@class='series']")
-    assert [g.get("data-label") for g in series] == ["FPO", "SimPO", "DPO"]
+    assert [g.get("data-label") for g in series] == ["FPO", "SimPO", "DPO", "FPO along training"]
+    # ... and FPO trained once more, measured at every fifth of its 4 steps: each step.
+    trajectory = [line.split(" | ")[0] for line in bound if line.startswith("| ") and line[2].isdigit()]
+    assert trajectory == ["| 1", "| 2", "| 3", "| 4"]
+    assert not list((tmp_path / "ref_seed1337").glob("bound_fpo_trajectory_step*.pt"))
 
 
 @pytest.mark.slow
