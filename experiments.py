@@ -682,6 +682,15 @@ def win_rate_differences(rows: list[dict], labels: list[str]) -> dict:
     return {f"{a} - {b}": paired_difference(wins[a], wins[b]) for a, b in pairs}
 
 
+def write_outputs(out: Path, name: str, table: str, chart: str, started: float) -> None:
+    """An experiment's results: out/<name>.md (its tables) and out/<name>.svg (its picture), then
+    the tables, where both went and how long it took."""
+    write_text(out / f"{name}.md", table)
+    write_text(out / f"{name}.svg", chart)
+    print("\n" + table + f"\n{name}: wrote {out / f'{name}.md'} and {out / f'{name}.svg'} | "
+          f"{(time.time() - started) / 60:.1f} min")
+
+
 # ----------------------------------------------------------------------------------------------
 # --head_to_head: FPO's response judged against each other method's on the same prompt (the
 # paper's Table 2 metric) at five temperatures (its Fig. 3-right), from --compare's policies
@@ -726,7 +735,6 @@ def head_to_head(cfg: Config, device) -> None:
     }
     n_prompts = len(scores[seeds[0], temperatures[0]]["FPO"])
     table = report.head_to_head_table(results, temperatures, seeds, n_prompts)
-    write_text(out / "head_to_head.md", table)
     series = {
         label: [(temperature, mean) for temperature, (mean, _, _) in by_temperature.items()]
         for label, by_temperature in results.items()
@@ -739,9 +747,7 @@ def head_to_head(cfg: Config, device) -> None:
         series,
         lines=True,
     )
-    write_text(out / "head_to_head.svg", chart)
-    print("\n" + table + f"\nhead to head: wrote {out / 'head_to_head.md'} and "
-          f"{out / 'head_to_head.svg'} | {(time.time() - started) / 60:.1f} min")
+    write_outputs(out, "head_to_head", table, chart, started)
 
 
 def judged_scores(ref_cfg: Config, device, rows: dict, temperature: float) -> dict:
@@ -844,10 +850,7 @@ def ablation(cfg: Config, device) -> None:
         )
         for table in tables
     ]
-    write_text(out / "ablation.md", "\n".join(sections))
-    write_text(out / "ablation.svg", ablation_chart(rows, tables))
-    print("\n" + "\n".join(sections) + f"\nablation: wrote {out / 'ablation.md'} and "
-          f"{out / 'ablation.svg'} | {(time.time() - started) / 60:.1f} min")
+    write_outputs(out, "ablation", "\n".join(sections), ablation_chart(rows, tables), started)
 
 
 def fpo_variant(ref_cfg: Config, device, changed: dict) -> dict:
@@ -965,7 +968,6 @@ def control(cfg: Config, device) -> None:
         for seed, by_label in chosen.items()
     )
     control_md = f"{table}\nThe latents of each set, per reference:\n\n{sets}\n"
-    write_text(out / "control.md", control_md)
     series = {
         label: [(row["positive_change"], row["on_topic_change"])
                 for row in rows if row["label"] == label]
@@ -978,9 +980,7 @@ def control(cfg: Config, device) -> None:
         series,
         lines=False,
     )
-    write_text(out / "control.svg", chart)
-    print("\n" + control_md + f"\ncontrol: wrote {out / 'control.md'} and "
-          f"{out / 'control.svg'} | {(time.time() - started) / 60:.1f} min")
+    write_outputs(out, "control", control_md, chart, started)
 
 
 def latent_sets(ref_cfg: Config, device) -> dict[str, str]:
@@ -1049,7 +1049,6 @@ def bound(cfg: Config, device) -> None:
         )
     table = report.bound_table(bound_summary(terms, constants, seeds), constants)
     table += "\n" + report.trajectory_table(trajectories)
-    write_text(out / "bound.md", table)
     series = {
         label: [
             (t["sequence_kl"].mean().item(), t["feature_drift"].mean().item())
@@ -1070,9 +1069,7 @@ def bound(cfg: Config, device) -> None:
         lines=False,
         log_x=True,
     )
-    write_text(out / "bound.svg", chart)
-    print("\n" + table + f"\nbound: wrote {out / 'bound.md'} and {out / 'bound.svg'} | "
-          f"{(time.time() - started) / 60:.1f} min")
+    write_outputs(out, "bound", table, chart, started)
 
 
 def fpo_trajectory(
