@@ -156,9 +156,9 @@ def test_head_to_head_and_bound_read_the_compare_policies(tiny_run, tmp_path, mo
     assert all(0.0 <= float(line.split(" | ")[1]) <= 1.0 for line in bound[2:5])
     series = ElementTree.parse(tmp_path / "bound.svg").getroot().findall(".//{http://www.w3.org/2000/svg}g[@class='series']")
     assert [g.get("data-label") for g in series] == ["FPO", "SimPO", "DPO", "FPO along training"]
-    # ... and FPO trained once more, measured at every fifth of its 4 steps: each step.
+    # ... and FPO trained once more (this command's 30 steps), measured at every fifth of them.
     trajectory = [line.split(" | ")[0] for line in bound if line.startswith("| ") and line[2].isdigit()]
-    assert trajectory == ["| 1", "| 2", "| 3", "| 4"]
+    assert trajectory == ["| 6", "| 12", "| 18", "| 24", "| 30"]
     assert not list((tmp_path / "ref_seed1337").glob("bound_fpo_trajectory_step*.pt"))
 
 
