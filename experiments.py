@@ -288,6 +288,36 @@ SWEEP_KNOBS = {
         for beta, alpha in ((0.1, 0.5), (0.1, 2.0), (0.3, 2.0))
     ],
 }
+# Settings added where the first sweep's pick sat on an edge of its method's grid: 3 for every
+# method, each the pick moved one step past one of its edges (beta, alpha or gamma by the grid's
+# own factor, pref_lr by 3x), or past two of them at once. FPO without its constraint was added
+# after that sweep, so its 3 are the pick of its first 9 moved the same way.
+SWEEP_EXTENSIONS = {
+    "FPO": [
+        {"method": "fpo", "beta": beta, "alpha": alpha, "pref_lr": 6e-5}
+        for beta, alpha in ((8.0, 16.0), (4.0, 64.0), (8.0, 64.0))
+    ],
+    "FPO-KL": [
+        {"method": "fpo_kl", "beta": beta, "alpha": alpha, "pref_lr": lr}
+        for beta, alpha, lr in ((1.0, 0.16, 1.8e-4), (2.0, 0.64, 1.8e-4), (2.0, 0.16, 5.4e-4))
+    ],
+    "DPO": [
+        {"method": "dpo", "beta": beta, "pref_lr": lr}
+        for beta, lr in ((0.02, 2e-5), (0.05, 6.7e-6), (0.02, 6.7e-6))
+    ],
+    "SimPO": [
+        {"method": "simpo", "beta": 2.0, "gamma": gamma, "pref_lr": lr}
+        for gamma, lr in ((2.5, 2e-5), (1.5, 6.7e-6), (2.5, 6.7e-6))
+    ],
+    "TDPO-1": [
+        {"method": "tdpo1", "beta": beta, "pref_lr": lr}
+        for beta, lr in ((0.02, 2e-5), (0.05, 6.7e-6), (0.02, 6.7e-6))
+    ],
+    "TDPO-2": [
+        {"method": "tdpo2", "beta": beta, "alpha": alpha, "pref_lr": lr}
+        for beta, alpha, lr in ((0.03, 2.0, 1.8e-4), (0.1, 8.0, 1.8e-4), (0.1, 2.0, 5.4e-4))
+    ],
+}
 VALIDITY_FLOOR = 0.9  # a pick must keep this share of each reference's own valid rate
 MATCHED_KL = "FPO at TDPO-2's KL"  # a second pick of FPO's, nearest TDPO-2's pick in KL
 POINT_KEYS = {
@@ -345,12 +375,7 @@ def sweep(cfg: Config, device) -> None:
     out = Path(cfg.run.out_dir)
     every = judged_every(cfg.prefer.pref_steps)
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, eval_split="validation"))
-    grid = [
-        (label, knobs | {"pref_lr": lr})
-        for label, all_knobs in SWEEP_KNOBS.items()
-        for knobs in all_knobs
-        for lr in SWEEP_LRS
-    ]
+    grid = sweep_grid()
     seeds = sweep_seeds(cfg)
     print(f"\n== sweep: {len(grid)} runs of {2 * cfg.prefer.pref_steps} steps on each of "
           f"{len(seeds)} references (seeds {seeds[0]}-{seeds[-1]}), judged every {every} steps "
@@ -386,13 +411,12 @@ def sweep(cfg: Config, device) -> None:
         label: pick_setting(runs_by_seed, reference_valid)
         for label, runs_by_seed in grid_runs.items()
     }
-    for label, pick in picks.items():
-        pick["edges"] = grid_edges(pick["settings"], SWEEP_KNOBS[label], every, cfg.prefer)
     if "FPO" in picks and "TDPO-2" in picks:  # like for like: FPO's point nearest TDPO-2's KL
         picks[MATCHED_KL] = pick_at_kl(grid_runs["FPO"], reference_valid, picks["TDPO-2"])
-        picks[MATCHED_KL]["edges"] = grid_edges(
-            picks[MATCHED_KL]["settings"], SWEEP_KNOBS["FPO"], every, cfg.prefer
-        )
+    for label, pick in picks.items():
+        method_grid = [overrides for run_label, overrides in grid
+                       if run_label == label or (label == MATCHED_KL and run_label == "FPO")]
+        pick["edges"] = grid_edges(pick["settings"], method_grid, every, cfg.prefer)
     write_json(out / "sweep_picks.json", {"made_from": recipe(cfg), "picks": picks})
     sweep_md = report.sweep_report(picks, references, VALIDITY_FLOOR)
     write_text(out / "sweep.md", sweep_md)
@@ -492,16 +516,33 @@ def validity_margin(candidate: dict, reference_valid: dict[int, float]) -> float
     )
 
 
-def grid_edges(settings: dict, knobs: list[dict], every: int, pref_cfg) -> list[str]:
-    """Where a pick sits on an edge of its method's grid: the smallest or largest value of a
-    knob the grid varies (pref_lr, beta, alpha, gamma), or the first or last judged step."""
-    grid = {"pref_lr": list(SWEEP_LRS)}
-    for setting in knobs:
-        for key, value in setting.items():
-            if key != "method":
-                grid.setdefault(key, []).append(value)
+def sweep_grid() -> list[tuple[str, dict]]:
+    """Every (method label, overrides) the sweep trains: SWEEP_LRS x SWEEP_KNOBS, then
+    SWEEP_EXTENSIONS."""
+    grid = [
+        (label, knobs | {"pref_lr": lr})
+        for label, all_knobs in SWEEP_KNOBS.items()
+        for knobs in all_knobs
+        for lr in SWEEP_LRS
+    ]
+    return grid + [
+        (label, overrides)
+        for label, extensions in SWEEP_EXTENSIONS.items() if label in SWEEP_KNOBS
+        for overrides in extensions
+    ]
+
+
+def grid_edges(settings: dict, method_grid: list[dict], every: int, pref_cfg) -> list[str]:
+    """Where a pick sits on an edge of its method's grid (a list of overrides): for each knob
+    (pref_lr, beta, alpha, gamma), along the grid's line through the pick (its other knobs held),
+    the smallest or largest of two or more values; or the first or last judged step."""
+    knobs = [key for key in method_grid[0] if key != "method"]
     edges = []
-    for key, values in grid.items():
+    for key in knobs:
+        values = [
+            overrides[key] for overrides in method_grid
+            if all(overrides[other] == settings[other] for other in knobs if other != key)
+        ]
         if len(set(values)) > 1 and settings[key] in (min(values), max(values)):
             edges.append(f"{'smallest' if settings[key] == min(values) else 'largest'} {key}")
     if settings["pref_steps"] == every:

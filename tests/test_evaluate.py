@@ -178,16 +178,37 @@ def test_pick_at_kl_takes_the_fluent_point_nearest_the_target_kl_on_a_log_scale(
     assert experiments.pick_at_kl(runs, {1: 1.0, 2: 1.0}, target)["settings"] == {"pref_steps": 100}
 
 
-def test_grid_edges_name_each_knob_at_its_extreme_and_the_end_steps():
-    fpo_knobs = [{"method": "fpo", "beta": 2.0, "alpha": 4.0}, {"method": "fpo", "beta": 2.0, "alpha": 16.0}, {"method": "fpo", "beta": 4.0, "alpha": 16.0}]
-    dpo_knobs = [{"method": "dpo", "beta": beta} for beta in (0.05, 0.1, 0.3)]
+def test_grid_edges_name_each_knob_at_its_extreme_along_the_pick_s_line_and_the_end_steps():
+    lrs = (2e-5, 6e-5, 1.8e-4)
+    fpo_knobs = ((2.0, 4.0), (2.0, 16.0), (4.0, 16.0))
+    fpo_grid = [{"method": "fpo", "beta": beta, "alpha": alpha, "pref_lr": lr}
+                for beta, alpha in fpo_knobs for lr in lrs]
+    dpo_grid = [{"method": "dpo", "beta": beta, "pref_lr": lr}
+                for beta in (0.05, 0.1, 0.3) for lr in lrs]
     pref_cfg = config.PreferenceConfig(pref_steps=150)  # judged every 50 steps, to 300
     top = {"method": "fpo", "beta": 4.0, "alpha": 16.0, "pref_lr": 1.8e-4, "pref_steps": 300}
-    assert experiments.grid_edges(top, fpo_knobs, 50, pref_cfg) == ["largest pref_lr", "largest beta", "largest alpha", "last judged step"]
+    # At beta 4 the grid has no other alpha: alpha 16 is not an edge there.
+    assert experiments.grid_edges(top, fpo_grid, 50, pref_cfg) == [
+        "largest beta", "largest pref_lr", "last judged step"
+    ]
+    # Nor is beta 2 at alpha 4, but alpha 4 is the smallest alpha at beta 2.
+    corner = top | {"beta": 2.0, "alpha": 4.0, "pref_lr": 6e-5, "pref_steps": 100}
+    assert experiments.grid_edges(corner, fpo_grid, 50, pref_cfg) == ["smallest alpha"]
     middle = {"method": "dpo", "beta": 0.1, "pref_lr": 6e-5, "pref_steps": 100}
-    assert experiments.grid_edges(middle, dpo_knobs, 50, pref_cfg) == []
+    assert experiments.grid_edges(middle, dpo_grid, 50, pref_cfg) == []
     low = middle | {"beta": 0.05, "pref_lr": 2e-5, "pref_steps": 50}
-    assert experiments.grid_edges(low, dpo_knobs, 50, pref_cfg) == ["smallest pref_lr", "smallest beta", "first judged step"]
+    assert experiments.grid_edges(low, dpo_grid, 50, pref_cfg) == [
+        "smallest beta", "smallest pref_lr", "first judged step"
+    ]
+    # One setting past both edges brackets neither: only the pick's own lines count.
+    extended = dpo_grid + [{"method": "dpo", "beta": 0.02, "pref_lr": 6.7e-6}]
+    assert experiments.grid_edges(low, extended, 50, pref_cfg) == [
+        "smallest beta", "smallest pref_lr", "first judged step"
+    ]
+    extended += [{"method": "dpo", "beta": 0.05, "pref_lr": 6.7e-6}]
+    assert experiments.grid_edges(low, extended, 50, pref_cfg) == [
+        "smallest beta", "first judged step"
+    ]
 
 
 def test_svg_chart_parses_with_one_series_per_label():

@@ -326,6 +326,7 @@ def test_sweep_runs_and_picks_are_used_only_from_the_same_inputs(
     # The smallest sweep, the same code: FPO at one setting, on one reference.
     monkeypatch.setattr(experiments, "SWEEP_LRS", (1e-3,))
     monkeypatch.setattr(experiments, "SWEEP_KNOBS", {"FPO": experiments.SWEEP_KNOBS["FPO"][:1]})
+    monkeypatch.setattr(experiments, "SWEEP_EXTENSIONS", {})
     argv = TINY + ["--threads", "1", "--out_dir", str(out_dir), "--pref_steps", "3",
                    "--sweep_references", "1"]
     experiments.main(argv + ["--sweep"])

@@ -210,6 +210,9 @@ def test_sweep_picks_each_method_over_its_references_resumes_and_feeds_compare(t
     # A smaller grid, the same code: 2 learning rates x 1 knob setting per method, 2 references.
     monkeypatch.setattr(experiments, "SWEEP_LRS", (1e-3, 3e-3))
     monkeypatch.setattr(experiments, "SWEEP_KNOBS", {label: knobs[:1] for label, knobs in experiments.SWEEP_KNOBS.items()})
+    # ... and one setting past FPO's grid, which the sweep trains and picks among like the rest.
+    extension = {"method": "fpo", "beta": 8.0, "alpha": 64.0, "pref_lr": 2e-3}
+    monkeypatch.setattr(experiments, "SWEEP_EXTENSIONS", {"FPO": [extension]})
     sweep_argv = argv + ["--out_dir", str(out_dir), "--pref_steps", "6", "--pref_lr", "1e-3", "--sweep_references", "2"]
     experiments.main(sweep_argv + ["--sweep"])
     # Each reference is a whole pipeline of its own seed, made once and kept.
@@ -225,6 +228,8 @@ def test_sweep_picks_each_method_over_its_references_resumes_and_feeds_compare(t
             run = json.loads((reference / f"{pick['run']}_results.json").read_text())
             assert [point["step"] for point in run["points"]] == [2, 4, 6, 8, 10, 12]  # every third of --pref_steps, to twice it
             assert run["label"] == label.replace(" at TDPO-2's KL", "") and pick["validation"][reference.name.removeprefix("ref_seed")] in run["points"]
+    for reference in references:
+        assert (reference / f"{experiments.sweep_tag(extension)}_results.json").exists()
     assert not list(out_dir.glob("ref_seed*/sweep_*_step*.pt"))  # snapshots are deleted once judged
     for name in ("frontier", "validity", "win_rate"):
         series = ElementTree.parse(out_dir / f"{name}.svg").getroot().findall(".//{http://www.w3.org/2000/svg}g[@class='series']")
