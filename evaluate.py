@@ -313,9 +313,11 @@ def bound_terms(
     reference_codes = sae.encode(reference_hidden.float())  # (B, T, d_sae)
     codes = sae.encode(hidden.float())
     eps = reference.ln_f.eps
+    stream = hidden[:, :-1][generating].float()  # (N, d_model)
+    reference_stream = reference_hidden[:, :-1][generating].float()
     sigma = torch.minimum(
-        (hidden[:, :-1][generating].float().var(-1, unbiased=False) + eps).sqrt(),
-        (reference_hidden[:, :-1][generating].float().var(-1, unbiased=False) + eps).sqrt(),
+        (stream.var(-1, unbiased=False) + eps).sqrt(),
+        (reference_stream.var(-1, unbiased=False) + eps).sqrt(),
     )
     pooled = fpo.pooled_features(codes, mask)  # (B, d_sae)
     reference_pooled = fpo.pooled_features(reference_codes, mask)

@@ -59,8 +59,8 @@ from evaluate import (
 )
 from model import GPT
 from runtime import (
-    UsageError, autocast, batch_indices, check_made_from, load_checkpoint, out_dir_lock,
-    read_json, synchronize, write_atomically, write_json, write_text,
+    UsageError, autocast, batch_indices, changed_settings, check_made_from, load_checkpoint,
+    out_dir_lock, read_json, synchronize, write_atomically, write_json, write_text,
 )
 
 # Per-method settings for --bench, and for --compare without a --sweep: FPO at the defaults (from
@@ -100,19 +100,20 @@ def compare_tag(label: str, seed: int) -> str:
     return "compare_" + re.sub(r"\W+", "_", label.lower()).strip("_") + f"_seed{seed}"
 
 
-def reference_run(cfg: Config, seed: int, device) -> tuple[Config, dict]:
-    """cfg for one seed's whole pipeline, and what its runs are made from (inputs_made_from).
-    Each seed has its own directory, out_dir/ref_seed<seed>/: its reference GPT and SAE are
-    pretrained there once (the stage already done is skipped, so an interrupted experiment
-    resumes) and shared by every experiment; every run trained from them is saved beside them.
-    A GPT or SAE there made with other settings is refused, never silently reused."""
+def reference_run(cfg: Config, seed: int, device) -> Config:
+    """cfg for one seed's whole pipeline. Each seed has its own directory,
+    out_dir/ref_seed<seed>/: its reference GPT and SAE are pretrained there once (the stage
+    already done is skipped, so an interrupted experiment resumes) and shared by every
+    experiment; every run trained from them is saved beside them. A GPT or SAE there made with
+    other settings is refused, never silently reused. What runs are made from: inputs_made_from.
+    """
     ref_dir = Path(cfg.run.out_dir) / f"ref_seed{seed}"
     ref_cfg = dataclasses.replace(
         cfg, run=dataclasses.replace(cfg.run, seed=seed, out_dir=str(ref_dir))
     )
     make_once(ref_cfg, "pretrain", device)
     make_once(ref_cfg, "sae", device)
-    return ref_cfg, inputs_made_from(ref_cfg, device)
+    return ref_cfg
 
 
 def make_once(cfg: Config, stage: str, device) -> None:
@@ -124,10 +125,8 @@ def make_once(cfg: Config, stage: str, device) -> None:
         {"pretrain": train.pretrain, "sae": train.train_sae_stage}[stage](cfg, device)
         return
     saved = load_checkpoint(ref_dir / name, name.removesuffix(".pt"), "")["config"]
-    asked = stage_settings(cfg, stage)
-    changed = sorted(key for key in asked.keys() | saved.keys() if saved.get(key) != asked.get(key))
-    if changed:
-        shown = ", ".join(f"--{key} {saved.get(key)!r}" for key in changed)
+    shown = changed_settings(saved, stage_settings(cfg, stage))
+    if shown:
         raise UsageError(
             f"{ref_dir / name} was made with {shown}, not this run's settings: delete {ref_dir} "
             "to make it anew, or pass another --out_dir"
@@ -386,7 +385,8 @@ def sweep(cfg: Config, device) -> None:
     for number, seed in enumerate(seeds, 1):
         print(f"sweep: reference {number}/{len(seeds)} (seed {seed}) | "
               f"{time.time() - started:.0f}s", flush=True)
-        ref_cfg, made_from = reference_run(cfg, seed, device)
+        ref_cfg = reference_run(cfg, seed, device)
+        made_from = inputs_made_from(ref_cfg, device)
         # A finished run counts only for this reference's GPT and SAE, the data, its training
         # settings and the judging.
         made_from |= {"eval": dataclasses.asdict(cfg.eval)}
@@ -651,7 +651,8 @@ def compare(cfg: Config, device) -> None:
     for number, seed in enumerate(seeds, 1):
         print(f"compare: reference {number}/{len(seeds)} (seed {seed}) | "
               f"{time.time() - started:.0f}s", flush=True)
-        ref_cfg, made_from[str(seed)] = reference_run(cfg, seed, device)
+        ref_cfg = reference_run(cfg, seed, device)
+        made_from[str(seed)] = inputs_made_from(ref_cfg, device)
         reference_samples = {}
         for label, overrides in settings.items():
             row_cfg = with_method(ref_cfg, overrides)
@@ -755,7 +756,7 @@ def head_to_head(cfg: Config, device) -> None:
     scores = {}  # (seed, temperature): {label: the judge's score per test prompt}
     started = time.time()
     for seed in seeds:
-        ref_cfg, _ = reference_run(cfg, seed, device)
+        ref_cfg = reference_run(cfg, seed, device)
         rows = {row["label"]: row["made_from"] for row in compare_json["rows"]
                 if row["seed"] == seed}
         for temperature in temperatures:
@@ -872,7 +873,7 @@ def ablation(cfg: Config, device) -> None:
     rows = {table: [] for table in tables}
     started = time.time()
     for seed in seeds:
-        ref_cfg, _ = reference_run(cfg, seed, device)
+        ref_cfg = reference_run(cfg, seed, device)
         for table, changes in tables.items():
             for label, changed in changes.items():
                 print(f"ablation: seed {seed}, {label} | {time.time() - started:.0f}s", flush=True)
@@ -989,7 +990,7 @@ def control(cfg: Config, device) -> None:
     chosen = {}  # seed: {set: latents}
     started = time.time()
     for seed in seeds:
-        ref_cfg, _ = reference_run(cfg, seed, device)
+        ref_cfg = reference_run(cfg, seed, device)
         chosen[seed] = latent_sets(ref_cfg, device)
         for label, latents in chosen[seed].items():
             print(f"control: seed {seed}, {label} {latents} | {time.time() - started:.0f}s",
@@ -1069,7 +1070,7 @@ def bound(cfg: Config, device) -> None:
     trajectories = {}  # seed: FPO's mean SeqKL(y) and D(y) along its training
     started = time.time()
     for seed in seeds:
-        ref_cfg, _ = reference_run(cfg, seed, device)
+        ref_cfg = reference_run(cfg, seed, device)
         reference, gpt_fingerprint = train.load_gpt(ref_cfg, device)
         reference.eval().requires_grad_(False)
         inputs = train.load_preference_inputs(ref_cfg, reference, gpt_fingerprint, device)
@@ -1286,7 +1287,7 @@ def bench(cfg: Config, device) -> None:
     the model (a short --pretrain_steps is enough for timing). It runs on the reference of
     --seed, shared with the other experiments."""
     out = Path(cfg.run.out_dir)
-    cfg, made_from = reference_run(cfg, cfg.run.seed, device)
+    cfg = reference_run(cfg, cfg.run.seed, device)
     print(f"\n== bench: {cfg.run.bench_steps} interleaved steps per method ==")
     reference, gpt_fingerprint = train.load_gpt(cfg, device)
     reference.eval().requires_grad_(False)
@@ -1352,7 +1353,7 @@ def bench(cfg: Config, device) -> None:
     print("\n" + " | ".join(f"{name} {ratio:.3f}" for name, ratio in ratios.items()))
     path = out / "bench.json"
     # Nothing is judged here, so the judging settings are not part of it.
-    made_from |= {
+    made_from = inputs_made_from(cfg, device) | {
         "settings": {
             label: stage_settings(with_method(cfg, overrides), "prefer")
             for label, overrides in COMPARE_ROWS.items()

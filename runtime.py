@@ -232,6 +232,13 @@ def check_made_from(path: Path, payload: dict, expected: dict, how_to_make: str)
         )
 
 
+def changed_settings(saved: dict, asked: dict) -> str:
+    """The settings that differ between a saved file's config and this run's, as flags with the
+    saved value (and this run's): "--beta 1.0 (now 2.0), ..."; empty when none differ."""
+    differ = sorted(key for key in asked.keys() | saved.keys() if asked.get(key) != saved.get(key))
+    return ", ".join(f"--{key} {saved.get(key)!r} (now {asked.get(key)!r})" for key in differ)
+
+
 def load_resume(path: Path, stage: str, config: dict) -> dict | None:
     """The saved state of an interrupted stage, or None if there is none. Refuses one saved with
     settings other than `config`: resuming it would mix two runs into one result."""
@@ -239,11 +246,8 @@ def load_resume(path: Path, stage: str, config: dict) -> dict | None:
         print(f"{stage}: nothing to resume ({path} not found); starting from step 0")
         return None
     payload = load_checkpoint(path, "resume", "")
-    saved = payload["config"]
-    keys = config.keys() | saved.keys()
-    differ = sorted(key for key in keys if config.get(key) != saved.get(key))
-    if differ:
-        shown = ", ".join(f"--{key} {saved.get(key)!r} (now {config.get(key)!r})" for key in differ)
+    shown = changed_settings(payload["config"], config)
+    if shown:
         raise UsageError(
             f"--resume: {path} was saved with {shown}; "
             "rerun with those settings, or delete it to start over"

@@ -370,7 +370,7 @@ def test_sweep_runs_and_picks_are_used_only_from_the_same_inputs(
     with pytest.raises(UsageError) as refused:
         experiments.main(argv + ["--sweep"])
     assert str(refused.value) == (
-        f"{reference / 'gpt.pt'} was made with --seed 7, not this run's settings: delete "
+        f"{reference / 'gpt.pt'} was made with --seed 7 (now 1000), not this run's settings: delete "
         f"{reference} to make it anew, or pass another --out_dir"
     )
     # Picks tuned with other judging (or training, data, ...) settings are refused by --compare.
