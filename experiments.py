@@ -709,19 +709,23 @@ def win_rate_differences(rows: list[dict], labels: list[str]) -> dict:
     """Paired differences in per-prompt wins over the same references and prompts, {"A - B":
     (mean, low, high)}: FPO's from each other row's, and FPO at TDPO-2's KL from TDPO-2's; empty
     without judged rows."""
-    by_seed = sorted(rows, key=lambda r: r["seed"])
-    wins = {
-        label: [
-            row["prompt_wins"] for row in by_seed if row["label"] == label and "prompt_wins" in row
-        ]
-        for label in labels
-    }
-    if not wins["FPO"]:
+    if not any("prompt_wins" in row for row in rows if row["label"] == "FPO"):
         return {}
     pairs = [("FPO", label) for label in labels[1:]]
     if MATCHED_KL in labels and "TDPO-2" in labels:
         pairs.append((MATCHED_KL, "TDPO-2"))
-    return {f"{a} - {b}": paired_difference(wins[a], wins[b]) for a, b in pairs}
+    return row_differences(rows, pairs)
+
+
+def row_differences(rows: list[dict], pairs: list[tuple[str, str]]) -> dict:
+    """{"A - B": (mean, low, high)}: paired differences in per-prompt wins of rows A and B (by
+    label) over the same references and prompts, for each (A, B) of pairs."""
+    by_seed = sorted(rows, key=lambda r: r["seed"])
+
+    def wins(label: str) -> list[list[float]]:
+        return [row["prompt_wins"] for row in by_seed if row["label"] == label]
+
+    return {f"{a} - {b}": paired_difference(wins(a), wins(b)) for a, b in pairs}
 
 
 def write_outputs(out: Path, name: str, table: str, chart: str, started: float) -> None:
@@ -886,13 +890,27 @@ def ablation(cfg: Config, device) -> None:
         f"block {cfg.sae.sae_layer % cfg.pretrain.n_layer} and the stop-gradient on, but for "
         "what the row names. Test prompts.\n"
     ]
-    sections += [
-        f"### {table}\n\n" + report.compare_table(
-            rows[table], list(tables[table]), ABLATION_COLUMNS, seeds, {}, "setting"
+    n_prompts = len(rows[next(iter(tables))][0]["prompt_wins"])
+    for table, changes in tables.items():
+        default = next(label for label, changed in changes.items() if is_default(cfg, changed))
+        pairs = [(label, default) for label in changes if label != default]
+        summary = report.compare_table(
+            rows[table], list(changes), ABLATION_COLUMNS, seeds, {}, "setting"
         )
-        for table in tables
-    ]
+        differences = report.difference_table(
+            row_differences(rows[table], pairs), len(seeds), n_prompts
+        )
+        sections.append(f"### {table}\n\n{summary}\n{differences}")
     write_outputs(out, "ablation", "\n".join(sections), ablation_chart(rows, tables), started)
+
+
+def is_default(cfg: Config, changed: dict) -> bool:
+    """Whether an ablation row's changed settings are all the defaults: the row the others are
+    compared with."""
+    defaults = dataclasses.asdict(cfg.prefer) | {
+        "sae_layer": cfg.sae.sae_layer % cfg.pretrain.n_layer
+    }
+    return all(defaults[key] == value for key, value in changed.items())
 
 
 def fpo_variant(ref_cfg: Config, device, changed: dict) -> dict:
@@ -1004,6 +1022,12 @@ def control(cfg: Config, device) -> None:
             rows.append(results | changes | {"label": label})
     labels = list(chosen[seeds[0]])
     table = report.compare_table(rows, labels, CONTROL_COLUMNS, seeds, {}, "D(y) over")
+    # Each chosen set against all latents, and each attribute's set against a random one as large.
+    pairs = [(label, labels[0]) for label in labels[1:]]
+    pairs += [(label, labels[-1]) for label in labels[1:-1]]
+    table += "\n" + report.difference_table(
+        row_differences(rows, pairs), len(seeds), len(rows[0]["prompt_wins"])
+    )
     sets = "\n".join(
         f"- seed {seed}: " + "; ".join(f"{label} {latents or 'all'}"
                                       for label, latents in by_label.items())

@@ -106,12 +106,20 @@ def compare_table(
             for seed in seeds
         ]
         lines.append(f"| {label} | {' | '.join(cells)} |")
-    lines += ["", "| win rate difference | mean | 95% interval |", "|---|---|---|"]
+    n_prompts = len(next(row["prompt_wins"] for row in rows if "prompt_wins" in row))
+    return "\n".join(lines) + "\n\n" + difference_table(differences, len(seeds), n_prompts)
+
+
+def difference_table(
+    differences: dict[str, tuple[float, float, float]], n_references: int, n_prompts: int
+) -> str:
+    """Markdown: paired differences in win rate, {"A - B": (mean, low, high)}, each with its 95%
+    bootstrap interval over references and prompts."""
+    lines = ["| win rate difference | mean | 95% interval |", "|---|---|---|"]
     for label, (mean, low, high) in differences.items():
         lines.append(f"| {label} | {mean:+.3f} | [{low:+.3f}, {high:+.3f}] |")
-    n_prompts = len(next(row["prompt_wins"] for row in rows if "prompt_wins" in row))
     lines.append(
-        f"\nPaired: on each of the {len(seeds)} reference(s) every method answers the same "
+        f"\nPaired: on each of the {n_references} reference(s) every method answers the same "
         f"{n_prompts} test prompts; the interval is a bootstrap over references, then over "
         "prompts within each.\n"
     )

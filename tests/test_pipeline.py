@@ -277,7 +277,9 @@ def test_ablation_has_a_row_per_setting_trains_each_setting_once_and_reruns_noth
     monkeypatch.setattr(train, "train_preference", lambda cfg, device, seed, tag, **kw: trained.append(tag) or train_preference(cfg, device, seed, tag, **kw))
     experiments.main(argv + ["--ablation"])
     text = (tmp_path / "ablation.md").read_text()
-    labels = [line.split(" | ")[0][2:] for line in text.splitlines() if line.startswith("| ") and not line.startswith("| setting")]
+    table_rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith(("| setting", "| win rate difference"))]
+    summary_rows = [line for line in table_rows if " - " not in line.split(" | ")[0]]
+    labels = [line.split(" | ")[0][2:] for line in summary_rows]
     assert labels == [
         "block 0", "block 1",
         "alpha 0, stop-gradient on", "alpha 0, stop-gradient off", "alpha 16, stop-gradient on", "alpha 16, stop-gradient off",
@@ -286,9 +288,18 @@ def test_ablation_has_a_row_per_setting_trains_each_setting_once_and_reruns_noth
     # The default setting (block 1, alpha 16 with the stop-gradient, k 32) is one run, shared by its rows,
     assert len(trained) == len(set(trained)) == 6  # and alpha 0 is one run: no constraint to stop
     assert (tmp_path / "ref_seed1337" / "sae_block0" / "sae.pt").exists()
-    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines() if line.startswith("| ") and not line.startswith("| setting")}
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in summary_rows}
     assert rows["block 1"][1:] == rows["alpha 16, stop-gradient on"][1:] == rows["k 32, alpha 16 (fixed)"][1:]
     assert rows["block 0"][1:] != rows["block 1"][1:]
+    # Each table's other rows, paired with its default row: win rate differences with intervals.
+    differences = [line.split(" | ")[0][2:] for line in table_rows if " - " in line.split(" | ")[0]]
+    assert differences == [
+        "block 0 - block 1",
+        "alpha 0, stop-gradient on - alpha 16, stop-gradient on", "alpha 0, stop-gradient off - alpha 16, stop-gradient on",
+        "alpha 16, stop-gradient off - alpha 16, stop-gradient on",
+        "k 16, alpha 32 (scaled) - k 32, alpha 16 (scaled)", "k 16, alpha 16 (fixed) - k 32, alpha 16 (scaled)", "k 32, alpha 16 (fixed) - k 32, alpha 16 (scaled)",
+    ]
+    assert "| k 32, alpha 16 (fixed) - k 32, alpha 16 (scaled) | +0.000 | [+0.000, +0.000] |" in text
     series = ElementTree.parse(tmp_path / "ablation.svg").getroot().findall(".//{http://www.w3.org/2000/svg}g[@class='series']")
     assert len(series) == 4
     # A rerun trains nothing and writes the same table.
@@ -305,8 +316,12 @@ def test_control_constrains_each_latent_set_and_reruns_nothing(tiny_run, tmp_pat
     tiny_reference(tiny_run, tmp_path)
     experiments.main(argv + ["--control"])
     text = (tmp_path / "control.md").read_text()
-    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and not line.startswith("| D(y) over")]
-    assert [row[0][2:] for row in rows] == ["all latents", "sentiment latents", "topic latents", "random latents"]
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and not line.startswith(("| D(y) over", "| win rate difference"))]
+    assert [row[0][2:] for row in rows] == [
+        "all latents", "sentiment latents", "topic latents", "random latents",
+        "sentiment latents - all latents", "topic latents - all latents", "random latents - all latents",
+        "sentiment latents - random latents", "topic latents - random latents",
+    ]
     # Each run trained D(y) over its set: 8 latents each, all of them for the first.
     saved = {json.loads(path.read_text())["trained_with"]["fpo_latents"] for path in (tmp_path / "ref_seed1337").glob("fpo_*_results.json")}
     assert "" in saved and len(saved) == 4 and all(len(latents.split(",")) == 8 for latents in saved - {""})
