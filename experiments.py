@@ -287,18 +287,25 @@ SWEEP_KNOBS = {
         for beta, alpha in ((0.1, 0.5), (0.1, 2.0), (0.3, 2.0))
     ],
 }
-# Settings added where the first sweep's pick sat on an edge of its method's grid: 3 for every
-# method, each the pick moved one step past one of its edges (beta, alpha or gamma by the grid's
-# own factor, pref_lr by 3x), or past two of them at once. FPO without its constraint was added
-# after that sweep, so its 3 are the pick of its first 9 moved the same way.
+# Settings added where a sweep's pick sat on an edge of its method's grid (grid_edges), 3 per
+# method and round, each the pick moved one step past one of its edges (beta, alpha or gamma by
+# the grid's own factor, pref_lr by 3x), past two at once, or along a knob the pick's line did not
+# vary yet. Round 1 extended every method; round 2 every method still on an edge other than the
+# first or last judged step. FPO without its constraint joined at round 2.
 SWEEP_EXTENSIONS = {
     "FPO": [
         {"method": "fpo", "beta": beta, "alpha": alpha, "pref_lr": 6e-5}
-        for beta, alpha in ((8.0, 16.0), (4.0, 64.0), (8.0, 64.0))
+        for beta, alpha in ((8.0, 16.0), (4.0, 64.0), (8.0, 64.0),  # round 1
+                            (2.0, 64.0), (4.0, 256.0), (2.0, 256.0))  # round 2
+    ],
+    "FPO (alpha=0)": [
+        {"method": "fpo", "beta": beta, "alpha": 0.0, "pref_lr": lr}
+        for beta, lr in ((0.5, 2e-5), (1.0, 6.7e-6), (0.5, 6.7e-6))  # round 2
     ],
     "FPO-KL": [
         {"method": "fpo_kl", "beta": beta, "alpha": alpha, "pref_lr": lr}
-        for beta, alpha, lr in ((1.0, 0.16, 1.8e-4), (2.0, 0.64, 1.8e-4), (2.0, 0.16, 5.4e-4))
+        for beta, alpha, lr in ((1.0, 0.16, 1.8e-4), (2.0, 0.64, 1.8e-4), (2.0, 0.16, 5.4e-4),
+                                (2.0, 0.16, 1.6e-3), (2.0, 0.04, 5.4e-4), (2.0, 0.64, 5.4e-4))
     ],
     "DPO": [
         {"method": "dpo", "beta": beta, "pref_lr": lr}
@@ -306,7 +313,8 @@ SWEEP_EXTENSIONS = {
     ],
     "SimPO": [
         {"method": "simpo", "beta": 2.0, "gamma": gamma, "pref_lr": lr}
-        for gamma, lr in ((2.5, 2e-5), (1.5, 6.7e-6), (2.5, 6.7e-6))
+        for gamma, lr in ((2.5, 2e-5), (1.5, 6.7e-6), (2.5, 6.7e-6),
+                          (3.5, 2e-5), (2.5, 6e-5), (3.5, 6e-5))
     ],
     "TDPO-1": [
         {"method": "tdpo1", "beta": beta, "pref_lr": lr}
@@ -314,7 +322,8 @@ SWEEP_EXTENSIONS = {
     ],
     "TDPO-2": [
         {"method": "tdpo2", "beta": beta, "alpha": alpha, "pref_lr": lr}
-        for beta, alpha, lr in ((0.03, 2.0, 1.8e-4), (0.1, 8.0, 1.8e-4), (0.1, 2.0, 5.4e-4))
+        for beta, alpha, lr in ((0.03, 2.0, 1.8e-4), (0.1, 8.0, 1.8e-4), (0.1, 2.0, 5.4e-4),
+                                (0.1, 2.0, 1.6e-3), (0.1, 0.5, 5.4e-4), (0.1, 8.0, 5.4e-4))
     ],
 }
 VALIDITY_FLOOR = 0.9  # a pick must keep this share of each reference's own valid rate
@@ -417,6 +426,7 @@ def sweep(cfg: Config, device) -> None:
         method_grid = [overrides for run_label, overrides in grid
                        if run_label == label or (label == MATCHED_KL and run_label == "FPO")]
         pick["edges"] = grid_edges(pick["settings"], method_grid, every, cfg.prefer)
+        pick["settings_tried"] = len(method_grid)
     write_json(out / "sweep_picks.json", {"made_from": recipe(cfg), "picks": picks})
     sweep_md = report.sweep_report(picks, references, VALIDITY_FLOOR)
     write_text(out / "sweep.md", sweep_md)
@@ -1367,14 +1377,19 @@ def bench(cfg: Config, device) -> None:
     pretrain_cfg = cfg.pretrain
     n_parameters = sum(p.numel() for p in reference.parameters())
     memory_kind = "max allocated" if device.type == "cuda" else "live tensors"
-    print(f"\nGPT {pretrain_cfg.n_layer} x {pretrain_cfg.n_embd}, {n_parameters:,} parameters; "
-          f"SAE {inputs.sae.d_sae} latents; {device}")
-    print(f"| method | median ms/step | loop memory MB ({memory_kind}) | peak RSS MB |")
-    print("|---|---|---|---|")
+    lines = [
+        f"GPT {pretrain_cfg.n_layer} x {pretrain_cfg.n_embd}, {n_parameters:,} parameters; "
+        f"SAE {inputs.sae.d_sae} latents; {device}\n",
+        f"| method | median ms/step | loop memory MB ({memory_kind}) | peak RSS MB |",
+        "|---|---|---|---|",
+    ]
     for label, values in results.items():
-        print(f"| {label} | {values['median_step_ms']:.1f} | {values['loop_memory_mb']:.1f} | "
-              f"{values['peak_rss_mb']:.0f} |")
-    print("\n" + " | ".join(f"{name} {ratio:.3f}" for name, ratio in ratios.items()))
+        lines.append(f"| {label} | {values['median_step_ms']:.1f} | "
+                     f"{values['loop_memory_mb']:.1f} | {values['peak_rss_mb']:.0f} |")
+    lines.append("\n" + " | ".join(f"{name} {ratio:.3f}" for name, ratio in ratios.items()))
+    bench_md = "\n".join(lines) + "\n"
+    print("\n" + bench_md)
+    write_text(out / "bench.md", bench_md)
     path = out / "bench.json"
     # Nothing is judged here, so the judging settings are not part of it.
     made_from = inputs_made_from(cfg, device) | {
@@ -1393,7 +1408,7 @@ def bench(cfg: Config, device) -> None:
         "made_from": made_from,
     }
     write_json(path, bench_json)
-    print(f"bench: wrote {path}")
+    print(f"bench: wrote {out / 'bench.md'} and {path}")
 
 
 def main(argv: list[str]) -> None:

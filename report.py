@@ -143,9 +143,9 @@ def sweep_report(picks: dict, references: dict, validity_floor: float) -> str:
         f"{validity_floor:g}x each reference's own on all {len(seeds)} references, the highest "
         "worst-case judge score over them. Per reference (seeds "
         f"{', '.join(map(str, seeds))}), in that order:\n",
-        "| method | picked setting | steps | worst judge score | judge score | valid | win rate "
-        "| KL from ref | on the grid's edge |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | settings tried | picked setting | steps | worst judge score | judge score | "
+        "valid | win rate | KL from ref | on the grid's edge |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, pick in picks.items():
         setting = ", ".join(
@@ -163,9 +163,16 @@ def sweep_report(picks: dict, references: dict, validity_floor: float) -> str:
         ]
         edges = ", ".join(pick["edges"]) or "no (interior)"
         lines.append(
-            f"| {label} | {setting} | {pick['settings']['pref_steps']} | {worst:.3f} | "
-            f"{' | '.join(cells)} | {edges} |"
+            f"| {label} | {pick['settings_tried']} | {setting} | {pick['settings']['pref_steps']} "
+            f"| {worst:.3f} | {' | '.join(cells)} | {edges} |"
         )
+    lines.append(
+        "\nOn the grid's edge: along the grid's line through the pick (its other knobs held), "
+        "the pick holds the smallest or largest value of pref_lr, beta, alpha or gamma; or it is "
+        "the first or last judged step. Below the first judged step lies only the reference "
+        "itself (0 steps); the last is the sweep's length budget, twice --pref_steps for every "
+        "method, a limit this sweep does not extend."
+    )
     return "\n".join(lines) + "\n"
 
 

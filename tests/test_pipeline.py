@@ -176,6 +176,9 @@ def test_bench_reports_every_method_and_the_ratios(tiny_run, tmp_path, capsys):
     # the online reference's logits and TDPO's full-vocabulary KL are allocated inside the loop; FPO needs neither
     assert loop_mb["FPO"] < loop_mb["DPO"] < loop_mb["TDPO-2"], loop_mb
     assert "FPO/SimPO time" in capsys.readouterr().out
+    bench_md = (out_dir / "bench.md").read_text()  # the table docs/cost.md quotes: a row per method
+    rows = [line.split(" | ")[0][2:] for line in bench_md.splitlines() if line.startswith("| ") and "median" not in line]
+    assert rows == list(experiments.COMPARE_ROWS)
 
 
 def test_command_line_overrides_are_type_checked():
@@ -235,8 +238,11 @@ def test_sweep_picks_each_method_over_its_references_resumes_and_feeds_compare(t
         series = ElementTree.parse(out_dir / f"{name}.svg").getroot().findall(".//{http://www.w3.org/2000/svg}g[@class='series']")
         assert [g.get("data-label") for g in series] == list(experiments.SWEEP_KNOBS), name
     sweep_md = (out_dir / "sweep.md").read_text()
-    table = sweep_md.split("| method | picked setting |")[1].splitlines()[2:]
-    assert [row.split(" | ")[0] for row in table if row] == [f"| {label}" for label in picks]
+    table = sweep_md.split("| method | settings tried | picked setting |")[1].split("\n\n")[0].splitlines()[2:]
+    assert [row.split(" | ")[0] for row in table] == [f"| {label}" for label in picks]
+    # FPO's grid (and its matched-KL pick's) holds the extension: 2 learning rates + 1.
+    extended = {"FPO", "FPO at TDPO-2's KL"}
+    assert [row.split(" | ")[1] for row in table] == ["3" if label in extended else "2" for label in picks]
     assert "the highest worst-case judge score" in sweep_md
     # A rerun trains nothing: every reference and every run's results are on disk.
     monkeypatch.setattr(train, "pretrain", lambda *args, **kwargs: pytest.fail("a reference was pretrained again"))

@@ -98,7 +98,10 @@ def test_the_readme_is_the_learners_page_in_order_and_short():
 
 
 # The files the evidence commands wrote, copied into docs/ (docs/results.md lists the commands).
-GENERATED = ("compare.md", "compare_threads1.md", "sweep.md", "seeds.md")
+GENERATED = (
+    "compare.md", "compare_threads1.md", "sweep.md", "seeds.md", "head_to_head.md", "ablation.md",
+    "control.md", "bound.md", "bench.md",
+)
 
 
 def results_texts() -> dict[str, str]:
@@ -106,7 +109,11 @@ def results_texts() -> dict[str, str]:
     text = README.read_text()
     start = text.index("\n## Results at a glance")
     readme_results = text[start : text.index("\n## ", start + 1)]
-    return {"README.md": readme_results, "docs/results.md": (DOCS / "results.md").read_text()}
+    return {
+        "README.md": readme_results,
+        "docs/results.md": (DOCS / "results.md").read_text(),
+        "docs/paper.md": (DOCS / "paper.md").read_text(),
+    }
 
 
 def test_results_numbers_come_from_the_generated_files():
