@@ -255,10 +255,11 @@ def train_in_child(tag: str, to_continue: str, function, *args):
 # --sweep: every method tuned alike on validation prompts; the reward-KL frontier;
 # over-optimisation
 
-# Every method gets the same budget: 3 learning rates x 3 settings of its other knobs (beta, and
-# gamma for SimPO or alpha for FPO, FPO-KL and TDPO-2; FPO without its constraint, alpha 0, has
-# beta alone) = 9 runs on each reference, each judged at 6 points along twice the default length,
-# so the pick also chooses when to stop. beta is on the scale of each method's log-probs: summed
+# Every method starts from the same budget: 3 learning rates x 3 settings of its other knobs
+# (beta, and gamma for SimPO or alpha for FPO, FPO-KL and TDPO-2; FPO without its constraint,
+# alpha 0, has beta alone) = 9 runs on each reference, each judged at 6 points along twice the
+# default length, so the pick also chooses when to stop; SWEEP_EXTENSIONS then adds 3 per round
+# where a pick sat on an edge. beta is on the scale of each method's log-probs: summed
 # for DPO and TDPO, averaged (about 15x smaller) for FPO and SimPO. FPO's D(y) scales with the
 # SAE's activations, so its alpha is searched over decades rather than taken from the paper.
 # FPO-KL's SeqKL is in nats summed over the response, so its alphas are smaller: its weight on
