@@ -291,15 +291,16 @@ SWEEP_KNOBS = {
 # Settings added where a sweep's pick sat on an edge of its method's grid (grid_edges), 3 per
 # method and round, each the pick moved one step past one of its edges (beta, alpha or gamma by
 # the grid's own factor, pref_lr by 3x), past two at once, or along a knob the pick's line did not
-# vary yet. Round 1 extended every method; rounds 2 and 3 every method still on an edge other
-# than the first or last judged step (round 3: FPO alone). FPO without its constraint joined at
-# round 2.
+# vary yet. Round 1 extended every method; rounds 2 to 4 every method still on an edge other
+# than the first or last judged step (rounds 3 and 4: FPO alone). FPO without its constraint
+# joined at round 2.
 SWEEP_EXTENSIONS = {
     "FPO": [
         {"method": "fpo", "beta": beta, "alpha": alpha, "pref_lr": 6e-5}
         for beta, alpha in ((8.0, 16.0), (4.0, 64.0), (8.0, 64.0),  # round 1
                             (2.0, 64.0), (4.0, 256.0), (2.0, 256.0),  # round 2
-                            (1.0, 256.0), (2.0, 1024.0), (1.0, 1024.0))  # round 3
+                            (1.0, 256.0), (2.0, 1024.0), (1.0, 1024.0),  # round 3
+                            (0.5, 256.0), (1.0, 64.0), (0.5, 64.0))  # round 4
     ],
     "FPO (alpha=0)": [
         {"method": "fpo", "beta": beta, "alpha": 0.0, "pref_lr": lr}
