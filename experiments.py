@@ -1112,16 +1112,11 @@ def bound(cfg: Config, device) -> None:
         reference, gpt_fingerprint = train.load_gpt(ref_cfg, device)
         reference.eval().requires_grad_(False)
         inputs = train.load_preference_inputs(ref_cfg, reference, gpt_fingerprint, device)
-        eos = data.eos_id(inputs.enc)
         for label in labels:
             print(f"bound: seed {seed}, {label} | {time.time() - started:.0f}s", flush=True)
             tag = compare_tag(label, seed)
             policy, _ = train.load_policy(ref_cfg, tag, reference, inputs, device)
-            batches = [
-                evaluate_bound_terms(policy, reference, inputs.sae, ref_cfg, input_ids, mask)
-                for _, input_ids, mask in data.every_pair(inputs.test_pairs, 64, 0, eos, device)
-            ]
-            terms[label].append({key: torch.cat([b[key] for b in batches]) for key in batches[0]})
+            terms[label].append(held_out_bound_terms(policy, reference, inputs, ref_cfg, device))
         sigma = min(t[-1]["sigma"].min().item() for t in terms.values())
         constants[seed] = bound_constant(reference, inputs.sae, sigma)
         trajectories[seed] = fpo_trajectory(
@@ -1169,32 +1164,31 @@ def fpo_trajectory(
     if saved is not None:
         return saved["points"]
     train.train_preference(run_cfg, device, run_cfg.run.seed, tag, snapshot_every=every)
-    eos = data.eos_id(inputs.enc)
     points = []
     for step in range(every, run_cfg.prefer.pref_steps + 1, every):
         snapshot = f"{tag}_step{step}"
         policy, _ = train.load_policy(run_cfg, snapshot, reference, inputs, device)
-        batches = [
-            evaluate_bound_terms(policy, reference, inputs.sae, run_cfg, input_ids, mask)
-            for _, input_ids, mask in data.every_pair(inputs.test_pairs, 64, 0, eos, device)
-        ]
+        terms = held_out_bound_terms(policy, reference, inputs, run_cfg, device)
         points.append({"step": step} | {
-            key: torch.cat([b[key] for b in batches]).mean().item()
-            for key in ("sequence_kl", "feature_drift")
+            key: terms[key].mean().item() for key in ("sequence_kl", "feature_drift")
         })
         (out / f"{snapshot}.pt").unlink()
     write_json(out / f"{tag}.json", {"points": points, "made_from": made_from})
     return points
 
 
-def evaluate_bound_terms(policy, reference, sae, ref_cfg: Config, input_ids, mask) -> dict:
-    """bound_terms of one batch of pairs (chosen rows first), with `is_chosen` per response."""
-    terms = bound_terms(
-        policy, reference, sae, ref_cfg.sae.sae_layer, input_ids, mask, ref_cfg.prefer.fpo_k
-    )
-    half = len(input_ids) // 2
-    terms["is_chosen"] = torch.arange(len(input_ids), device=input_ids.device) < half
-    return {key: value.cpu() for key, value in terms.items()}
+def held_out_bound_terms(policy, reference, inputs, ref_cfg: Config, device) -> dict:
+    """bound_terms over every held-out pair, batch by batch (chosen rows first in each), on the
+    CPU, with `is_chosen` per response."""
+    eos = data.eos_id(inputs.enc)
+    batches = []
+    for _, input_ids, mask in data.every_pair(inputs.test_pairs, 64, 0, eos, device):
+        terms = bound_terms(policy, reference, inputs.sae, ref_cfg.sae.sae_layer, input_ids,
+                            mask, ref_cfg.prefer.fpo_k)
+        half = len(input_ids) // 2
+        terms["is_chosen"] = torch.arange(len(input_ids), device=input_ids.device) < half
+        batches.append({key: value.cpu() for key, value in terms.items()})
+    return {key: torch.cat([batch[key] for batch in batches]) for key in batches[0]}
 
 
 def bound_summary(terms: dict, constants: dict, seeds: list[int]) -> dict[str, dict]:
