@@ -20,7 +20,7 @@ from runtime import Interrupted, UsageError
 
 @dataclass
 class RunConfig:
-    stage: str = "all"  # all (pretrain, sae, cache, prefer, eval), one of them, or features
+    stage: str = "all"  # all (pretrain, sae, cache, prefer, eval), or one of them
     out_dir: str = "out"  # where every checkpoint, cache, log and result goes
     seed: int = 1337  # one seed for data, init, batch order and sampling
     device: str = "auto"  # auto (cuda, then mps, then cpu), cuda, mps or cpu
@@ -28,21 +28,8 @@ class RunConfig:
     corpus_file: str = ""  # your pretraining text (blank lines split documents); empty: toy world
     preference_file: str = ""  # your JSONL pairs {"prompt","chosen","rejected"}; empty: toy world
     skip_bad_rows: bool = False  # drop (and count) malformed rows of --preference_file; no stop
-    compare: bool = False  # experiments.py: every method at its pick on --seeds references
-    seeds: int = 5  # --compare's references: seeds --seed, --seed + 1, ... each a whole pipeline
-    picks: str = ""  # --compare: the picks file to run (docs/sweep_picks.json); empty: out_dir's
-    sweep: bool = False  # experiments.py: tune every method alike on validation prompts
-    sweep_seed: int = 1000  # --sweep's first reference seed (then +1, ...); not --compare's seeds
-    sweep_references: int = 3  # how many references (whole pipelines) --sweep tunes on
-    head_to_head: bool = False  # experiments.py: FPO judged against each method, at 5 temperatures
-    ablation: bool = False  # experiments.py: FPO's SAE block, alpha, stop-gradient or k changed
-    control: bool = False  # experiments.py: FPO constrained on the sentiment or topic latents only
-    bound: bool = False  # experiments.py: per-token KL against SAE-code change; D(y) against SeqKL
-    bench: bool = False  # experiments.py: time training steps of each method on identical batches
-    bench_steps: int = 50  # timed steps per method in --bench
     log_every: int = 50  # steps between progress lines, in every training stage
     threads: int = 0  # CPU threads for torch (1 rounds differently from 2); 0: torch's default
-    latents: str = ""  # --stage features: latents to show (3,17); empty: the 8 FPO constrains most
 
 
 @dataclass
@@ -74,15 +61,15 @@ class PreferenceConfig:
     method: str = "fpo"  # fpo, fpo_kl, dpo, dpo_offline, simpo, tdpo1, tdpo2
     n_pairs: int = 4000  # toy-world training pairs
     n_test_pairs: int = 500  # held-out pairs (toy world), or those held out of --preference_file
-    beta: float = 2.0  # scale of the log-prob differences (and of D in FPO)
-    alpha: float = 16.0  # weight of FPO's feature constraint or TDPO-2's SeqKL; 16: from a sweep
+    beta: float = 1.0  # scale of the log-prob differences (and of D in FPO); FPO's sweep pick
+    alpha: float = 256.0  # weight of FPO's feature constraint or TDPO-2's SeqKL; FPO's sweep pick
     fpo_k: int = 32  # FPO's top-k features per side in D(y)
     fpo_latents: str = ""  # FPO: D(y) over these SAE latents only (e.g. 3,17); empty: all of them
     fpo_stop_grad: bool = True  # FPO: no gradient through D(y_w) (the paper); --no-...: let it flow
     gamma: float = 0.5  # SimPO target margin
-    pref_steps: int = 150  # optimizer steps
+    pref_steps: int = 300  # optimizer steps; FPO's sweep pick
     pref_batch_size: int = 16  # pairs per step
-    pref_lr: float = 6e-5  # AdamW learning rate (constant after warm-up); from FPO's --sweep grid
+    pref_lr: float = 6e-5  # AdamW learning rate (constant after warm-up); FPO's sweep pick
     warmup_steps: int = 10  # linear warm-up steps
     grad_clip: float = 1.0  # max gradient norm
 
@@ -114,22 +101,14 @@ METHODS = ("fpo", "fpo_kl", "dpo", "dpo_offline", "simpo", "tdpo1", "tdpo2")
 # from FPO only in its constraint (and from SimPO + KL, the paper's Table 6, only in its margin).
 ONLINE_REFERENCE = ("fpo_kl", "dpo", "tdpo1", "tdpo2")
 CHOICES = {
-    "stage": ("all", *STAGES, "features"),
+    "stage": ("all", *STAGES),
     "method": METHODS,
     "device": ("auto", "cuda", "mps", "cpu"),
     "eval_split": ("test", "validation"),
 }
-# Flags that may be 0 or negative; every other number must be positive (and finite).
-LOWER_BOUNDS = {
-    "seed": 0,
-    "sweep_seed": 0,
-    "alpha": 0,
-    "gamma": 0,
-    "warmup_steps": 0,
-    "top_k": 0,
-    "threads": 0,
-    "n_eval_prompts": 0,
-}
+# The lowest value of each flag that may be 0; every other number must be positive (and finite).
+LOWER_BOUNDS = {"seed": 0, "alpha": 0, "gamma": 0, "warmup_steps": 0, "top_k": 0, "threads": 0,
+                "n_eval_prompts": 0}
 MAX_BLOCK_SIZE = 2048  # the learned position table and T x T attention grow with it
 
 
@@ -194,8 +173,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # `--pref_lr -1e-3`, `--alpha -inf`: a value, not an unknown option, so the range check
-        # can name it.
+        # `--pref_lr -1e-3`, `--alpha -inf`: a value the range check names, not an unknown option
         self._negative_number_matcher = re.compile(
             r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|infinity|nan)$", re.I
         )
@@ -211,15 +189,16 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def build_parser(description: str, prog: str = "train.py") -> ArgumentParser:
-    """Every config field becomes --name (and --name-with-dashes), with its comment as help."""
+def build_parser(description: str, prog: str = "train.py", config_type=Config) -> ArgumentParser:
+    """Every field of config_type's sections becomes --name (and --name-with-dashes), with its
+    comment as help. config_type: Config, or a subclass with more sections (the experiments')."""
     parser = ArgumentParser(
         prog=prog,
         description=description,
         allow_abbrev=False,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    for section in dataclasses.fields(Config):
+    for section in dataclasses.fields(config_type):
         group = parser.add_argument_group(section.type.__name__)
         defaults = section.default_factory()
         helps = field_help(section.type)
@@ -228,33 +207,29 @@ def build_parser(description: str, prog: str = "train.py") -> ArgumentParser:
             if "_" in f.name:
                 names.append(f"--{f.name.replace('_', '-')}")
             default = getattr(defaults, f.name)
-            if isinstance(default, bool):
-                group.add_argument(
-                    *names,
-                    action=argparse.BooleanOptionalAction,
-                    default=default,
-                    help=helps[f.name],
-                )
+            if isinstance(default, bool):  # --name and --no-name
+                options = {"action": argparse.BooleanOptionalAction}
             else:
-                group.add_argument(
-                    *names,
-                    type=type(default),
-                    default=default,
-                    choices=CHOICES.get(f.name),
-                    help=helps[f.name],
-                    metavar=type(default).__name__.upper(),
-                )
+                options = {
+                    "type": type(default),
+                    "choices": CHOICES.get(f.name),
+                    "metavar": type(default).__name__.upper(),
+                }
+            group.add_argument(*names, default=default, help=helps[f.name], **options)
     return parser
 
 
-def parse_args(argv: list[str], description: str = "", prog: str = "train.py") -> Config:
-    """The Config of a command line, every value checked (see check_config) before any work."""
-    flags = vars(build_parser(description, prog).parse_args(argv))
+def parse_args(
+    argv: list[str], description: str = "", prog: str = "train.py", config_type=Config
+) -> Config:
+    """The config of a command line, every pipeline value checked (see check_config) before any
+    work; a subclass's extra sections are its own to check."""
+    flags = vars(build_parser(description, prog, config_type).parse_args(argv))
     sections = {}
-    for section in dataclasses.fields(Config):
+    for section in dataclasses.fields(config_type):
         names = [f.name for f in dataclasses.fields(section.type)]
         sections[section.name] = section.type(**{name: flags[name] for name in names})
-    cfg = Config(**sections)
+    cfg = config_type(**sections)
     check_config(cfg)
     return cfg
 
@@ -269,23 +244,19 @@ def check_config(cfg: Config) -> None:
             value = next(getattr(s, name) for s in sections if hasattr(s, name))
             raise UsageError(f"--{name} {value!r}: must be {allowed}")
 
-    for section in vars(cfg).values():
+    for section in (cfg.run, cfg.pretrain, cfg.sae, cfg.prefer, cfg.eval):
         for name, value in vars(section).items():
             is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if is_number and name != "sae_layer":
-                low = LOWER_BOUNDS.get(name)
                 require(name, math.isfinite(value), "a finite number")
-                if low is None:
-                    require(name, value > 0, "> 0")
+                if name in LOWER_BOUNDS:
+                    require(name, value >= LOWER_BOUNDS[name], f">= {LOWER_BOUNDS[name]}")
                 else:
-                    require(name, value >= low, f">= {low}")
-    pretrain_cfg = cfg.pretrain
-    sae_cfg = cfg.sae
-    n_layer = pretrain_cfg.n_layer
-    block_size = pretrain_cfg.block_size
+                    require(name, value > 0, "> 0")
+    pretrain_cfg, sae_cfg = cfg.pretrain, cfg.sae
+    n_layer, block_size = pretrain_cfg.n_layer, pretrain_cfg.block_size
     one_context = f"at least --block_size {block_size} (one context)"
     require("seed", cfg.run.seed < 2**32, "below 2**32")
-    require("sweep_seed", cfg.run.sweep_seed < 2**32, "below 2**32")
     require("n_head", pretrain_cfg.n_embd % pretrain_cfg.n_head == 0,
             f"a divisor of --n_embd {pretrain_cfg.n_embd}")
     require("block_size", block_size <= MAX_BLOCK_SIZE, f"at most {MAX_BLOCK_SIZE}")
@@ -299,15 +270,15 @@ def check_config(cfg: Config) -> None:
     require("n_eval_prompts",
             cfg.run.preference_file or cfg.eval.n_eval_prompts <= n_prompts,
             f"at most {n_prompts} (the {cfg.eval.eval_split} split's distinct prompts)")
-    for name, text in (("latents", cfg.run.latents), ("fpo_latents", cfg.prefer.fpo_latents)):
-        require(name, re.fullmatch(r"(\d+(,\d+)*)?", text) is not None,
-                "comma-separated latent numbers, e.g. 3,17")
-        require(name, all(latent < sae_cfg.d_sae for latent in latent_list(text)),
-                f"below --d_sae {sae_cfg.d_sae}")
+    fpo_latents = cfg.prefer.fpo_latents
+    require("fpo_latents", re.fullmatch(r"(\d+(,\d+)*)?", fpo_latents) is not None,
+            "comma-separated latent numbers, e.g. 3,17")
+    require("fpo_latents", all(latent < sae_cfg.d_sae for latent in latent_list(fpo_latents)),
+            f"below --d_sae {sae_cfg.d_sae}")
 
 
 def latent_list(text: str) -> list[int]:
-    """'3,17' -> [3, 17]; '' -> [] (a checked --latents or --fpo_latents)."""
+    """'3,17' -> [3, 17]; '' -> [] (a checked --fpo_latents)."""
     return [int(latent) for latent in text.split(",")] if text else []
 
 
@@ -318,10 +289,8 @@ def latent_list(text: str) -> list[int]:
 def stage_settings(cfg: Config, stage: str, seed: int | None = None) -> dict:
     """The flags that decide a stage's result: saved with its output and its resume file."""
     section = {"pretrain": cfg.pretrain, "sae": cfg.sae, "prefer": cfg.prefer}[stage]
-    if stage == "prefer":
-        files = {"preference_file": cfg.run.preference_file}
-    else:
-        files = {"corpus_file": cfg.run.corpus_file}
+    file_flag = "preference_file" if stage == "prefer" else "corpus_file"
+    files = {file_flag: getattr(cfg.run, file_flag)}
     return asdict(section) | files | {"seed": cfg.run.seed if seed is None else seed}
 
 

@@ -21,9 +21,8 @@ from pathlib import Path
 import tiktoken
 import torch
 
-# ---------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # Tokenizer: byte-level BPE trained here, run by tiktoken
-# ---------------------------------------------------------------------------
 
 EOS_TOKEN = "<|eos|>"
 TOKENIZER_PATH = Path(__file__).with_name("tokenizer.bpe")
@@ -38,11 +37,10 @@ PRETOKENIZE_PATTERN = (
 def train_bpe(text: str, vocab_size: int) -> dict[bytes, int]:
     """Train byte-level BPE; return tiktoken mergeable ranks (all 256 bytes, then merges in order).
 
-    Works on pre-token counts, not the raw text: each unique pre-token is a tuple of byte
-    strings, weighted by how often it occurs. Each step merges the most frequent adjacent pair
-    (ties: the smallest pair in byte order). Stops at vocab_size or when no pair is left.
-    If a merge creates bytes that are already a token, no new rank is used (tiktoken looks
-    tokens up by their bytes, so a token must appear once).
+    Counts pairs over the unique pre-tokens (tuples of byte strings, weighted by frequency), not
+    the raw text. Each step merges the most frequent adjacent pair (ties: the smallest in byte
+    order), until vocab_size or no pair is left. A merge whose bytes are already a token takes no
+    new rank (tiktoken looks tokens up by their bytes, so a token must appear once).
 
     Example: train_bpe("aaabdaaabac", 259) adds b"aa", then b"ab" (tie with (b"aa", b"a")
     broken by byte order), then b"aaab", with ranks 256, 257, 258.
@@ -108,15 +106,13 @@ def encode(enc: tiktoken.Encoding, text: str) -> list[int]:
     """Encode text; a literal "<|eos|>" in the text is plain text, never the special token."""
     return enc.encode_ordinary(text)
 
-# ---------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # Toy preference world: a small grammar of reviews with latent topic and sentiment
-# ---------------------------------------------------------------------------
 
-# Nouns are unique across topics, so a noun names its topic. Each topic's nouns are split three
-# ways (SPLIT_NOUNS): the training pairs mention only the first 7, the validation split only the
-# 8th, the test split only the last 2, in prompts and responses alike (below, each topic's first
-# line holds its training nouns, the second its validation noun, then its test nouns).
-# Pretraining text, which holds no preference, uses every noun, so the reference knows them all.
+# Nouns are unique across topics, so a noun names its topic. SPLIT_NOUNS: training pairs use
+# each topic's first 7 nouns (its first line below), validation the 8th, test the last 2, in
+# prompts and responses alike. Pretraining text, which holds no preference, uses every noun, so
+# the reference knows them all.
 TOPICS = {
     "food":     ["soup", "pizza", "salad", "burger", "curry", "pasta", "sandwich",
                  "cake", "pie", "steak"],
@@ -165,6 +161,7 @@ PROMPT_TEMPLATES = ["review the {noun} :", "tell me about the {noun} :",
 MAX_SENTENCES = 4  # the longest response the world produces; the judge rejects longer ones
 CHOSEN_LENGTHS = [4, 4, 2, 0]    # relative odds of 1..4 sentences: mean 1.8
 REJECTED_LENGTHS = [1, 3, 3, 3]  # mean 2.8
+JUDGE_FLOOR = 0.1  # the judge's lowest score of a valid response; an invalid one scores 0
 
 NOUN_TOPIC = {noun: topic for topic, nouns in TOPICS.items() for noun in nouns}
 WORD_SENTIMENT = {**{w: True for w in POSITIVE_ADJECTIVES + POSITIVE_VERBS},
@@ -222,10 +219,7 @@ def split_prompts(split: str) -> list[str]:
 
 
 def _sentence(rng: random.Random, nouns: list[str], positive: bool) -> str:
-    """One sentence about one of `nouns` with the given sentiment.
-
-    Canonical spacing; the sentence ends in " .".
-    """
+    """One sentence about one of `nouns` with the given sentiment, ending in " ."."""
     form = rng.choice(SENTENCE_FORMS)
     fills = {"{noun}": rng.choice(nouns), "{intens}": rng.choice(INTENSIFIERS),
              "{adj}": rng.choice(POSITIVE_ADJECTIVES if positive else NEGATIVE_ADJECTIVES),
@@ -242,12 +236,10 @@ def _response(
     """A response with one distinct sentence per (on_topic, positive), using only `nouns` (a
     split_nouns dict); starts with a space."""
     sentences = []
+    off_topics = [t for t in TOPICS if t != prompt_topic]
     for on_topic, positive in attributes:
         while True:
-            if on_topic:
-                topic = prompt_topic
-            else:
-                topic = rng.choice([t for t in TOPICS if t != prompt_topic])
+            topic = prompt_topic if on_topic else rng.choice(off_topics)
             sentence = _sentence(rng, nouns[topic], positive)
             if sentence not in sentences:
                 break
@@ -334,18 +326,14 @@ def _parse_sentence(words: list[str]) -> tuple[str, bool] | None:
     return None
 
 
-JUDGE_FLOOR = 0.1
-
-
 def judge(prompt: str, response: str, complete: bool = True) -> JudgeResult:
     """Score a response to a toy-world prompt; deterministic.
 
     Valid only if: complete (a sampled response must have ended with EOS, not been cut off at the
     length cap, even where the cut falls after a " ."); non-empty; words separated by single
     spaces (leading/trailing whitespace is ignored); every sentence ends with " ." and parses
-    under SENTENCE_TEMPLATES; at most MAX_SENTENCES sentences; no sentence repeated. Invalid
-    text scores 0.
-    Valid text scores JUDGE_FLOOR + (1 - JUDGE_FLOOR) * mean over sentences of
+    under SENTENCE_TEMPLATES; at most MAX_SENTENCES sentences; no sentence repeated. Invalid text
+    scores 0. Valid text scores JUDGE_FLOOR + (1 - JUDGE_FLOOR) * mean over sentences of
     (0.5 * on_topic + 0.5 * positive), so any valid response beats any invalid one and
     length alone earns nothing. Example: " the soup was great ." for "review the pizza :"
     scores 1.0; " the guitar was dull ." scores 0.1.
@@ -398,9 +386,8 @@ def _invalid(reason: str) -> JudgeResult:
         positive=0.0,
     )
 
-# ---------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # Loaders for a user's own data: every fault is a DataError naming file, line, problem
-# ---------------------------------------------------------------------------
 
 
 class DataError(Exception):
@@ -412,16 +399,12 @@ class DataError(Exception):
         super().__init__(f"{where}: {problem}")
 
     def __reduce__(self):
-        # pickle (a child process's exception on its way to the parent) rebuilds it from these;
-        # the default would call DataError(message) alone
+        # pickle (a child's exception sent to its parent) rebuilds it from these, not the message
         return type(self), (self.path, self.line, self.problem)
 
 
 def _read_bytes(path) -> bytes:
-    """The file's bytes, without the UTF-8 byte order mark some editors put first.
-
-    (A BOM is legal UTF-8.)
-    """
+    """The file's bytes, without the UTF-8 byte order mark (legal UTF-8) some editors put first."""
     try:
         return Path(path).read_bytes().removeprefix(codecs.BOM_UTF8)
     except OSError as e:
@@ -435,19 +418,13 @@ def load_corpus(path) -> list[str]:
     data = _read_bytes(path)
     if b"\0" in data:
         offset = data.index(b"\0")
-        raise DataError(
-            path,
-            line=data.count(b"\n", 0, offset) + 1,
-            problem=f"NUL byte at byte offset {offset}: binary file, expected UTF-8 text",
-        )
+        problem = f"NUL byte at byte offset {offset}: binary file, expected UTF-8 text"
+        raise DataError(path, line=data.count(b"\n", 0, offset) + 1, problem=problem)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(
-            path,
-            line=data.count(b"\n", 0, e.start) + 1,
-            problem=f"not valid UTF-8 (byte offset {e.start})",
-        ) from None
+        problem = f"not valid UTF-8 (byte offset {e.start})"
+        raise DataError(path, line=data.count(b"\n", 0, e.start) + 1, problem=problem) from None
     docs = [doc.strip() for doc in re.split(r"\n[ \t\r]*\n", text) if doc.strip()]
     if not docs:
         raise DataError(path, line=None, problem="file is empty (no documents)")
@@ -493,14 +470,11 @@ def split_preference_file(
         print(f"data: dropped {dropped} malformed rows of {path} (--skip_bad_rows)")
     n_test = min(n_test_pairs, len(pairs) // 5)
     if n_test < 1:
-        raise DataError(
-            path,
-            line=None,
-            problem=(
-                f"{len(pairs)} valid pairs and --n_test_pairs {n_test_pairs} leave no held-out "
-                f"pair; at least 5 pairs are needed (at most every fifth is held out)"
-            ),
+        problem = (
+            f"{len(pairs)} valid pairs and --n_test_pairs {n_test_pairs} leave no held-out "
+            "pair; at least 5 pairs are needed (at most every fifth is held out)"
         )
+        raise DataError(path, line=None, problem=problem)
     return pairs[: len(pairs) - n_test], pairs[len(pairs) - n_test:]
 
 
@@ -526,9 +500,8 @@ def load_preferences(path, skip_bad_rows: bool = False) -> tuple[list[Preference
         raise DataError(path, line=None, problem=f"all {n_rows} rows are bad; first: {first_fault}")
     return pairs, n_rows - len(pairs)
 
-# ---------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # Batching: pretraining token stream, preference pairs with response masks
-# ---------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

@@ -1,39 +1,33 @@
 """FPO: preference optimisation with sparse feature-level constraints, as pure tensor functions.
 
-Yin et al., "Direct Preference Optimization Using Sparse Feature-Level Constraints"
-(arXiv 2411.07618). Every DPO-family loss here is  -log sigmoid(logit)  with
+The paper: Yin et al., "Constrain Alignment with Sparse Autoencoders", ICML 2025, arXiv 2411.07618
+(v4; earlier versions are titled "Direct Preference Optimization Using Sparse Feature-Level
+Constraints"). Every DPO-family loss here is  -log sigmoid(logit); FPO's is
 
-    FPO    logit = beta*[(avg_logp_theta(y_w) - avg_logp_ref(y_w))
-                         - (avg_logp_theta(y_l) - avg_logp_ref(y_l))]
-                   - alpha*(beta*D(y_l) - stopgrad(beta*D(y_w)))
-    D(y)   = (1/k) * sum_{i in I(y)} (pooled_theta_i - pooled_ref_i)^2,
-             I(y) = topk(pooled_theta) U topk(pooled_ref)
-             (top-k over activated features only; pooled = mean SAE code at the positions
-             generating y)
-    DPO    logit = beta*(logp_theta(y_w) - logp_ref(y_w)) - beta*(logp_theta(y_l) - logp_ref(y_l))
-    SimPO  logit = beta*avg_logp_theta(y_w) - beta*avg_logp_theta(y_l) - gamma
-    TDPO   logit = DPO logit - beta*(SeqKL(y_l) - SeqKL(y_w))                         (TDPO-1)
-           logit = DPO logit - alpha*(beta*SeqKL(y_l) - stopgrad(beta*SeqKL(y_w)))    (TDPO-2)
-    SeqKL  = sum over response tokens of KL(pi_ref || pi_theta): `sequence_kl` with
-             p = reference, q = policy
+    logit = beta*[(avg_logp_theta(y_w) - avg_logp_ref(y_w))
+                  - (avg_logp_theta(y_l) - avg_logp_ref(y_l))]
+            - alpha*(beta*D(y_l) - stopgrad(beta*D(y_w)))
+    D(y)  = (1/k) * sum_{i in I(y)} (pooled_theta_i - pooled_ref_i)^2,   the feature MSE,
+            I(y) = topk(pooled_theta) U topk(pooled_ref) over activated features only,
+            pooled = the mean SAE code at the positions generating y
 
-FPO's reference terms (avg_logp_ref and the pooled reference SAE codes) depend only on the frozen
-reference, so `build_reference_cache` computes them once, offline; training then needs no
-reference model, only `reference_pooled_features` to read a batch back from the cache.
-`pooled_topk_features` pools a TopK SAE's sparse codes directly, for training at scale.
+The file reads in the order a training step needs it: 1. log-probs, 2. pooling, 3. D(y), 4. the
+loss, 5. the offline cache (the reference's terms, computed once, so training needs no reference
+model) and `cached_feature_mse`, a batch's D(y) from its hidden states and the cache. Then the
+baselines: DPO, SimPO and TDPO, whose TDPO-2 is FPO's nearest relative (the same constraint form,
+with the sequential KL where FPO has D(y)).
 
 This file imports only torch and the standard library: copy it into any project.
 """
 
-import hashlib
-import json
 from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 
+
 # ----------------------------------------------------------------------------------------------
-# Per-sequence quantities
+# 1. Log-probs of the response tokens
 
 
 def sequence_logps(
@@ -60,6 +54,10 @@ def sequence_logps(
     token_logps = logps.gather(dim=-1, index=input_ids[:, 1:, None]).squeeze(dim=-1)  # (B, T-1)
     mask = response_mask[:, 1:].float()  # (B, T-1)
     return (token_logps * mask).sum(dim=-1), mask.sum(dim=-1).clamp(min=1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Pooling: one SAE code vector per response
 
 
 def pooled_features(codes: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -101,20 +99,11 @@ def pooled_topk_features(
 ) -> torch.Tensor:
     """pooled(y) from a TopK SAE's sparse codes, without the dense (B, T, d_sae) code tensor.
 
-    Equals `pooled_features(codes, response_mask)` where codes densifies (topk_values,
-    topk_indices) at the generating positions, i.e. at hidden[:, :-1][response_mask[:, 1:].bool()],
-    in that order (e.g. `SparseAutoencoder.encode_topk` of those rows). Differentiable w.r.t.
-    topk_values.
-
-    Args:
-        topk_values: the non-zero candidates of each generating position's code.
-            Shape: (N, sae_k).
-        topk_indices: which latent each value belongs to. Shape: (N, sae_k).
-        response_mask: the token-level mask `sequence_logps` takes. Shape: (B, T).
-        d_sae: SAE width.
-
-    Returns:
-        pooled codes, on topk_values' device, float32 (float64 stays float64). Shape: (B, d_sae).
+    Equals `pooled_features` of the densified codes when (topk_values, topk_indices), each
+    (N, sae_k), are the codes of the generating positions hidden[:, :-1][response_mask[:, 1:]
+    .bool()], in that order (e.g. `SparseAutoencoder.encode_topk` of those rows); differentiable
+    w.r.t. topk_values. response_mask (B, T); d_sae: the SAE's width. Returns the pooled codes,
+    float32 (float64 stays float64). Shape: (B, d_sae).
     """
     counts = response_mask[:, 1:].bool().sum(dim=-1)  # (B,): generating positions per response
     row = torch.arange(len(counts), device=counts.device).repeat_interleave(counts)  # (N,)
@@ -125,6 +114,10 @@ def pooled_topk_features(
         accumulate=True,
     )  # (B, d_sae); accumulate: a latent fires at several positions of one response
     return summed / counts.clamp(min=1)[:, None]  # pooled(y) = (1/|y|) sum_t z_t (paper Sec. 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. D(y), the feature MSE
 
 
 def feature_mse(
@@ -171,52 +164,14 @@ def feature_mse(
 
 
 def top_activated(pooled: torch.Tensor, k: int) -> torch.Tensor:
-    """Which features are among the k largest AND above 0.
-
-    Args:
-        pooled: pooled codes. Shape: (B, F).
-        k: how many of the largest to consider.
-
-    Returns:
-        bool mask, True at the selected features. Shape: (B, F).
-    """
+    """Which features are among the k largest AND above 0: pooled (B, F) -> bool mask (B, F)."""
     values, indices = pooled.detach().topk(k, dim=-1)  # (B, k)
     return torch.zeros_like(pooled, dtype=torch.bool).scatter(dim=-1, index=indices, src=values > 0)
 
 
-def sequence_kl(
-    p_logits: torch.Tensor,
-    q_logits: torch.Tensor,
-    response_mask: torch.Tensor,
-) -> torch.Tensor:
-    """Sum over response tokens of KL(p || q), per sequence, over the full vocabulary.
-
-    Which model is p and which is q depends on the use:
-    - TDPO's SeqKL(y) (Zeng et al. 2024; FPO paper Sec. 2) is
-      sum_t KL(pi_ref(.|prefix) || pi_theta(.|prefix)): p = reference, q = policy.
-    - Evaluation's KL(policy || reference): p = policy, q = reference.
-    Pass them by keyword (p_logits=..., q_logits=...) so the direction reads at the call.
-
-    Shifted like `sequence_logps`: the distributions at positions [:, :-1] are the ones that
-    generate the response tokens marked by response_mask[:, 1:]. Log-space on both sides.
-
-    Args:
-        p_logits: logits of p, the distribution the KL averages over. Shape: (B, T, V).
-        q_logits: logits of q, for the same inputs. Shape: (B, T, V).
-        response_mask: 1 at response tokens, 0 at prompt and padding. Shape: (B, T).
-
-    Returns:
-        summed per-token KL(p || q), float32, on the logits' device. Shape: (B,).
-    """
-    p_logps = torch.log_softmax(p_logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
-    q_logps = torch.log_softmax(q_logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
-    token_kl = (p_logps.exp() * (p_logps - q_logps)).sum(dim=-1)  # (B, T-1): KL(p || q) per token
-    return (token_kl * response_mask[:, 1:].float()).sum(dim=-1)
-
-
 # ----------------------------------------------------------------------------------------------
-# Losses. Each returns (losses, chosen_rewards, rejected_rewards), all of shape (B,) on the inputs'
-# device, rewards detached.
+# 4. The FPO loss. Every loss returns (losses, chosen_rewards, rejected_rewards), each (B,)
+# on the inputs' device, rewards detached.
 
 
 def fpo_loss(
@@ -233,7 +188,7 @@ def fpo_loss(
     """The FPO loss (paper Sec. 3, the final objective; README "The equations").
 
     The defaults beta=0.1, alpha=0.5 are the paper's at Gemma scale; this project's pipeline
-    defaults (train.py) are beta 2.0 and alpha 16.0.
+    defaults (config.py) are beta 1.0 and alpha 256.0, the sweep's pick for the toy GPT.
 
     Args:
         policy_chosen_avg_logps: avg_logp_theta(y_w). Shape: (B,).
@@ -265,6 +220,160 @@ def fpo_loss(
     constraint = alpha * (beta * rejected_feature_mse - chosen_constraint)
     losses = -F.logsigmoid(chosen_rewards - rejected_rewards - constraint)
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. The offline reference cache: one pass of the frozen reference, before training
+# (paper Sec. 3, offline reference), and D(y) from it in every training step.
+
+
+@torch.no_grad()
+def build_reference_cache(
+    reference_fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    sae_encode: Callable[[torch.Tensor], torch.Tensor],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    n_rows: int,
+    d_sae: int,
+) -> dict:
+    """One reference pass: each response's log-probs and pooled SAE codes, stored sparsely.
+
+    For each response: its summed and average log-prob, and its pooled SAE codes.
+    The pooled reference codes are non-negative and non-zero only on features some generating
+    position activated, so the (index, value) list of all non-zeros reproduces them exactly. The
+    summed log-probs are kept as computed, so DPO with this cache equals DPO with an online
+    reference bit for bit.
+
+    Args:
+        reference_fn: token ids (R, T) -> (logits (R, T, V), residual stream (R, T, d_model)) of the
+            frozen reference at the SAE's layer, in eval mode. Any model fits behind a lambda.
+        sae_encode: residual stream (..., d_model) -> codes (..., d_sae), of the frozen SAE.
+        batches: yields (row_ids (R,), input_ids (R, T), response_mask (R, T)); row_ids say which
+            cache row each sequence fills, each of 0..n_rows-1 exactly once.
+        n_rows: every response of the dataset (two per pair), not one batch's.
+        d_sae: SAE width, stored so readers can densify.
+
+    Returns:
+        dict of tensors on the CPU: sum_logps (n_rows,), n_tokens (n_rows,) and avg_logps =
+        sum_logps / n_tokens (n_rows,), float32; the pooled codes in compressed-row form:
+        feature_offsets (n_rows + 1,), feature_indices (nnz,), feature_values (nnz,); and d_sae.
+    """
+    sum_logps = torch.full((n_rows,), float("nan"))
+    n_tokens = torch.zeros(n_rows)
+    row_indices = [None] * n_rows
+    row_values = [None] * n_rows
+    for row_ids, input_ids, response_mask in batches:
+        logits, hidden = reference_fn(input_ids)
+        sums, counts = sequence_logps(logits, input_ids, response_mask)
+        pooled = pooled_features(sae_encode(hidden), response_mask).cpu()  # (R, d_sae)
+        rows = row_ids.cpu()
+        sum_logps[rows] = sums.cpu()
+        n_tokens[rows] = counts.cpu()
+        for row, vector in zip(rows.tolist(), pooled):
+            nonzero = vector.nonzero().squeeze(dim=-1)
+            row_indices[row] = nonzero
+            row_values[row] = vector[nonzero]
+    if any(indices is None for indices in row_indices):
+        raise ValueError("build_reference_cache: some rows in 0..n_rows-1 were never filled")
+    lengths = torch.tensor([0] + [len(indices) for indices in row_indices])
+    return {
+        "sum_logps": sum_logps,
+        "n_tokens": n_tokens,
+        "avg_logps": sum_logps / n_tokens,
+        "feature_offsets": lengths.cumsum(dim=0),
+        "feature_indices": torch.cat(row_indices).to(torch.int32),
+        "feature_values": torch.cat(row_values).float(),
+        "d_sae": d_sae,
+    }
+
+
+def reference_pooled_features(cache: dict, row_ids: torch.Tensor) -> torch.Tensor:
+    """pooled_ref(y) of some cache rows, densified (exact: a missing feature is 0).
+
+    row_ids (R,) -> float32 (R, d_sae) on row_ids' device; the indexing runs wherever the cache
+    lives (the CPU in train.py).
+    """
+    offsets = cache["feature_offsets"]
+    rows = row_ids.to(offsets.device)  # (R,)
+    starts = offsets[rows]  # (R,)
+    lengths = offsets[rows + 1] - offsets[rows]  # (R,)
+    # One scatter for the whole batch: entry j of row r sits at offsets[rows[r]] + j.
+    row = torch.repeat_interleave(torch.arange(len(rows), device=offsets.device), lengths)  # (nnz,)
+    first_entry = torch.repeat_interleave(lengths.cumsum(dim=0) - lengths, lengths)  # (nnz,)
+    within = torch.arange(int(lengths.sum()), device=offsets.device) - first_entry  # (nnz,)
+    entry = starts[row] + within  # (nnz,)
+    dense = torch.zeros(len(rows), cache["d_sae"], device=offsets.device)
+    dense[row, cache["feature_indices"][entry].long()] = cache["feature_values"][entry]
+    return dense.to(row_ids.device)
+
+
+def cached_feature_mse(
+    hidden: torch.Tensor,
+    response_mask: torch.Tensor,
+    sparse_encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    cache: dict,
+    row_ids: torch.Tensor,
+    k: int,
+    latents: list[int] | None = None,
+) -> torch.Tensor:
+    """D(y) of each response of a training batch: the policy's hidden states against the cache.
+
+    The one function every trainer calls (train.py, integrations/trl). It encodes only the
+    positions that generate response tokens (no other is pooled), pools their sparse codes, reads
+    pooled_ref(y) from the cache and takes `feature_mse`. The SAE runs in float32 with autocast
+    off, so its top-k choices do not depend on the policy's precision.
+
+    Args:
+        hidden: the policy's residual stream at the SAE's block. Shape: (R, T, d_model).
+        response_mask: 1 at response tokens, 0 at prompt and padding. Shape: (R, T).
+        sparse_encode: rows (N, d_model) -> (values (N, m), indices (N, m)), each row's non-zero
+            candidates: a TopK SAE's `encode_topk`, or a dense SAE's codes with their indices.
+        cache, row_ids: a `build_reference_cache` dict, each response's row in it (R,).
+        k: FPO's top-k features per side; latents: D(y) over these only (None: all).
+
+    Returns:
+        D(y) per response, float32, on hidden's device. Shape: (R,).
+    """
+    generating = response_mask[:, 1:].bool()  # position t generates token t+1 (sequence_logps)
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        values, indices = sparse_encode(hidden[:, :-1][generating].float())  # (N, m) each
+    policy_pooled = pooled_topk_features(values, indices, response_mask, cache["d_sae"])  # (R, F)
+    reference_pooled = reference_pooled_features(cache, row_ids).to(hidden.device)  # (R, F)
+    if latents:
+        policy_pooled = policy_pooled[:, latents]
+        reference_pooled = reference_pooled[:, latents]
+    return feature_mse(policy_pooled, reference_pooled, k)
+
+
+# ----------------------------------------------------------------------------------------------
+# Baselines: the losses FPO is compared with, and TDPO's sequential KL.
+#   DPO    logit = beta*(logp_theta(y_w) - logp_ref(y_w)) - beta*(logp_theta(y_l) - logp_ref(y_l))
+#   SimPO  logit = beta*avg_logp_theta(y_w) - beta*avg_logp_theta(y_l) - gamma
+#   TDPO-1 logit = DPO logit - beta*(SeqKL(y_l) - SeqKL(y_w))
+#   TDPO-2 logit = DPO logit - alpha*(beta*SeqKL(y_l) - stopgrad(beta*SeqKL(y_w)))
+#   SeqKL(y) = sum over response tokens of KL(pi_ref || pi_theta)
+
+
+def sequence_kl(
+    p_logits: torch.Tensor,
+    q_logits: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Sum over response tokens of KL(p || q), per sequence, over the full vocabulary.
+
+    Which model is p and which is q depends on the use:
+    - TDPO's SeqKL(y) (Zeng et al. 2024; FPO paper Sec. 2) is
+      sum_t KL(pi_ref(.|prefix) || pi_theta(.|prefix)): p = reference, q = policy.
+    - Evaluation's KL(policy || reference): p = policy, q = reference.
+    Pass them by keyword (p_logits=..., q_logits=...) so the direction reads at the call.
+
+    Shifted like `sequence_logps` (positions [:, :-1] generate the tokens response_mask[:, 1:]
+    marks); log-space on both sides. p_logits, q_logits (B, T, V), the same inputs; response_mask
+    (B, T). Returns the summed per-token KL(p || q), float32. Shape: (B,).
+    """
+    p_logps = torch.log_softmax(p_logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
+    q_logps = torch.log_softmax(q_logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
+    token_kl = (p_logps.exp() * (p_logps - q_logps)).sum(dim=-1)  # (B, T-1): KL(p || q) per token
+    return (token_kl * response_mask[:, 1:].float()).sum(dim=-1)
 
 
 def dpo_loss(
@@ -344,123 +453,3 @@ def tdpo_loss(
         raise ValueError(f"TDPO version must be 1 or 2, got {version}")
     losses = -F.logsigmoid(chosen_rewards - rejected_rewards - kl_term)
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
-
-
-# ----------------------------------------------------------------------------------------------
-# The offline reference cache: one pass of the frozen reference, before training
-# (paper Sec. 3, offline reference).
-
-
-def fingerprint(*parts) -> str:
-    """A short sha256 of its parts.
-
-    Parts may be tensors, dicts of tensors (state dicts), lists, strings and JSON-able values.
-    Used to tie a reference cache to the exact reference weights, SAE weights, data and config.
-    """
-    digest = hashlib.sha256()
-
-    def feed(obj):
-        if isinstance(obj, torch.Tensor):
-            t = obj.detach().cpu().contiguous()
-            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        elif isinstance(obj, dict):
-            for key in sorted(obj, key=str):
-                digest.update(str(key).encode())
-                feed(obj[key])
-        elif isinstance(obj, (list, tuple)):
-            digest.update(f"[{len(obj)}".encode())
-            for item in obj:
-                feed(item)
-        else:
-            digest.update(json.dumps(obj, sort_keys=True, default=str).encode())
-
-    for part in parts:
-        feed(part)
-    return digest.hexdigest()[:16]
-
-
-@torch.no_grad()
-def build_reference_cache(
-    reference_fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-    sae_encode: Callable[[torch.Tensor], torch.Tensor],
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-    n_rows: int,
-    d_sae: int,
-) -> dict:
-    """One reference pass: each response's log-probs and pooled SAE codes, stored sparsely.
-
-    For each response: its summed and average log-prob, and its pooled SAE codes.
-    The pooled reference codes are non-negative and non-zero only on features some generating
-    position activated, so the (index, value) list of all non-zeros reproduces them exactly. The
-    summed log-probs are kept as computed, so DPO with this cache equals DPO with an online
-    reference bit for bit.
-
-    Args:
-        reference_fn: token ids (R, T) -> (logits (R, T, V), residual stream (R, T, d_model)) of the
-            frozen reference at the SAE's layer. Any model fits behind a lambda.
-        sae_encode: residual stream (..., d_model) -> codes (..., d_sae).
-        batches: yields (row_ids (R,), input_ids (R, T), response_mask (R, T)); row_ids say which
-            cache row each sequence fills, each of 0..n_rows-1 exactly once.
-        n_rows: number of responses in the cache.
-        d_sae: SAE width, stored so readers can densify.
-
-    Returns:
-        dict of tensors on the CPU: sum_logps (n_rows,), n_tokens (n_rows,) and avg_logps =
-        sum_logps / n_tokens (n_rows,), float32; the pooled codes in compressed-row form:
-        feature_offsets (n_rows + 1,), feature_indices (nnz,), feature_values (nnz,); and d_sae.
-    """
-    sum_logps = torch.full((n_rows,), float("nan"))
-    n_tokens = torch.zeros(n_rows)
-    row_indices = [None] * n_rows
-    row_values = [None] * n_rows
-    for row_ids, input_ids, response_mask in batches:
-        logits, hidden = reference_fn(input_ids)
-        sums, counts = sequence_logps(logits, input_ids, response_mask)
-        pooled = pooled_features(sae_encode(hidden), response_mask).cpu()  # (R, d_sae)
-        rows = row_ids.cpu()
-        sum_logps[rows] = sums.cpu()
-        n_tokens[rows] = counts.cpu()
-        for row, vector in zip(rows.tolist(), pooled):
-            nonzero = vector.nonzero().squeeze(dim=-1)
-            row_indices[row] = nonzero
-            row_values[row] = vector[nonzero]
-    if any(indices is None for indices in row_indices):
-        raise ValueError("build_reference_cache: some rows in 0..n_rows-1 were never filled")
-    lengths = torch.tensor([0] + [len(indices) for indices in row_indices])
-    return {
-        "sum_logps": sum_logps,
-        "n_tokens": n_tokens,
-        "avg_logps": sum_logps / n_tokens,
-        "feature_offsets": lengths.cumsum(dim=0),
-        "feature_indices": torch.cat(row_indices).to(torch.int32),
-        "feature_values": torch.cat(row_values).float(),
-        "d_sae": d_sae,
-    }
-
-
-def reference_pooled_features(cache: dict, row_ids: torch.Tensor) -> torch.Tensor:
-    """Densify the cached pooled reference codes of some rows (exact: missing features are 0).
-
-    Works wherever the cache and row_ids live: the indexing runs on the cache's device, and the
-    result moves to row_ids' device (the caller's).
-
-    Args:
-        cache: a dict from `build_reference_cache`.
-        row_ids: which rows. Shape: (R,).
-
-    Returns:
-        pooled_ref(y) per row, float32, on row_ids' device. Shape: (R, d_sae).
-    """
-    offsets = cache["feature_offsets"]
-    rows = row_ids.to(offsets.device)  # (R,)
-    starts = offsets[rows]  # (R,)
-    lengths = offsets[rows + 1] - offsets[rows]  # (R,)
-    # One scatter for the whole batch: entry j of row r sits at offsets[rows[r]] + j.
-    row = torch.repeat_interleave(torch.arange(len(rows), device=offsets.device), lengths)  # (nnz,)
-    first_entry = torch.repeat_interleave(lengths.cumsum(dim=0) - lengths, lengths)  # (nnz,)
-    within = torch.arange(int(lengths.sum()), device=offsets.device) - first_entry  # (nnz,)
-    entry = starts[row] + within  # (nnz,)
-    dense = torch.zeros(len(rows), cache["d_sae"], device=offsets.device)
-    dense[row, cache["feature_indices"][entry].long()] = cache["feature_values"][entry]
-    return dense.to(row_ids.device)

@@ -13,6 +13,7 @@ read by `load_checkpoint`:
 """
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -30,20 +31,17 @@ class UsageError(Exception):
 
 
 class Interrupted(Exception):
-    """Ctrl-C stopped a training stage at a step boundary. `state` resumes it exactly, until it is
-    saved (`saved_to`, a <name>.resume.pt). Exit code 130, like Ctrl-C."""
+    """Ctrl-C stopped a training stage at a step boundary, after it saved its state to `saved_to`
+    (a <name>.resume.pt) where it could. Exit code 130, like Ctrl-C."""
 
-    def __init__(
-        self, stage: str, step: int, state: dict | None = None, saved_to: Path | None = None
-    ):
+    def __init__(self, stage: str, step: int, saved_to: Path | None = None):
         saved = f"; saved {saved_to}; continue with --resume" if saved_to else ""
         super().__init__(f"{stage} interrupted at step {step}{saved}")
-        self.stage, self.step, self.state, self.saved_to = stage, step, state, saved_to
+        self.stage, self.step, self.saved_to = stage, step, saved_to
 
     def __reduce__(self):
-        # pickle (a child process's exception on its way to the parent) rebuilds it from these;
-        # the default would call Interrupted(message) alone
-        return type(self), (self.stage, self.step, self.state, self.saved_to)
+        # pickle (a child's exception sent to its parent) rebuilds it from these, not the message
+        return type(self), (self.stage, self.step, self.saved_to)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,10 +106,8 @@ def check_finite(loss: torch.Tensor, stage: str, step: int, last_good: Path, cau
     if not torch.isfinite(loss):
         kept = "nothing was saved"
         if last_good.exists():
-            kept = (
-                f"the last good checkpoint is {last_good} "
-                "(--resume continues it only with the same settings)"
-            )
+            kept = (f"the last good checkpoint is {last_good} "
+                    "(--resume continues it only with the same settings)")
         raise UsageError(
             f"{stage}: the loss is {loss.item()} at step {step}; training stopped; "
             f"likely cause: {cause}; {kept}"
@@ -217,9 +213,37 @@ def check_finite_model(model: torch.nn.Module, stage: str, cause: str, probe: to
         )
 
 
+def fingerprint(*parts) -> str:
+    """A short sha256 of its parts.
+
+    Parts may be tensors, dicts of tensors (state dicts), lists, strings and JSON-able values.
+    Used to tie a reference cache to the exact reference weights, SAE weights, data and config.
+    """
+    digest = hashlib.sha256()
+
+    def feed(obj):
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous()
+            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(obj, dict):
+            for key in sorted(obj, key=str):
+                digest.update(str(key).encode())
+                feed(obj[key])
+        elif isinstance(obj, (list, tuple)):
+            digest.update(f"[{len(obj)}".encode())
+            for item in obj:
+                feed(item)
+        else:
+            digest.update(json.dumps(obj, sort_keys=True, default=str).encode())
+
+    for part in parts:
+        feed(part)
+    return digest.hexdigest()[:16]
+
+
 def changed_inputs(payload: dict, expected: dict) -> list[str]:
-    """The inputs an artifact records in made_from with another fingerprint than `expected` (this
-    run's fingerprint of each)."""
+    """The inputs whose fingerprint in the artifact's made_from is not this run's (`expected`)."""
     return [name for name, value in expected.items() if payload["made_from"].get(name) != value]
 
 
@@ -239,23 +263,6 @@ def changed_settings(saved: dict, asked: dict) -> str:
     return ", ".join(f"--{key} {saved.get(key)!r} (now {asked.get(key)!r})" for key in differ)
 
 
-def load_resume(path: Path, stage: str, config: dict) -> dict | None:
-    """The saved state of an interrupted stage, or None if there is none. Refuses one saved with
-    settings other than `config`: resuming it would mix two runs into one result."""
-    if not path.exists():
-        print(f"{stage}: nothing to resume ({path} not found); starting from step 0")
-        return None
-    payload = load_checkpoint(path, "resume", "")
-    shown = changed_settings(payload["config"], config)
-    if shown:
-        raise UsageError(
-            f"--resume: {path} was saved with {shown}; "
-            "rerun with those settings, or delete it to start over"
-        )
-    print(f"{stage}: resuming from step {payload['step']} ({path})")
-    return payload
-
-
 def save_resume(path: Path, config: dict, step: int, state: dict) -> None:
     """The resume format of every stage: the settings, the step to start from, and the state."""
     save_checkpoint(path, "resume", config, {}, step=step, state=state)
@@ -272,12 +279,21 @@ def resume_training(
     config: dict,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-) -> int:
-    """Load an interrupted stage's training_state into model and optimizer; the step to start from
-    (0 when there is nothing to resume)."""
-    saved = load_resume(path, stage, config)
-    if saved is None:
-        return 0
+) -> tuple[int, dict]:
+    """Load an interrupted stage's training_state into model and optimizer. Returns the step to
+    start from (0 when there is nothing to resume) and the saved state, for what else it holds.
+    Refuses a state saved with settings other than `config`: it would mix two runs into one."""
+    if not path.exists():
+        print(f"{stage}: nothing to resume ({path} not found); starting from step 0")
+        return 0, {}
+    saved = load_checkpoint(path, "resume", "")
+    shown = changed_settings(saved["config"], config)
+    if shown:
+        raise UsageError(
+            f"--resume: {path} was saved with {shown}; "
+            "rerun with those settings, or delete it to start over"
+        )
+    print(f"{stage}: resuming from step {saved['step']} ({path})")
     try:
         model.load_state_dict(saved["state"]["state_dict"])
     except RuntimeError:  # missing keys or other shapes: the weights of another model config
@@ -286,7 +302,7 @@ def resume_training(
             "delete it, or rerun with the settings it was saved with"
         ) from None
     optimizer.load_state_dict(saved["state"]["optimizer"])
-    return saved["step"]
+    return saved["step"], saved["state"]
 
 
 @contextlib.contextmanager

@@ -1,37 +1,33 @@
 """Sparse autoencoders on a GPT's residual stream, the feature space FPO constrains.
 
-- `SparseAutoencoder`: a TopK SAE (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"),
-  trained here by `train_sae` on activations collected by `harvest_activations`.
-- `JumpReLUSAE`: a Gemma Scope SAE (Lieberum et al. 2024) loaded by `load_jumprelu_npz`.
-Both expose the same `encode`, `decode` and `forward`, take raw residual-stream vectors, and are
-saved as the dict `sae.checkpoint()` and rebuilt by `load_sae(checkpoint)`.
+`SparseAutoencoder` is a TopK SAE (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"),
+trained here by `train_sae` on activations collected by `harvest_activations`. It takes raw
+residual-stream vectors, is saved as the dict `sae.checkpoint()` and is rebuilt by
+`load_sae(checkpoint)`. (Gemma Scope's JumpReLU SAEs are read by integrations/trl/gemma_scope.py.)
 Quality metrics (FVU, L0, CE loss recovered, dead latents, density histogram) are bundled by
-`evaluate_sae`; `top_activating_contexts` writes a per-latent report.
+`evaluate_sae`.
 """
 
 import contextlib
-import copy
 import math
 import time
-from typing import Callable, Iterable
+from pathlib import Path
+from typing import Iterable
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from runtime import Interrupted, batch_indices, learning_rate, stop_at_step_boundary
+from runtime import (
+    Interrupted, batch_indices, learning_rate, resume_training, save_resume, stop_at_step_boundary,
+    training_state,
+)
 
 
 def topk_relu(pre: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest entries of each row, ReLU them, zero the rest.
 
-    Args:
-        pre: pre-activations. Shape: (..., d_sae).
-        k: entries kept per row.
-
-    Returns:
-        non-negative codes with at most k non-zeros per row. Shape: (..., d_sae).
+    pre (..., d_sae) -> codes with at most k non-zeros per row (..., d_sae).
     """
     values, indices = pre.topk(k, dim=-1, sorted=False)  # (..., k)
     return torch.zeros_like(pre).scatter(dim=-1, index=indices, src=F.relu(values))
@@ -72,63 +68,30 @@ class SparseAutoencoder(nn.Module):
         return {"sae_config": self.config, "state_dict": self.state_dict()}
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        """pre = (s x - b_dec) @ W_enc + b_enc, the pre-activations before TopK.
-
-        Args:
-            x: raw residual-stream vectors. Shape: (..., d_model).
-
-        Returns:
-            pre. Shape: (..., d_sae).
-        """
+        """pre = (s x - b_dec) @ W_enc + b_enc, before TopK: x (..., d_model) -> (..., d_sae)."""
         return (x * self.input_scale - self.b_dec) @ self.W_enc + self.b_enc
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """The codes z = ReLU(TopK_k(pre)).
-
-        Args:
-            x: raw residual-stream vectors. Shape: (..., d_model).
-
-        Returns:
-            codes z. Shape: (..., d_sae).
-        """
+        """The codes z = ReLU(TopK_k(pre)). x (..., d_model) -> z (..., d_sae)."""
         return topk_relu(self.pre_activations(x), self.k)
 
     def encode_topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The codes z in sparse form: the values and latents of the k largest pre-activations.
 
-        zeros(d_sae).scatter(-1, indices, values) == encode(x) exactly.
-
-        Args:
-            x: raw residual-stream vectors. Shape: (..., d_model).
-
-        Returns:
-            values: ReLU of the sae_k (= self.k) largest pre-activations, some possibly 0.
-                Shape: (..., sae_k).
-            indices: their latents, the same selection as `encode`. Shape: (..., sae_k).
+        x (..., d_model) -> values (..., sae_k), ReLU'd so some may be 0, and indices (..., sae_k)
+        (sae_k = self.k): zeros(d_sae).scatter(-1, indices, values) == encode(x) exactly.
         """
         values, indices = self.pre_activations(x).topk(self.k, dim=-1, sorted=False)  # (..., sae_k)
         return F.relu(values), indices
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """x_hat = (z @ W_dec + b_dec) / s, the raw-scale reconstruction.
-
-        Args:
-            codes: z. Shape: (..., d_sae).
-
-        Returns:
-            x_hat. Shape: (..., d_model).
-        """
+        """x_hat = (z @ W_dec + b_dec) / s, raw scale: codes z (..., d_sae) -> (..., d_model)."""
         return (codes @ self.W_dec + self.b_dec) / self.input_scale
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode, then decode; no side effects.
 
-        Args:
-            x: raw residual-stream vectors. Shape: (..., d_model).
-
-        Returns:
-            x_hat: the reconstruction. Shape: (..., d_model).
-            codes: z. Shape: (..., d_sae).
+        x (..., d_model) -> (x_hat (..., d_model), codes z (..., d_sae)).
         """
         codes = self.encode(x)
         return self.decode(codes), codes
@@ -149,118 +112,12 @@ class SparseAutoencoder(nn.Module):
         self.W_dec.grad -= along * self.W_dec
 
 
-class JumpReLUSAE(nn.Module):
-    """JumpReLU sparse autoencoder in Gemma Scope's format; loaded from .npz, never trained here.
-
-    For a raw vector x (d_model), exactly as Gemma Scope computes it (no b_dec subtracted first):
-        pre   = x @ W_enc + b_enc              (d_sae)
-        z     = ReLU(pre) * (pre > threshold)   a latent fires only above its own threshold
-        x_hat = z @ W_dec + b_dec
-    """
-
-    def __init__(self, d_model: int, d_sae: int):
-        super().__init__()
-        self.d_model, self.d_sae = d_model, d_sae
-        self.W_enc = nn.Parameter(torch.zeros(d_model, d_sae))
-        self.b_enc = nn.Parameter(torch.zeros(d_sae))
-        self.threshold = nn.Parameter(torch.zeros(d_sae))
-        self.W_dec = nn.Parameter(torch.zeros(d_sae, d_model))
-        self.b_dec = nn.Parameter(torch.zeros(d_model))
-
-    @property
-    def config(self) -> dict:
-        """The shape of this SAE: what `load_sae` needs besides the state_dict."""
-        return {"kind": "jumprelu", "d_model": self.d_model, "d_sae": self.d_sae}
-
-    def checkpoint(self) -> dict:
-        """{"sae_config", "state_dict"}: what `load_sae` reads back (extra keys are ignored)."""
-        return {"sae_config": self.config, "state_dict": self.state_dict()}
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """The codes z = ReLU(pre) * (pre > threshold).
-
-        Args:
-            x: raw residual-stream vectors. Shape: (..., d_model).
-
-        Returns:
-            codes z. Shape: (..., d_sae).
-        """
-        pre = x @ self.W_enc + self.b_enc  # (..., d_sae)
-        return F.relu(pre) * (pre > self.threshold)
-
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """x_hat = z @ W_dec + b_dec, the reconstruction.
-
-        Args:
-            codes: z. Shape: (..., d_sae).
-
-        Returns:
-            x_hat. Shape: (..., d_model).
-        """
-        return codes @ self.W_dec + self.b_dec
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode, then decode; no side effects.
-
-        Args:
-            x: raw residual-stream vectors. Shape: (..., d_model).
-
-        Returns:
-            x_hat: the reconstruction. Shape: (..., d_model).
-            codes: z. Shape: (..., d_sae).
-        """
-        codes = self.encode(x)
-        return self.decode(codes), codes
-
-
-def load_jumprelu_npz(path) -> JumpReLUSAE:
-    """Load Gemma Scope's params.npz as a JumpReLUSAE.
-
-    The file holds W_enc (d_model, d_sae), W_dec (d_sae, d_model), threshold (d_sae),
-    b_enc (d_sae) and b_dec (d_model). Raises ValueError naming any missing array or mismatched
-    shape.
-    """
-    with np.load(path) as npz:
-        arrays = {name: npz[name] for name in npz.files}
-    names = ("W_enc", "W_dec", "threshold", "b_enc", "b_dec")
-    missing = [name for name in names if name not in arrays]
-    if missing:
-        raise ValueError(f"{path}: missing arrays {missing}; found {sorted(arrays)}")
-    if arrays["W_enc"].ndim != 2:
-        raise ValueError(
-            f"{path}: W_enc must be 2-D (d_model, d_sae), got shape {arrays['W_enc'].shape}"
-        )
-    d_model, d_sae = arrays["W_enc"].shape
-    expected = {
-        "W_enc": (d_model, d_sae),
-        "W_dec": (d_sae, d_model),
-        "threshold": (d_sae,),
-        "b_enc": (d_sae,),
-        "b_dec": (d_model,),
-    }
-    for name, shape in expected.items():
-        if arrays[name].shape != shape:
-            raise ValueError(
-                f"{path}: {name} has shape {arrays[name].shape}, expected {shape} "
-                f"(d_model={d_model}, d_sae={d_sae} from W_enc)"
-            )
-    sae = JumpReLUSAE(d_model, d_sae)
-    state_dict = {
-        name: torch.from_numpy(np.asarray(arrays[name], dtype=np.float32)) for name in expected
-    }
-    sae.load_state_dict(state_dict)
-    return sae
-
-
-def load_sae(checkpoint: dict) -> SparseAutoencoder | JumpReLUSAE:
-    """Rebuild either kind of SAE from a dict holding its `checkpoint()` (e.g. from torch.load)."""
+def load_sae(checkpoint: dict) -> SparseAutoencoder:
+    """Rebuild the SAE from a dict holding its `checkpoint()` (e.g. from torch.load)."""
     config, state_dict = checkpoint["sae_config"], checkpoint["state_dict"]
-    if config["kind"] == "topk":
-        sae = SparseAutoencoder(config["d_model"], config["d_sae"], config["k"])
-    elif config["kind"] == "jumprelu":
-        sae = JumpReLUSAE(config["d_model"], config["d_sae"])
-    else:
-        raise ValueError(f"unknown SAE kind {config['kind']!r}; expected 'topk' or 'jumprelu'")
+    if config["kind"] != "topk":
+        raise ValueError(f"unknown SAE kind {config['kind']!r}; expected 'topk'")
+    sae = SparseAutoencoder(config["d_model"], config["d_sae"], config["k"])
     sae.load_state_dict(state_dict)
     return sae
 
@@ -271,9 +128,7 @@ def load_sae(checkpoint: dict) -> SparseAutoencoder | JumpReLUSAE:
 def normalized_mse(target: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
     """sum ||target - prediction||^2 / sum ||target - mean(target)||^2, a differentiable scalar.
 
-    Args:
-        target: Shape: (..., d).
-        prediction: Shape: (..., d).
+    target (..., d), prediction (..., d).
     """
     d = target.shape[-1]
     target = target.reshape(-1, d)  # (N, d)
@@ -320,29 +175,18 @@ def update_tokens_since_fired(
 ) -> torch.Tensor:
     """Dead-latent bookkeeping: reset the latents that fired in this batch, add B to the rest.
 
-    Args:
-        tokens_since_fired: tokens seen since each latent last fired. Shape: (d_sae,).
-        codes: the batch's codes. Shape: (B, d_sae).
-
-    Returns:
-        the updated counts. Shape: (d_sae,).
+    tokens_since_fired, the tokens seen since each latent last fired (d_sae,), and the batch's
+    codes (B, d_sae) -> the updated counts (d_sae,).
     """
     fired = (codes > 0).any(dim=0)  # (d_sae,)
     return torch.where(fired, 0, tokens_since_fired + codes.shape[0])
 
 
 def geometric_median(points: torch.Tensor, iterations: int = 20) -> torch.Tensor:
-    """The geometric median of points, by Weiszfeld's iterations from the mean.
+    """The geometric median of points (N, d), by `iterations` Weiszfeld updates from the mean.
 
-    Each iteration: m <- sum_i w_i p_i / sum_i w_i with w_i = 1 / ||p_i - m||.
-
-    Args:
-        points: Shape: (N, d).
-        iterations: how many updates of m.
-
-    Returns:
-        the point minimising the summed distance to all points (robust to outliers, unlike the
-        mean). Shape: (d,).
+    Each iteration: m <- sum_i w_i p_i / sum_i w_i with w_i = 1 / ||p_i - m||. The result (d,)
+    minimises the summed distance to all points (robust to outliers, unlike the mean).
     """
     median = points.mean(dim=0)
     for _ in range(iterations):
@@ -352,14 +196,11 @@ def geometric_median(points: torch.Tensor, iterations: int = 20) -> torch.Tensor
 
 
 def initialize_sae(activations: torch.Tensor, d_sae: int, k: int, seed: int) -> SparseAutoencoder:
-    """A TopK SAE initialised from data.
+    """A TopK SAE initialised from activations, raw residual-stream vectors (N, d_model).
 
     - input_scale s = sqrt(d_model / mean ||x||^2), so the scaled data has E||x'||^2 = d_model;
     - b_dec = geometric median of (up to 16,384 sampled) scaled activations;
     - W_dec rows random unit vectors, W_enc = W_dec^T, b_enc = 0.
-
-    Args:
-        activations: raw residual-stream vectors. Shape: (N, d_model).
     """
     generator = torch.Generator().manual_seed(seed)
     d_model = activations.shape[1]
@@ -391,7 +232,9 @@ def train_sae(
     aux_coef: float = 1 / 32,
     dead_tokens: int = 50_000,
     log_every: int = 500,
-    resume: dict | None = None,
+    resume_path: Path | None = None,
+    settings: dict | None = None,
+    resume: bool = False,
 ) -> SparseAutoencoder:
     """Train a TopK SAE on raw activations with Adam.
 
@@ -399,110 +242,84 @@ def train_sae(
     have not fired for dead_tokens tokens, reconstructing the residual x - x_hat (detached); then
     remove_parallel_grads, Adam step, normalize_decoder, and the dead-latent counters. Batches are
     sampled with replacement by batch_indices(seed, step).
-    On Ctrl-C, raises Interrupted("sae", step, state). Resuming from that state with the same
-    arguments ends with exactly the SAE an uninterrupted run gives (bit-identical on the CPU).
+    Resumes like every training stage: on Ctrl-C the state is saved to resume_path with
+    `settings` (runtime.save_resume) and Interrupted is raised; `resume` continues from that file,
+    ending with exactly the SAE an uninterrupted run gives (bit-identical on the CPU).
 
     Args:
-        activations: raw residual-stream vectors; training runs on their device.
-            Shape: (N, d_model).
+        activations: raw residual-stream vectors; training uses their device. Shape: (N, d_model).
         d_sae: number of latents.
         k: latents active per token.
-        steps, batch_size, lr, warmup_steps: the optimisation (learning_rate's "linear_tail"
-            schedule).
+        steps, batch_size, lr, warmup_steps: optimisation (learning_rate's "linear_tail" schedule).
         seed: fixes the initialisation and every batch.
         aux_k, aux_coef: AuxK's dead latents per token and loss weight (1/32 as in Gao et al.).
         dead_tokens: a latent that has not fired for this many training tokens counts as dead.
         log_every: steps between progress lines.
-        resume: an Interrupted's state, to continue that run.
+        resume_path, settings: where Ctrl-C saves the state, and the settings saved with it
+            (None: Ctrl-C stops without saving).
+        resume: continue from resume_path (refused if saved with other settings).
     """
-    settings = dict(
-        n_activations=len(activations),
-        d_model=activations.shape[1],
-        d_sae=d_sae,
-        k=k,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        warmup_steps=warmup_steps,
-        seed=seed,
-        aux_k=aux_k,
-        aux_coef=aux_coef,
-        dead_tokens=dead_tokens,
-    )
     device = activations.device
-    if resume is None:
-        sae = initialize_sae(activations, d_sae, k, seed)
-        optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
-        tokens_since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
-        completed = 0
-    else:
-        if resume["settings"] != settings:
-            raise ValueError(f"resume state was made with {resume['settings']}, not {settings}")
-        sae = load_sae(resume["sae"]).to(device)
-        optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
-        optimizer.load_state_dict(resume["optimizer_state"])
-        tokens_since_fired = resume["tokens_since_fired"].to(device)
-        completed = resume["step"]
-
-    start_time = time.time()
+    sae = initialize_sae(activations, d_sae, k, seed)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
+    tokens_since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
+    start_step = 0
+    if resume:
+        start_step, state = resume_training(resume_path, "sae", settings, sae, optimizer)
+        if start_step:
+            tokens_since_fired = state["tokens_since_fired"].to(device)
+    started = time.time()
     fvu_sum, aux_sum, logged_steps = 0.0, 0.0, 0
-    with stop_at_step_boundary() as interrupt_requested:
-        try:
-            for step in range(completed, steps):
-                if interrupt_requested.is_set():
-                    raise KeyboardInterrupt
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(step, lr, warmup_steps, steps, decay="linear_tail")
-                batch = batch_indices(len(activations), batch_size, seed, step)  # (B,)
-                x = activations[batch.to(device)]  # (B, d_model)
-                pre = sae.pre_activations(x)  # (B, d_sae)
-                codes = topk_relu(pre, k)  # (B, d_sae)
-                x_hat = sae.decode(codes)  # (B, d_model)
-                fvu = normalized_mse(x, x_hat)
-                dead = tokens_since_fired >= dead_tokens  # (d_sae,)
-                # AuxK reconstructs the main error e = x - x_hat, not x (Gao et al. 2024, A.2)
-                aux = auxk_loss(
-                    pre,
-                    dead,
-                    residual=(x - x_hat).detach(),
-                    W_dec=sae.W_dec,
-                    input_scale=sae.input_scale,
-                    aux_k=aux_k,
+    with stop_at_step_boundary() as stop:
+        for step in range(start_step, steps):
+            if stop.is_set():  # Ctrl-C: save, and say how to continue
+                if resume_path is not None:
+                    state = training_state(sae, optimizer) | {
+                        "tokens_since_fired": tokens_since_fired
+                    }
+                    save_resume(resume_path, settings, step, state)
+                raise Interrupted("sae", step, saved_to=resume_path)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, lr, warmup_steps, steps, decay="linear_tail")
+            batch = batch_indices(len(activations), batch_size, seed, step)  # (B,)
+            x = activations[batch.to(device)]  # (B, d_model)
+            pre = sae.pre_activations(x)  # (B, d_sae)
+            codes = topk_relu(pre, k)  # (B, d_sae)
+            x_hat = sae.decode(codes)  # (B, d_model)
+            fvu = normalized_mse(x, x_hat)
+            dead = tokens_since_fired >= dead_tokens  # (d_sae,)
+            # AuxK reconstructs the main error e = x - x_hat, not x (Gao et al. 2024, A.2)
+            aux = auxk_loss(
+                pre,
+                dead,
+                residual=(x - x_hat).detach(),
+                W_dec=sae.W_dec,
+                input_scale=sae.input_scale,
+                aux_k=aux_k,
+            )
+            loss = fvu + aux_coef * aux
+            # stop before the update: the weights so far stay finite
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the loss is {loss.item()} at step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            sae.remove_parallel_grads()
+            optimizer.step()
+            sae.normalize_decoder()
+            tokens_since_fired = update_tokens_since_fired(tokens_since_fired, codes)
+            # log the means since the last line
+            fvu_sum += fvu.item()
+            aux_sum += aux.item()
+            logged_steps += 1
+            if (step + 1) % log_every == 0 or step + 1 == steps:
+                print(
+                    f"sae step {step + 1}/{steps} | fvu {fvu_sum / logged_steps:.4f} | "
+                    f"auxk {aux_sum / logged_steps:.4f} | "
+                    f"dead {dead.float().mean().item():.3f} | "
+                    f"lr {optimizer.param_groups[0]['lr']:.2e} | {time.time() - started:.1f}s",
+                    flush=True,
                 )
-                loss = fvu + aux_coef * aux
-                # stop before the update: the weights so far stay finite
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"the loss is {loss.item()} at step {step}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                sae.remove_parallel_grads()
-                optimizer.step()
-                sae.normalize_decoder()
-                tokens_since_fired = update_tokens_since_fired(tokens_since_fired, codes)
-                completed = step + 1
-
-                fvu_sum += fvu.item()
-                aux_sum += aux.item()
-                logged_steps += 1
-                if completed % log_every == 0 or completed == steps:
-                    print(
-                        f"sae step {completed}/{steps} | fvu {fvu_sum / logged_steps:.4f} | "
-                        f"auxk {aux_sum / logged_steps:.4f} | "
-                        f"dead {dead.float().mean().item():.3f} | "
-                        f"lr {optimizer.param_groups[0]['lr']:.2e} | "
-                        f"{time.time() - start_time:.1f}s",
-                        flush=True,
-                    )
-                    fvu_sum, aux_sum, logged_steps = 0.0, 0.0, 0
-        except KeyboardInterrupt:
-            state = {
-                "settings": settings,
-                "step": completed,
-                "sae": copy.deepcopy(sae.checkpoint()),
-                "optimizer_state": copy.deepcopy(optimizer.state_dict()),
-                "tokens_since_fired": tokens_since_fired.clone(),
-            }
-            raise Interrupted(stage="sae", step=completed, state=state) from None
+                fvu_sum, aux_sum, logged_steps = 0.0, 0.0, 0
     return sae
 
 
@@ -574,54 +391,32 @@ def harvest_activations(
 
 
 def l0(codes: torch.Tensor) -> float:
-    """Mean number of non-zero latents per token.
-
-    Args:
-        codes: Shape: (..., d_sae).
-    """
+    """Mean number of non-zero latents per token, over codes (..., d_sae)."""
     return (codes != 0).sum(dim=-1).float().mean().item()
 
 
 def fraction_variance_unexplained(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    """FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2.
+    """FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, for x and x_hat (..., d_model).
 
     0 is perfect, 1 is as good as predicting the mean.
-
-    Args:
-        x: Shape: (..., d_model).
-        x_hat: Shape: (..., d_model).
     """
     return normalized_mse(x, x_hat).item()
 
 
 def firing_counts(codes: torch.Tensor) -> torch.Tensor:
-    """How many tokens each latent is non-zero on.
-
-    Args:
-        codes: Shape: (..., d_sae).
-
-    Returns:
-        the counts. Shape: (d_sae,).
-    """
+    """How many tokens each latent is non-zero on: codes (..., d_sae) -> counts (d_sae,)."""
     return (codes != 0).reshape(-1, codes.shape[-1]).sum(dim=0)
 
 
 def dead_fraction(counts: torch.Tensor) -> float:
-    """Fraction of latents that never fired.
-
-    Args:
-        counts: firing counts over some tokens. Shape: (d_sae,).
-    """
+    """Fraction of latents that never fired, given firing counts over some tokens (d_sae,)."""
     return (counts == 0).float().mean().item()
 
 
 def density_histogram(counts: torch.Tensor, n_tokens: int, width: int = 40) -> str:
     """Text histogram of log10(firing density), half-decade bins, one '#' per bar unit.
 
-    Args:
-        counts: firing counts over n_tokens tokens. Shape: (d_sae,).
-        n_tokens: tokens the counts were taken over.
-        width: '#' in the tallest bar.
+    counts are firing counts over n_tokens tokens (d_sae,); the tallest bar has `width` '#'.
 
     Example (4 latents firing on 0, 1, 50 and 500 of 1000 tokens):
         log10 density   latents
@@ -702,13 +497,8 @@ def reconstruct_and_count(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reconstructions and firing counts in chunks, so N x d_sae codes are never held at once.
 
-    Args:
-        sae: TopK or JumpReLU SAE.
-        activations: raw vectors. Shape: (N, d_model).
-        chunk_size: vectors per chunk.
-
-    Returns:
-        x_hat (N, d_model) on the activations' device, and firing counts (d_sae,).
+    sae(x) -> (x_hat, codes) runs on chunk_size vectors at a time. activations (N, d_model) ->
+    x_hat on the activations' device (N, d_model), and firing counts (d_sae,).
     """
     device = next(sae.parameters()).device
     x_hats, counts = [], 0
@@ -734,7 +524,7 @@ def evaluate_sae(
 
     Args:
         model: the GPT the SAE reads.
-        sae: TopK or JumpReLU SAE, on the model's device.
+        sae: an SAE with `encode` and `decode`, on the model's device.
         token_batches: held-out ids (B, T) or (ids, mask) pairs; iterated once (kept as a list).
         layer: the block the SAE reads.
         train_activations: the SAE's training activations. Shape: (N_train, d_model).
@@ -762,61 +552,3 @@ def evaluate_sae(
         density_histogram=histogram,
     )
     return metrics
-
-
-def top_activating_contexts(
-    model: nn.Module,
-    sae: nn.Module,
-    token_batches: Iterable,
-    layer: int,
-    latents: list[int],
-    decode_fn: Callable[[list[int]], str],
-    n_examples: int = 5,
-    context: int = 6,
-) -> str:
-    """For each latent, the n_examples tokens where it is largest, with their preceding context.
-
-    Each example shows the `context` tokens before the activating token (the model is causal, so
-    later tokens cannot have caused the activation).
-
-    Args:
-        model: the GPT the SAE reads.
-        sae: TopK or JumpReLU SAE.
-        token_batches: ids (B, T) or (ids, mask) pairs; only masked-in positions are candidates.
-        layer: the block the SAE reads.
-        latents: latent indices to report.
-        decode_fn: token ids -> text (e.g. the tokenizer's decode).
-        n_examples: examples per latent.
-        context: tokens shown before each activating token.
-
-    Returns:
-        text, one block per latent, lines like `   3.214  'the cat [[ sat]]'` (activating token
-        in [[ ]]).
-    """
-    device = next(model.parameters()).device
-    best = {latent: [] for latent in latents}  # latent -> [(activation, context ids, token id)]
-    with eval_mode(model), torch.no_grad():
-        for item in token_batches:
-            ids, mask = ids_and_mask(item)
-            _, hidden = model(ids.to(device), hidden_layer=layer)  # (B, T, C)
-            acts = sae.encode(hidden)[..., latents].cpu()  # (B, T, L)
-            # masked-out positions read 0, so they are never reported (value > 0 below)
-            acts = acts.masked_fill(~mask.cpu()[..., None], value=0.0)
-            T = ids.shape[1]
-            for j, latent in enumerate(latents):
-                latent_acts = acts[..., j].flatten()  # (B * T,)
-                values, flat_positions = latent_acts.topk(min(n_examples, latent_acts.numel()))
-                for value, flat in zip(values.tolist(), flat_positions.tolist()):
-                    row, pos = divmod(flat, T)
-                    if value > 0:
-                        context_ids = ids[row, max(0, pos - context):pos].tolist()
-                        best[latent].append((value, context_ids, int(ids[row, pos])))
-                best[latent] = sorted(best[latent], key=lambda example: -example[0])[:n_examples]
-    lines = []
-    for latent in latents:
-        never = "" if best[latent] else " never active on these tokens"
-        lines.append(f"latent {latent}:" + never)
-        for value, context_ids, token_id in best[latent]:
-            shown = decode_fn(context_ids) + "[[" + decode_fn([token_id]) + "]]"
-            lines.append(f"  {value:8.3f}  {shown!r}")
-    return "\n".join(lines)

@@ -3,21 +3,20 @@
     1. pretrain  a small GPT on the corpus                         -> gpt.pt
     2. sae       a TopK SAE on the GPT's residual stream           -> sae.pt, sae_metrics.json
     3. cache     the frozen reference's terms, once, offline       -> reference_cache.pt
-    4. prefer    FPO (or a baseline) on the preference pairs       -> policy.pt, policy_log.jsonl,
-                                                                      policy_training.svg
+    4. prefer    FPO (or a baseline) on the preference pairs       -> policy.pt, policy_log.jsonl
     5. eval      judge, KL, entropy and reward accuracy, held out  -> results.json
 
-`python train.py --stage sae` (or cache, prefer, eval, features) runs one stage, reading the
-earlier stages' outputs from --out_dir. Any config field is a flag (`--beta 2.0`; config.py,
-`python train.py --help`). The loss is fpo.py's; the metrics are evaluate.py's; devices,
-checkpoints, resume and Ctrl-C live in runtime.py. experiments.py tunes and compares the methods.
+`python train.py --stage sae` (or cache, prefer, eval) runs one stage, reading the earlier
+stages' outputs from --out_dir. Any config field is a flag (`--beta 2.0`; config.py,
+`python train.py --help`). The loss is fpo.py's; the metrics are evaluate.py's; what a stage
+reads is loaded by loading.py; devices, checkpoints, resume and Ctrl-C live in runtime.py. The
+experiments/ package, which nothing here imports, tunes and compares the methods.
 """
 
 import json
 import math
 import statistics
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -27,34 +26,28 @@ import torch
 import data
 import evaluate
 import fpo
-import report
 from config import (
     ONLINE_REFERENCE, STAGES, Config, PreferenceConfig, PretrainConfig, SAEConfig, latent_list,
     parse_args, run_command, settings_section, stage_settings,
 )
+from loading import (
+    check_inputs_and_outputs, load_gpt, load_pairs, load_policy, load_texts, load_trained_sae,
+    save_policy, tokenize,
+)
 from model import GPT, GPTConfig
 from runtime import (
     Interrupted, UsageError, autocast, batch_indices, changed_inputs, check_finite,
-    check_finite_model, check_made_from, in_float32, learning_rate, load_checkpoint, load_resume,
-    log_line, out_dir_lock, pick_device, precision, read_json, restore, resume_training,
-    save_checkpoint, save_resume, stages_to_run, stop_at_step_boundary, synchronize,
-    training_state, write_json, write_text,
+    check_finite_model, fingerprint, in_float32, learning_rate, load_checkpoint, log_line,
+    out_dir_lock, pick_device, precision, read_json, resume_training, save_checkpoint,
+    save_resume, stages_to_run, stop_at_step_boundary, synchronize, training_state, write_json,
+    write_text,
 )
-from sae import (
-    eval_mode, evaluate_sae, harvest_activations, load_sae, top_activating_contexts, train_sae,
-)
+from sae import eval_mode, evaluate_sae, harvest_activations, train_sae
 
 
 def main(argv: list[str]) -> None:
     """Parse and check every flag, then run the stages of --stage in order."""
     cfg = parse_args(argv, description=__doc__.split("\n\n")[0])
-    experiments = ("ablation", "bench", "bound", "compare", "control", "head_to_head", "sweep")
-    for experiment in experiments:
-        if getattr(cfg.run, experiment):
-            raise UsageError(
-                f"--{experiment} is an experiment: run `python experiments.py --{experiment}` "
-                "with the same flags"
-            )
     device = start_run(cfg)
     with out_dir_lock(cfg.run.out_dir):
         run_stages(cfg, device)
@@ -62,7 +55,7 @@ def main(argv: list[str]) -> None:
 
 def start_run(cfg: Config) -> torch.device:
     """What every command does first: pick the device and the CPU threads, say so, and check the
-    data and --out_dir before any work (experiments.py starts the same way)."""
+    data and --out_dir before any work (the experiments start the same way)."""
     device = pick_device(cfg.run.device)
     torch.set_num_threads(cfg.run.threads or torch.get_num_threads())
     print(f"device: {device} ({torch.get_num_threads()} CPU threads)\n{cfg.run}")
@@ -85,122 +78,14 @@ def run_stages(cfg: Config, device) -> None:
             load_preference_inputs(cfg, *load_gpt(cfg, device), device, rebuild=True)
         elif stage == "prefer":
             train_preference(cfg, device, seed=cfg.run.seed)
-            chart = report.training_chart(out / "policy_log.jsonl", "Preference training")
-            write_text(out / "policy_training.svg", chart)
-        elif stage == "eval":
-            eval_stage(cfg, device)
         else:
-            feature_report(cfg, device)
+            eval_stage(cfg, device)
         timings[stage] = time.time() - stage_started
     if "eval" in timings:  # the run's cost, next to its results
         path = out / "results.json"
         write_json(path, read_json(path, "rerun `--stage eval`") | {"seconds": timings})
     per_stage = ", ".join(f"{stage} {seconds:.0f}s" for stage, seconds in timings.items())
     print(f"time per stage: {per_stage}; total {time.time() - started:.0f}s")
-
-
-def check_inputs_and_outputs(cfg: Config) -> None:
-    """Read the corpus and the pairs (the toy world's or the user's files) and try --out_dir once
-    at start-up, so bad data, a data-dependent limit or an unwritable directory stops the run
-    before any training."""
-    enc = data.load_tokenizer()
-    block_size = cfg.pretrain.block_size
-    n_tokens = len(data.corpus_token_stream(load_texts(cfg), enc))
-    if n_tokens < 5 * block_size:  # pretraining windows, and the SAE's held-out fifth
-        corpus = cfg.run.corpus_file or f"the toy corpus (--n_docs {cfg.pretrain.n_docs})"
-        raise data.DataError(
-            corpus,
-            line=None,
-            problem=f"too short: {n_tokens} tokens, at least {5 * block_size} "
-            f"(5 x --block_size {block_size}) are needed",
-        )
-    train_pairs, test_pairs = load_pairs(cfg)
-    tokenize(train_pairs, enc, block_size, "training")
-    tokenize(test_pairs, enc, block_size, "held-out")
-    probe = Path(cfg.run.out_dir) / ".write_test"
-    try:
-        probe.parent.mkdir(parents=True, exist_ok=True)
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise UsageError(
-            f"--out_dir {cfg.run.out_dir!r} cannot be written to ({error.strerror})"
-        ) from None
-
-
-# ----------------------------------------------------------------------------------------------
-# Loading each stage's inputs, each in exactly one place (devices, checkpoints: runtime.py).
-
-
-def load_texts(cfg: Config) -> list[str]:
-    if cfg.run.corpus_file:
-        return data.load_corpus(cfg.run.corpus_file)
-    return data.make_corpus(cfg.pretrain.n_docs, seed=cfg.run.seed)
-
-
-def load_pairs(cfg: Config):
-    """(train pairs, held-out pairs): the toy world's, or the user's file split."""
-    if cfg.run.preference_file:
-        return data.split_preference_file(
-            cfg.run.preference_file, cfg.run.skip_bad_rows, cfg.prefer.n_test_pairs
-        )
-    train_pairs = data.make_preference_pairs(cfg.prefer.n_pairs, seed=cfg.run.seed, split="train")
-    test_pairs = data.make_preference_pairs(
-        cfg.prefer.n_test_pairs, seed=cfg.run.seed, split="test"
-    )
-    return train_pairs, test_pairs
-
-
-def tokenize(pairs, enc, block_size: int, what: str):
-    tokenized, dropped = data.tokenize_pairs(pairs, enc, block_size)
-    if dropped["no room"]:
-        print(
-            f"data: dropped {dropped['no room']} {what} pairs whose response would not fit "
-            f"the {block_size}-token context"
-        )
-    if dropped["identical"]:
-        print(
-            f"data: dropped {dropped['identical']} {what} pairs whose chosen and rejected "
-            f"responses are the same tokens once cut to the {block_size}-token context"
-        )
-    if not tokenized:
-        raise UsageError(f"no {what} pairs left after truncation to {block_size} tokens")
-    return tokenized
-
-
-def load_gpt(cfg: Config, device) -> tuple[GPT, str]:
-    """The pretrained GPT, checked against this run's model settings, and its fingerprint."""
-    path = Path(cfg.run.out_dir) / "gpt.pt"
-    ckpt = load_checkpoint(path, "gpt", "run `python train.py --stage pretrain` first")
-    # A new tokenizer changes the vocabulary.
-    asked_config = asdict(cfg.pretrain) | {"vocab_size": data.load_tokenizer().n_vocab}
-    for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
-        saved = ckpt["model_config"][name]
-        asked = asked_config[name]
-        if saved != asked:
-            raise UsageError(
-                f"{path} was trained with {name}={saved}, but this run asks for {name}={asked}: "
-                "rerun `--stage pretrain` with these settings, or drop the override"
-            )
-    model = restore(path, "rerun `--stage pretrain`", lambda: gpt_from(ckpt))
-    # The fingerprint is of the weights themselves, so no edit escapes it.
-    return model.to(device), fpo.fingerprint(ckpt["state_dict"])
-
-
-def gpt_from(ckpt: dict) -> GPT:
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["state_dict"])
-    return model
-
-
-def load_trained_sae(cfg: Config, gpt_fingerprint: str, device) -> tuple[torch.nn.Module, str]:
-    """The frozen SAE, refused unless it was trained on this GPT's residual stream at this layer."""
-    path = Path(cfg.run.out_dir) / "sae.pt"
-    ckpt = load_checkpoint(path, "sae", "run `python train.py --stage sae` first")
-    expected = {"GPT": gpt_fingerprint, "layer": cfg.sae.sae_layer % cfg.pretrain.n_layer}
-    check_made_from(path, ckpt, expected, "rerun `--stage sae`")
-    sae = restore(path, "rerun `--stage sae`", lambda: load_sae(ckpt))
-    return sae.to(device).eval().requires_grad_(False), fpo.fingerprint(ckpt["state_dict"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,7 +115,7 @@ def pretrain(cfg: Config, device) -> None:
     settings = stage_settings(cfg, "pretrain")
     start_step = 0
     if cfg.run.resume:
-        start_step = resume_training(resume_path, "pretrain", settings, model, optimizer)
+        start_step, _ = resume_training(resume_path, "pretrain", settings, model, optimizer)
     started = time.time()
     with stop_at_step_boundary() as stop:
         for step in range(start_step, pretrain_cfg.pretrain_steps):
@@ -241,8 +126,7 @@ def pretrain(cfg: Config, device) -> None:
             lr = learning_rate(
                 step, pretrain_cfg.pretrain_lr, 100, pretrain_cfg.pretrain_steps, "cosine"
             )
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_learning_rate(optimizer, lr)
             # batch: random windows of the token stream; forward and loss
             starts = batch_indices(
                 len(tokens) - pretrain_cfg.block_size,
@@ -259,22 +143,14 @@ def pretrain(cfg: Config, device) -> None:
             if step % cfg.run.log_every == 0:
                 save_resume(resume_path, settings, step, training_state(model, optimizer))
             # update
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+            update(model, optimizer, loss, grad_clip=1.0)
             # log
             if step % cfg.run.log_every == 0 or step == pretrain_cfg.pretrain_steps - 1:
                 elapsed = max(time.time() - started, 1e-9)
-                tokens_per_s = (step + 1 - start_step) * x.numel() / elapsed
-                line = log_line(
-                    "pretrain",
-                    step,
-                    pretrain_cfg.pretrain_steps,
-                    started,
-                    loss=loss.item(),
-                    tok_per_s=int(tokens_per_s),
-                )
+                tokens_per_s = int((step + 1 - start_step) * x.numel() / elapsed)
+                steps = pretrain_cfg.pretrain_steps
+                line = log_line("pretrain", step, steps, started, loss=loss.item(),
+                                tok_per_s=tokens_per_s)
                 print(line, flush=True)
     check_finite_model(model, "pretrain", "--pretrain_lr too high", probe=x)
     save_checkpoint(
@@ -306,9 +182,6 @@ def train_sae_stage(cfg: Config, device) -> None:
         sae_cfg.sae_tokens,
     )
     out = Path(cfg.run.out_dir)
-    resume_path = out / "sae.resume.pt"
-    settings = stage_settings(cfg, "sae")
-    saved = load_resume(resume_path, "sae", settings) if cfg.run.resume else None
     try:
         sae = train_sae(
             activations,
@@ -319,15 +192,14 @@ def train_sae_stage(cfg: Config, device) -> None:
             lr=sae_cfg.sae_lr,
             seed=cfg.run.seed,
             log_every=cfg.run.log_every * 5,
-            resume=saved and saved["state"],
+            resume_path=out / "sae.resume.pt",
+            settings=stage_settings(cfg, "sae"),
+            resume=cfg.run.resume,
         )
     except FloatingPointError as error:
         raise UsageError(
             f"sae: {error}; training stopped; likely cause: --sae_lr too high; nothing was saved"
         ) from None
-    except Interrupted as interrupted:
-        save_resume(resume_path, settings, interrupted.step, interrupted.state)
-        raise Interrupted("sae", interrupted.step, saved_to=resume_path) from None
     sae = sae.to(device)
     metrics = evaluate_sae(
         model,
@@ -344,9 +216,10 @@ def train_sae_stage(cfg: Config, device) -> None:
             "high, or a GPT whose residual stream is not finite; nothing was saved"
         )
     made_from = {"GPT": gpt_fingerprint, "layer": sae_cfg.sae_layer % cfg.pretrain.n_layer}
+    settings = stage_settings(cfg, "sae")
     save_checkpoint(out / "sae.pt", "sae", settings, made_from, **sae.checkpoint(), metrics=metrics)
     write_json(out / "sae_metrics.json", metrics)
-    resume_path.unlink(missing_ok=True)
+    (out / "sae.resume.pt").unlink(missing_ok=True)
     print(f"sae: saved {out / 'sae.pt'} and {out / 'sae_metrics.json'}")
 
 
@@ -395,7 +268,7 @@ def load_preference_inputs(
     token_ids = json.dumps([[p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in every_pair])
     n_train = {"n_train_pairs": len(inputs.train_pairs)}
     expected = inputs.made_from | {
-        "dataset or tokenizer": fpo.fingerprint(token_ids, n_train),
+        "dataset or tokenizer": fingerprint(token_ids, n_train),
         "precision": precision(device),
         "cache format": CACHE_FORMAT,
     }
@@ -461,13 +334,18 @@ def build_cache(
 
 # ----------------------------------------------------------------------------------------------
 # Stage 4: preference training. One loop for every method; the losses are fpo.py's functions.
+# A batch is 2B rows: B chosen responses, then their B rejected ones, each row the prompt and one
+# response, padded on the right; rows holds each response's row in the reference cache.
+
+
+DIVERGED = "--pref_lr or --beta too high, or --beta/--alpha not finite"  # a non-finite loss's cause
 
 
 class PreferenceLoss(NamedTuple):
     losses: torch.Tensor  # (B,)
     chosen_rewards: torch.Tensor  # (B,), detached
     rejected_rewards: torch.Tensor  # (B,), detached
-    feature_drifts: torch.Tensor | None  # D(y) of all 2B responses (FPO: part of its loss), or None
+    feature_mses: torch.Tensor | None  # D(y) of all 2B responses (FPO: part of its loss), or None
 
 
 def preference_losses(
@@ -492,14 +370,17 @@ def preference_losses(
     reference_avg_logps = inputs.cache["avg_logps"][cached_rows].to(avg_logps.device)
     method = pref_cfg.method
     if method == "fpo":  # offline reference: avg_logp_ref and pooled_ref come from the cache
-        feature_drifts = feature_drift(inputs.sae, hidden, mask, inputs.cache, rows, pref_cfg)
+        feature_mses = fpo.cached_feature_mse(
+            hidden, mask, inputs.sae.encode_topk, inputs.cache, rows, pref_cfg.fpo_k,
+            latents=latent_list(pref_cfg.fpo_latents),
+        )
         losses, chosen_rewards, rejected_rewards = fpo.fpo_loss(
             avg_logps[:B], avg_logps[B:],
             reference_avg_logps[:B], reference_avg_logps[B:],
-            feature_drifts[:B], feature_drifts[B:],
+            feature_mses[:B], feature_mses[B:],
             beta=pref_cfg.beta, alpha=pref_cfg.alpha, stop_gradient=pref_cfg.fpo_stop_grad,
         )
-        return PreferenceLoss(losses, chosen_rewards, rejected_rewards, feature_drifts.detach())
+        return PreferenceLoss(losses, chosen_rewards, rejected_rewards, feature_mses.detach())
     if method == "simpo":  # no reference at all
         losses, chosen_rewards, rejected_rewards = fpo.simpo_loss(
             avg_logps[:B], avg_logps[B:], beta=pref_cfg.beta, gamma=pref_cfg.gamma
@@ -541,185 +422,136 @@ def preference_losses(
     return PreferenceLoss(losses, chosen_rewards, rejected_rewards, None)
 
 
-def feature_drift(
-    sae,
-    hidden: torch.Tensor,
-    mask: torch.Tensor,
-    cache: dict,
-    rows: torch.Tensor,
-    pref_cfg: PreferenceConfig,
-) -> torch.Tensor:
-    """Feature drift D(y) of each row: the policy's pooled codes against the cached reference's,
-    top-pref_cfg.fpo_k, over the latents of --fpo_latents (all when empty).
-
-    hidden (R, T, d_model), mask (R, T), rows (R,) -> (R,). Only the positions that generate
-    response tokens are encoded (the rest are never pooled), and their TopK values are pooled
-    sparsely: the same numbers and gradients as fpo.pooled_features of the dense codes, cheaper."""
-    generating = mask[:, 1:].bool()  # position t generates response token t+1, as in sequence_logps
-    values, indices = in_float32(sae.encode_topk, hidden[:, :-1][generating])  # (N, sae_k) each
-    policy_pooled = fpo.pooled_topk_features(values, indices, mask, sae.d_sae)  # (R, d_sae)
-    reference_pooled = fpo.reference_pooled_features(cache, rows)  # pooled_ref(y), (R, d_sae)
-    latents = latent_list(pref_cfg.fpo_latents)
-    if latents:  # a chosen set of latents: the others never enter D(y)
-        policy_pooled = policy_pooled[:, latents]
-        reference_pooled = reference_pooled[:, latents]
-    return fpo.feature_mse(policy_pooled, reference_pooled, pref_cfg.fpo_k)
-
-
 @torch.no_grad()
-def policy_feature_drift(
-    pref_cfg: PreferenceConfig,
-    sae_layer: int,
-    policy: GPT,
-    batch,
-    inputs: PreferenceInputs,
-) -> torch.Tensor:
-    """Feature drift D(y) of every response in a batch, for logging and evaluation. Shape: (2B,)."""
+def policy_feature_mse(pref_cfg, sae_layer: int, policy: GPT, batch, inputs) -> torch.Tensor:
+    """D(y) of every response in a batch, for the methods whose loss does not compute it: the
+    same fpo.cached_feature_mse FPO trains with. Shape: (2B,)."""
     rows, input_ids, mask = batch
     _, hidden = policy(input_ids, hidden_layer=sae_layer)
-    return feature_drift(inputs.sae, hidden, mask, inputs.cache, rows, pref_cfg)
+    return fpo.cached_feature_mse(
+        hidden, mask, inputs.sae.encode_topk, inputs.cache, rows, pref_cfg.fpo_k,
+        latents=latent_list(pref_cfg.fpo_latents),
+    )
 
 
-def train_preference(
-    cfg: Config,
-    device,
-    seed: int,
-    tag: str = "policy",
-    *,
-    measure=nullcontext(),
-    snapshot_every: int = 0,
-) -> dict:
+def train_preference(cfg: Config, device, seed: int, tag: str = "policy") -> dict:
     """Train one policy with cfg.prefer.method; save it as out_dir/<tag>.pt with a per-step JSONL
-    log. `seed` fixes the batch order; the data and the starting weights are the same for every
-    seed. For the experiments: `measure` is a context manager around the loop alone (its peak
-    memory); snapshot_every > 0 also saves the policy every that many steps, as <tag>_step<N>.pt.
-    Returns the median step time in seconds."""
+    log, out_dir/<tag>_log.jsonl. `seed` fixes the batch order; the data and the starting weights
+    are the same for every seed. Returns the median step time in seconds."""
     pref_cfg = cfg.prefer
-    out = Path(cfg.run.out_dir)
     print(f"\n== prefer: {pref_cfg.method} ==\n{pref_cfg}")
-    policy, gpt_fingerprint = load_gpt(cfg, device)  # starts as a copy of the reference
-    inputs = load_preference_inputs(cfg, policy, gpt_fingerprint, device)
-    reference = None
-    if pref_cfg.method in ONLINE_REFERENCE:
-        reference = load_gpt(cfg, device)[0].eval().requires_grad_(False)
+    policy, inputs, reference = preference_models(cfg, device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=pref_cfg.pref_lr, weight_decay=0.0)
+    out = Path(cfg.run.out_dir)
     resume_path = out / f"{tag}.resume.pt"
     log_path = out / f"{tag}_log.jsonl"
     settings = stage_settings(cfg, "prefer", seed)
-    start_step = 0
-    if cfg.run.resume:
-        start_step = resume_training(resume_path, "prefer", settings, policy, optimizer)
-    # One JSON record per step; a resumed run keeps the records of the steps before it.
-    records = []
-    if start_step and log_path.exists():
-        logged = [json.loads(line) for line in log_path.read_text().splitlines()]
-        records = [record for record in logged if record["step"] < start_step]
+    start_step, records = resume_preference(cfg, resume_path, log_path, settings, policy, optimizer)
     eos = data.eos_id(inputs.enc)
+    steps = pref_cfg.pref_steps
     policy.train()
-    step_times = []
     started = time.time()
-
-    def save_policy(path: Path) -> None:
-        save_checkpoint(
-            path,
-            "policy",
-            settings,
-            inputs.made_from,
-            model_config=asdict(policy.config),
-            state_dict=policy.state_dict(),
-        )
-
-    def write_log() -> None:
-        write_text(log_path, "".join(json.dumps(record) + "\n" for record in records))
-
-    with stop_at_step_boundary() as stop, measure:
-        for step in range(start_step, pref_cfg.pref_steps):
+    with stop_at_step_boundary() as stop:
+        for step in range(start_step, steps):
             if stop.is_set():  # Ctrl-C: save, and say how to continue
-                write_log()
+                write_jsonl(log_path, records)
                 save_resume(resume_path, settings, step, training_state(policy, optimizer))
                 raise Interrupted("prefer", step, saved_to=resume_path)
             step_started = time.perf_counter()
-            # learning rate: linear warm-up, then constant
-            lr = learning_rate(
-                step, pref_cfg.pref_lr, pref_cfg.warmup_steps, pref_cfg.pref_steps, "constant"
-            )
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # batch: chosen rows, then rejected rows, with their cache rows
+            # batch: B training pairs drawn by (seed, step); chosen rows, then rejected rows
             picks = batch_indices(len(inputs.train_pairs), pref_cfg.pref_batch_size, seed, step)
-            batch = data.pair_batch(inputs.train_pairs, picks, row_offset=0, eos_id=eos,
-                                    device=device)
-            # forward and loss
+            batch = data.pair_batch(
+                inputs.train_pairs, picks, row_offset=0, eos_id=eos, device=device
+            )
+            # learning rate (linear warm-up, then constant), forward and loss
+            lr = learning_rate(step, pref_cfg.pref_lr, pref_cfg.warmup_steps, steps, "constant")
+            set_learning_rate(optimizer, lr)
             with autocast(device):
                 result = preference_losses(
                     pref_cfg, cfg.sae.sae_layer, policy, batch, inputs, reference
                 )
             loss = result.losses.mean()
             # stop on a non-finite loss; save the last good state every log_every steps
-            check_finite(loss, "prefer", step, resume_path,
-                         "--pref_lr or --beta too high, or --beta/--alpha not finite")
+            check_finite(loss, "prefer", step, resume_path, DIVERGED)
             if step % cfg.run.log_every == 0:
                 save_resume(resume_path, settings, step, training_state(policy, optimizer))
             # update
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), pref_cfg.grad_clip)
-            optimizer.step()
+            update(policy, optimizer, loss, pref_cfg.grad_clip)
             synchronize(device)
-            step_times.append(time.perf_counter() - step_started)
-            if snapshot_every and (step + 1) % snapshot_every == 0:
-                save_policy(out / f"{tag}_step{step + 1}.pt")
-            # log: every step to the JSONL file (written every log_every steps), every log_every-th
-            # to the terminal
-            feature_drifts = result.feature_drifts
-            if feature_drifts is None:  # other methods: the same drift, outside the timed step
-                feature_drifts = policy_feature_drift(
-                    pref_cfg, cfg.sae.sae_layer, policy, batch, inputs
-                )
-            margins = result.chosen_rewards - result.rejected_rewards
-            record = {
-                "step": step,
-                "loss": loss.item(),
-                "margin": margins.mean().item(),
-                "accuracy": (result.chosen_rewards > result.rejected_rewards).float().mean().item(),
-                "feature_drift": feature_drifts.mean().item(),
-                "ms_per_step": 1000 * step_times[-1],
-            }
-            records.append(record)
-            if step % cfg.run.log_every == 0 or step == pref_cfg.pref_steps - 1:
-                write_log()
-                shown = {key: value for key, value in record.items() if key != "step"}
-                print(log_line("prefer", step, pref_cfg.pref_steps, started, **shown), flush=True)
+            # log: every step to the JSONL file, every log_every-th to the terminal as well
+            ms_per_step = 1000 * (time.perf_counter() - step_started)
+            records.append(step_record(cfg, step, loss, result, ms_per_step, policy, batch, inputs))
+            if step % cfg.run.log_every == 0 or step == steps - 1:
+                write_jsonl(log_path, records)
+                shown = {key: value for key, value in records[-1].items() if key != "step"}
+                print(log_line("prefer", step, steps, started, **shown), flush=True)
     check_finite_model(policy, "prefer", "--pref_lr or --beta too high", probe=batch[1])
-    save_policy(out / f"{tag}.pt")
+    save_policy(out / f"{tag}.pt", settings, inputs.made_from, policy)
     resume_path.unlink(missing_ok=True)
     print(f"prefer: saved {out / f'{tag}.pt'} and {log_path}")
-    return {"median_step_s": statistics.median(step_times) if step_times else float("nan")}
+    step_ms = [record["ms_per_step"] for record in records] or [float("nan")]
+    return {"median_step_s": statistics.median(step_ms) / 1000}
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def update(model: torch.nn.Module, optimizer, loss: torch.Tensor, grad_clip: float) -> None:
+    """Backward, clip the gradient norm, step: the update of every GPT training stage."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+
+
+def step_record(cfg: Config, step: int, loss, result: PreferenceLoss, ms_per_step: float,
+                policy: GPT, batch, inputs: PreferenceInputs) -> dict:
+    """A training step's log record: the same keys in the JSONL log and on the terminal."""
+    feature_mses = result.feature_mses
+    if feature_mses is None:  # the other methods: the same D(y), outside the timed step
+        feature_mses = policy_feature_mse(cfg.prefer, cfg.sae.sae_layer, policy, batch, inputs)
+    return {
+        "step": step,
+        "loss": loss.item(),
+        "margin": (result.chosen_rewards - result.rejected_rewards).mean().item(),
+        "accuracy": (result.chosen_rewards > result.rejected_rewards).float().mean().item(),
+        "feature_mse": feature_mses.mean().item(),
+        "ms_per_step": ms_per_step,
+    }
+
+
+def preference_models(cfg: Config, device) -> tuple[GPT, PreferenceInputs, GPT | None]:
+    """The policy (a copy of the pretrained GPT), the frozen inputs, and the frozen reference GPT
+    for the methods that run it every step (None for the others: FPO's reference is its cache)."""
+    policy, gpt_fingerprint = load_gpt(cfg, device)
+    inputs = load_preference_inputs(cfg, policy, gpt_fingerprint, device)
+    reference = None
+    if cfg.prefer.method in ONLINE_REFERENCE:
+        reference = load_gpt(cfg, device)[0].eval().requires_grad_(False)
+    return policy, inputs, reference
+
+
+def resume_preference(cfg: Config, resume_path: Path, log_path: Path, settings: dict, policy,
+                      optimizer) -> tuple[int, list[dict]]:
+    """With --resume, the interrupted run's weights, optimizer and log records before its step;
+    otherwise step 0 and no records."""
+    if not cfg.run.resume:
+        return 0, []
+    start_step, _ = resume_training(resume_path, "prefer", settings, policy, optimizer)
+    if not start_step or not log_path.exists():
+        return start_step, []
+    logged = [json.loads(line) for line in log_path.read_text().splitlines()]
+    return start_step, [record for record in logged if record["step"] < start_step]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    write_text(path, "".join(json.dumps(record) + "\n" for record in records))
 
 
 # ----------------------------------------------------------------------------------------------
 # Stage 5: evaluation on held-out pairs and prompts (the metrics are evaluate.py's).
-
-
-def load_policy(
-    cfg: Config,
-    tag: str,
-    reference: GPT,
-    inputs: PreferenceInputs,
-    device,
-) -> tuple[GPT, dict]:
-    """The trained policy out_dir/<tag>.pt, frozen, refused unless it was trained from this
-    reference and SAE; and the settings it was trained with."""
-    path = Path(cfg.run.out_dir) / f"{tag}.pt"
-    ckpt = load_checkpoint(path, "policy", "run `python train.py --stage prefer` first")
-    if ckpt["model_config"] != asdict(reference.config):
-        raise UsageError(
-            f"{path} was trained from another GPT than {cfg.run.out_dir}/gpt.pt: "
-            "rerun `--stage prefer`"
-        )
-    check_made_from(path, ckpt, inputs.made_from, "rerun `--stage prefer`")
-    policy = restore(path, "rerun `--stage prefer`", lambda: gpt_from(ckpt)).to(device)
-    return policy.eval().requires_grad_(False), ckpt["config"]
 
 
 @torch.no_grad()
@@ -730,34 +562,29 @@ def held_out_accuracy(
     reference: GPT,
     inputs: PreferenceInputs,
     device,
-    split: str = "test",
 ) -> dict:
-    """On the held-out pairs (cache rows after the training pairs'), or with split "train" on as
-    many of the training pairs (the first ones): mean feature drift D(y), reward accuracy with
-    the method's own reward, and with the implicit DPO reward log pi(y) - log pi_ref(y) (summed
-    log-probs), one measure for every method."""
-    accuracies, implicit_accuracies, feature_drifts = [], [], []
+    """On the held-out pairs (the cache rows after the training pairs'): mean D(y), reward
+    accuracy with the method's own reward, and with the implicit DPO reward log pi(y) -
+    log pi_ref(y) (summed log-probs), one measure for every method."""
+    accuracies, implicit_accuracies, feature_mses = [], [], []
     eos = data.eos_id(inputs.enc)
-    if split == "test":
-        pairs, row_offset = inputs.test_pairs, len(inputs.train_pairs)
-    else:
-        pairs, row_offset = inputs.train_pairs[: len(inputs.test_pairs)], 0
-    for batch in data.every_pair(pairs, 64, row_offset, eos, device):
+    row_offset = len(inputs.train_pairs)
+    for batch in data.every_pair(inputs.test_pairs, 64, row_offset, eos, device):
         rows, input_ids, mask = batch
         B = len(rows) // 2
         with autocast(device):
             result = preference_losses(pref_cfg, sae_layer, policy, batch, inputs, reference)
-            drifts = result.feature_drifts
-            if drifts is None:  # FPO computed it for its loss; the other methods measure it here
-                drifts = policy_feature_drift(pref_cfg, sae_layer, policy, batch, inputs)
-            feature_drifts.append(drifts)
+            batch_mses = result.feature_mses
+            if batch_mses is None:  # FPO computed it for its loss; the other methods measure it
+                batch_mses = policy_feature_mse(pref_cfg, sae_layer, policy, batch, inputs)
+            feature_mses.append(batch_mses)
             logits, _ = policy(input_ids)
             reference_logps = inputs.cache["sum_logps"][rows.cpu()].to(device)
             implicit_reward = fpo.sequence_logps(logits, input_ids, mask)[0] - reference_logps
         accuracies.append((result.chosen_rewards > result.rejected_rewards).float())
         implicit_accuracies.append((implicit_reward[:B] > implicit_reward[B:]).float())
     return {
-        "feature_drift": torch.cat(feature_drifts).mean().item(),
+        "feature_mse": torch.cat(feature_mses).mean().item(),
         "reward_accuracy": torch.cat(accuracies).mean().item(),  # with the method's own reward
         "implicit_reward_accuracy": torch.cat(implicit_accuracies).mean().item(),
     }
@@ -778,26 +605,19 @@ def evaluate_policy(
     seed: int,
     tag: str = "policy",
     reference_samples: dict | None = None,
-    training_accuracy: bool = False,
 ) -> dict:
     """Everything results.json holds for out_dir/<tag>.pt: held_out_accuracy, then the judge's
     comparison with the reference on held-out prompts, and the settings it all was made with.
-    The reference's samples depend only on the seed: pass the same dict to reuse them across
-    methods. The policy's own training settings (saved in <tag>.pt) decide its loss terms.
-    training_accuracy: also the reward accuracy on training pairs (train_reward_accuracy)."""
+    The policy's own training settings (saved in <tag>.pt) decide its loss terms. The reference's
+    samples depend only on the seed: pass one dict to several calls to sample them once."""
     print(f"\n== eval: {tag} ==")
     reference, gpt_fingerprint = load_gpt(cfg, device)
     reference.eval().requires_grad_(False)
     inputs = load_preference_inputs(cfg, reference, gpt_fingerprint, device)
-    policy, trained_with = load_policy(cfg, tag, reference, inputs, device)
+    policy, trained_with = load_policy(cfg, tag, reference, inputs.made_from, device)
     trained_cfg = settings_section(PreferenceConfig, trained_with)
     results = {"method": trained_cfg.method, "seed": seed}
     results |= held_out_accuracy(trained_cfg, cfg.sae.sae_layer, policy, reference, inputs, device)
-    if training_accuracy:
-        on_training_pairs = held_out_accuracy(
-            trained_cfg, cfg.sae.sae_layer, policy, reference, inputs, device, split="train"
-        )
-        results["train_reward_accuracy"] = on_training_pairs["reward_accuracy"]
     prompt_texts, judged = held_out_prompts(cfg, inputs)
     results |= evaluate.judge_against_reference(
         policy,
@@ -808,7 +628,7 @@ def evaluate_policy(
         cfg.eval,
         seed,
         device,
-        {} if reference_samples is None else reference_samples,
+        reference_samples,
     )
     results["trained_with"] = trained_with
     results["cpu_threads"] = torch.get_num_threads()
@@ -831,32 +651,7 @@ def eval_stage(cfg: Config, device) -> None:
     results = evaluate_policy(cfg, device, seed=cfg.run.seed)
     path = Path(cfg.run.out_dir) / "results.json"
     write_json(path, results)
-    print(report.summary_text(results, path))
-
-
-def feature_report(cfg: Config, device) -> None:
-    """--stage features: what the SAE latents mean: for each, the held-out response tokens that
-    activate it most."""
-    print("\n== features ==")
-    model, gpt_fingerprint = load_gpt(cfg, device)
-    inputs = load_preference_inputs(cfg, model, gpt_fingerprint, device)
-    if cfg.run.latents:
-        latents = latent_list(cfg.run.latents)
-    else:
-        latents = evaluate.most_constrained_latents(inputs.cache, cfg.prefer.fpo_k, n=8)
-        print(f"features: the {len(latents)} latents most often in the reference's "
-              f"top-{cfg.prefer.fpo_k} pooled features")
-    eos = data.eos_id(inputs.enc)
-    batches = (
-        (input_ids, mask)
-        for _, input_ids, mask in data.every_pair(inputs.test_pairs, 64, 0, eos, device)
-    )
-    report_text = top_activating_contexts(
-        model, inputs.sae, batches, cfg.sae.sae_layer, latents, inputs.enc.decode
-    )
-    path = Path(cfg.run.out_dir) / "features.txt"
-    write_text(path, report_text + "\n")
-    print(f"{report_text}\nfeatures: wrote {path}")
+    print(evaluate.summary_text(results, path))
 
 
 if __name__ == "__main__":

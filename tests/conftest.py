@@ -68,15 +68,6 @@ def copy_outputs(tiny_run, tmp_path: Path, *names: str) -> Path:
     return tmp_path
 
 
-def tiny_reference(tiny_run, out_dir: Path, seed: int = 1337) -> Path:
-    """out_dir/ref_seed<seed>/ holding the tiny run's GPT, SAE and cache: the reference that
-    experiments.py builds for that seed (the tiny run is seed 1337), ready made."""
-    reference = out_dir / f"ref_seed{seed}"
-    reference.mkdir(parents=True)
-    copy_outputs(tiny_run, reference, "gpt.pt", "sae.pt", "reference_cache.pt")
-    return reference
-
-
 def readme_snippet() -> str:
     """The python block of README.md's "Use the loss in your own code"."""
     text = README.read_text()

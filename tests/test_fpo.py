@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import fpo
+import runtime
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -458,13 +459,13 @@ def test_dpo_with_the_cached_sums_equals_dpo_with_an_online_reference_bit_for_bi
 
 def test_fingerprint_changes_with_any_part():
     state = {"w": torch.ones(3), "b": torch.zeros(2)}
-    base = fpo.fingerprint(state, torch.arange(5), {"beta": 0.1})
+    base = runtime.fingerprint(state, torch.arange(5), {"beta": 0.1})
     reordered = {"b": torch.zeros(2), "w": torch.ones(3)}
-    assert base == fpo.fingerprint(reordered, torch.arange(5), {"beta": 0.1})
+    assert base == runtime.fingerprint(reordered, torch.arange(5), {"beta": 0.1})
     nudged = {"w": torch.ones(3) * 1.0001, "b": torch.zeros(2)}
-    assert base != fpo.fingerprint(nudged, torch.arange(5), {"beta": 0.1})
-    assert base != fpo.fingerprint(state, torch.arange(6), {"beta": 0.1})
-    assert base != fpo.fingerprint(state, torch.arange(5), {"beta": 0.2})
+    assert base != runtime.fingerprint(nudged, torch.arange(5), {"beta": 0.1})
+    assert base != runtime.fingerprint(state, torch.arange(6), {"beta": 0.1})
+    assert base != runtime.fingerprint(state, torch.arange(5), {"beta": 0.2})
 
 
 @pytest.mark.slow

@@ -1,9 +1,9 @@
 """The README: its snippet run as written, its reading path, its order and size, and every\nnumber, picture and command it and docs/ show."""
 
 import copy
+import json
 import re
 import shlex
-from xml.etree import ElementTree
 
 import pytest
 import torch
@@ -15,7 +15,7 @@ from model import GPT, GPTConfig
 from sae import train_sae
 
 
-def test_readme_snippet_runs_and_matches_an_online_reference():
+def test_readme_snippet_runs_as_pasted_and_matches_an_online_reference():
     torch.manual_seed(0)
     policy = GPT(GPTConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=16))
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -26,8 +26,7 @@ def test_readme_snippet_runs_and_matches_an_online_reference():
     response_mask = torch.zeros(6, 12, dtype=torch.bool)
     response_mask[:, 5:] = True
     response_mask[2, 9:] = False  # a shorter response, padded
-    scope = {
-        "torch": torch,
+    scope = {  # what the snippet says you bring; it imports torch and fpo itself
         "lm": lambda ids: policy(ids, hidden_layer=-1),
         "reference_lm": lambda ids: reference(ids, hidden_layer=-1),
         "sae": sae,
@@ -36,7 +35,7 @@ def test_readme_snippet_runs_and_matches_an_online_reference():
         "row_ids": torch.arange(6),
     }
     exec(readme_snippet(), scope)
-    losses, drift = scope["losses"], scope["drift"]
+    losses, drift = scope["losses"], scope["feature_mse"]
     assert losses.shape == (3,) and torch.isfinite(losses).all()
     assert all(p.grad is not None for p in policy.parameters() if p.requires_grad)
     assert torch.all(drift.abs() < 1e-10)  # the policy still equals the reference
@@ -50,16 +49,19 @@ def test_readme_snippet_runs_and_matches_an_online_reference():
     torch.testing.assert_close(scope["reference_pooled"], online_pooled, atol=1e-5, rtol=0)
 
 
-def test_the_reading_path_line_ranges_hold_what_it_names():
-    """Each `FILE` lines A-B item of the README's reading path defines, within those lines, every
-    function it names."""
+def test_the_reading_path_line_ranges_hold_what_it_names_and_state_their_length():
+    """Each `FILE` lines A-B item of the README's reading path is one contiguous range that
+    defines every function it names; together they are at most 700 lines, and the README states
+    their true total."""
     text = README.read_text()
     path = text[text.index("## Reading path") : text.index("## The files")]
     items = re.findall(r"`(\w+\.py)` lines (\d+)-(\d+):(.*?)(?=\n\d\.|\Z)", path, flags=re.S)
-    assert len(items) == 2, items
+    assert [file for file, *_ in items] == ["fpo.py", "train.py"], items
+    total = 0
     for file, first, last, described in items:
         all_lines = (README.parent / file).read_text().splitlines()
         lines = all_lines[int(first) - 1 : int(last)]
+        total += len(lines)
         names = re.findall(r"`(\w+)`", described)
         assert names, described
         for name in names:
@@ -68,6 +70,15 @@ def test_the_reading_path_line_ranges_hold_what_it_names():
         assert lines[0] and not lines[0].startswith((" ", ")")), (file, first, lines[0])
         assert not all_lines[int(last)].startswith(" "), (file, last, "cuts a definition")
         assert not lines[-1].startswith("    ") or all_lines[int(last)] == "", (file, last)
+    assert total <= 700
+    assert f"{total} lines in all" in path
+    # it covers the offline cache and the batch layout
+    fpo_first, fpo_last = map(int, items[0][1:3])
+    fpo_lines = "\n".join((README.parent / "fpo.py").read_text().splitlines()[fpo_first - 1 : fpo_last])
+    assert "def build_reference_cache(" in fpo_lines and "def cached_feature_mse(" in fpo_lines
+    train_first, train_last = map(int, items[1][1:3])
+    train_lines = "\n".join((README.parent / "train.py").read_text().splitlines()[train_first - 1 : train_last])
+    assert "def build_cache(" in train_lines and "A batch is 2B rows" in train_lines
 
 
 README_SECTIONS = [
@@ -92,91 +103,52 @@ def test_the_readme_is_the_learners_page_in_order_and_short():
     headings = [line for line in text.splitlines() if line.startswith("## ")]
     assert headings == README_SECTIONS
     snippet = readme_snippet()
-    assert "beta=2.0" in snippet and "alpha=16.0" in snippet and "k=32" in snippet
+    assert "import torch" in snippet
     defaults = PreferenceConfig()
-    assert (defaults.beta, defaults.alpha, defaults.fpo_k) == (2.0, 16.0, 32)
+    for name, value in (("beta", defaults.beta), ("alpha", defaults.alpha), ("k", defaults.fpo_k)):
+        assert f"{name}={value}" in snippet, name
 
 
-# The files the evidence commands wrote, copied into docs/ (docs/results.md lists the commands).
-GENERATED = (
-    "compare.md", "compare_threads1.md", "sweep.md", "seeds.md", "head_to_head.md", "ablation.md",
-    "control.md", "bound.md", "bench.md",
-)
+def test_fpo_defaults_are_the_sweeps_fpo_pick():
+    """config.py's FPO defaults are the pick docs/sweep_picks.json holds, and the README, the
+    snippet and docs/toy_world.md state them."""
+    picks = json.loads((DOCS / "sweep_picks.json").read_text())["picks"]["FPO"]["settings"]
+    defaults = PreferenceConfig()
+    assert picks["method"] == defaults.method == "fpo"
+    for name in ("beta", "alpha", "pref_lr", "pref_steps"):
+        assert getattr(defaults, name) == picks[name], name
+    stated = f"beta {picks['beta']:g}, alpha {picks['alpha']:g}"
+    for page in (README, DOCS / "toy_world.md", DOCS / "results.md"):
+        assert stated in page.read_text(), page.name
 
 
-def results_texts() -> dict[str, str]:
-    """The README's results section and docs/results.md: the places that quote the evidence."""
-    text = README.read_text()
-    start = text.index("\n## Results at a glance")
-    readme_results = text[start : text.index("\n## ", start + 1)]
-    return {
-        "README.md": readme_results,
-        "docs/results.md": (DOCS / "results.md").read_text(),
-        "docs/paper.md": (DOCS / "paper.md").read_text(),
-    }
-
-
-def test_results_numbers_come_from_the_generated_files():
-    """Every table quoted in the results is (a block of) a file its commands wrote, verbatim, and
-    every decimal number in the prose around them occurs in one of those files: no number typed
-    by hand."""
-    generated = {name: (DOCS / name).read_text() for name in GENERATED}
-    every_number = " ".join(generated.values())
-    blocks = [block.strip() for table in generated.values() for block in table.split("\n\n")]
-    for name, text in results_texts().items():
-        tables = re.findall(r"(?:^\|.*\|\n)+", text, flags=re.M)
-        assert tables, name
-        prose = text
-        for table in tables:
-            assert any(table.strip() in block for block in blocks), (name, table[:80])
-            prose = prose.replace(table, "")
-        # the paper's own numbers are quoted as percentages, the project's never are; section
-        # numbers are not data
-        for number in re.findall(r"(?<![\w.])(?<!Sec\. )\d+\.\d+(?![\d%])", prose):
-            assert number in every_number, f"{number} in {name}'s prose is in no generated file"
-    for name in ("compare.md", "compare_threads1.md"):
-        assert (DOCS / "results.md").read_text().count(generated[name].strip()) == 1, name
-
-
-def test_every_picture_and_page_the_docs_link_exists_and_every_svg_parses():
-    pages = [README] + sorted(DOCS.glob("*.md"))
-    for page in pages:
-        for target in re.findall(r"\]\(([\w./-]+\.(?:svg|md))\)", page.read_text()):
-            assert (page.parent / target).exists(), (page.name, target)
-    for svg in DOCS.glob("*.svg"):
-        assert ElementTree.parse(svg).getroot().tag.endswith("svg"), svg.name
-
-
-def documented_commands() -> list[list[str]]:
-    """Every `python X.py ...` line of the README's and docs/' bash blocks, as argv lists, with
+def documented_train_commands() -> list[list[str]]:
+    """Every `python train.py ...` line of the README's and docs/' bash blocks, as argv lists, with
     shell variables and comments removed."""
     commands = []
     for page in [README] + sorted(DOCS.glob("*.md")):
         for block in re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S):
             for line in block.replace("\\\n", " ").splitlines():
-                for command in re.findall(r"python ([\w/]+\.py(?: [^;#>|]*)?)", line):
+                for command in re.findall(r"python train\.py((?: [^;#>|]*)?)", line):
                     commands.append(shlex.split(re.sub(r"\$\S+", "1", command)))
     return commands
 
 
-def test_every_documented_command_names_a_script_and_flags_that_exist():
+def test_every_documented_train_py_command_has_flags_that_exist():
     """Each command's flags parse with the pipeline's own parser (a renamed flag fails here;
     shell variables stand in as 1, so only names and types are checked)."""
-    commands = documented_commands()
-    scripts = {command[0] for command in commands}
-    assert {"train.py", "experiments.py", "evaluate.py"} <= scripts, scripts
-    for script, *args in commands:
-        assert (README.parent / script).exists(), script
-        if script in ("train.py", "experiments.py"):
-            build_parser("").parse_args(args)
+    commands = documented_train_commands()
+    assert commands
+    for args in commands:
+        build_parser("").parse_args(args)
+
+
+def test_every_page_the_readme_links_exists():
+    for target in re.findall(r"\]\(([\w./-]+\.(?:svg|md))\)", README.read_text()):
+        assert (README.parent / target).exists(), target
 
 
 @pytest.mark.slow
-def test_the_scripts_answer_help_and_evaluate_tabulates_a_finished_run(tiny_run):
-    out_dir, _ = tiny_run
-    for script in ("train.py", "experiments.py", "evaluate.py"):
-        done = run_script(script, "--help")
-        assert done.returncode == 0 and "usage" in done.stdout.lower(), (script, done.stderr)
-    done = run_script("evaluate.py", str(out_dir))
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("| run | seed | threads |") and out_dir.name in done.stdout
+def test_train_py_answers_help():
+    done = run_script("train.py", "--help")
+    assert done.returncode == 0 and "usage" in done.stdout.lower(), done.stderr

@@ -151,7 +151,7 @@ def test_all_padding_response_gives_finite_losses_and_metrics():
         pref = train.PreferenceConfig(method=method, fpo_k=4)
         losses, chosen, rejected, _ = train.preference_losses(pref, -1, policy, batch, inputs, policy)
         assert all(torch.isfinite(t).all() for t in (losses, chosen, rejected)), method
-    assert torch.isfinite(train.policy_feature_drift(pref, -1, policy, batch, inputs)).all()
+    assert torch.isfinite(train.policy_feature_mse(pref, -1, policy, batch, inputs)).all()
     prompts = [t.prompt_ids for t in tokenized]
     stats = evaluate.score_samples(policy, policy, prompts, [[], []], eos, torch.device("cpu"))  # two empty samples
     assert all(math.isfinite(value) for value in stats.values())

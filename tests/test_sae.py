@@ -2,7 +2,6 @@ import math
 import os
 import signal
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -11,10 +10,9 @@ from torch.overrides import TorchFunctionMode
 
 import fpo
 import sae as sae_module
-from runtime import Interrupted
+from runtime import Interrupted, UsageError
 from model import GPT, GPTConfig
 from sae import (
-    JumpReLUSAE,
     SparseAutoencoder,
     ce_loss_recovered,
     dead_fraction,
@@ -25,9 +23,7 @@ from sae import (
     harvest_activations,
     initialize_sae,
     l0,
-    load_jumprelu_npz,
     load_sae,
-    top_activating_contexts,
     train_sae,
 )
 
@@ -227,18 +223,19 @@ def test_training_is_deterministic_and_resumes_bit_identically(monkeypatch, tmp_
         return original_batch_indices(n, batch_size, seed, step)
 
     monkeypatch.setattr(sae_module, "batch_indices", ctrl_c_during_step_25)
+    resume_path = tmp_path / "sae.resume.pt"
+    saved_with = {"lr": 4e-3}
     with pytest.raises(Interrupted) as interrupted:
-        train_sae(x, **settings)
+        train_sae(x, **settings, resume_path=resume_path, settings=saved_with)
     monkeypatch.undo()
-    assert interrupted.value.step == interrupted.value.state["step"] == 26
-    torch.save(interrupted.value.state, tmp_path / "state.pt")  # the state survives a save/load
-    state = torch.load(tmp_path / "state.pt")
+    assert interrupted.value.step == 26  # the Ctrl-C lands after step 25's update
+    assert interrupted.value.saved_to == resume_path
 
-    resumed = train_sae(x, **settings, resume=state)
+    resumed = train_sae(x, **settings, resume_path=resume_path, settings=saved_with, resume=True)
     for name, tensor in uninterrupted.state_dict().items():
         assert torch.equal(tensor, resumed.state_dict()[name]), name
-    with pytest.raises(ValueError, match="resume state"):
-        train_sae(x, **{**settings, "lr": 1e-3}, resume=state)
+    with pytest.raises(UsageError, match="--lr 0.004"):
+        train_sae(x, **settings, resume_path=resume_path, settings={"lr": 1e-3}, resume=True)
 
 
 def test_save_load_round_trip_gives_identical_codes(planted, tmp_path):
@@ -251,47 +248,6 @@ def test_save_load_round_trip_gives_identical_codes(planted, tmp_path):
     with pytest.raises(ValueError, match="unknown SAE kind"):
         config = {**trained.config, "kind": "l1"}
         load_sae({"sae_config": config, "state_dict": trained.state_dict()})
-
-
-# ----------------------------------------------------------------------------- JumpReLU
-
-
-def gemma_scope_arrays(d_model=6, d_sae=10, seed=0):
-    rng = np.random.default_rng(seed)
-    return {"W_enc": rng.normal(size=(d_model, d_sae)).astype(np.float32),
-            "W_dec": rng.normal(size=(d_sae, d_model)).astype(np.float32),
-            "threshold": rng.uniform(0.0, 1.0, size=d_sae).astype(np.float32),
-            "b_enc": rng.normal(size=d_sae).astype(np.float32),
-            "b_dec": rng.normal(size=d_model).astype(np.float32)}
-
-
-def test_jumprelu_npz_matches_hand_computation(tmp_path):
-    arrays = gemma_scope_arrays()
-    np.savez(tmp_path / "params.npz", **arrays)
-    model = load_jumprelu_npz(tmp_path / "params.npz")
-    x = np.random.default_rng(1).normal(size=(7, 6)).astype(np.float32)
-
-    pre = x @ arrays["W_enc"] + arrays["b_enc"]  # Gemma Scope: no b_dec subtracted
-    expected_codes = np.where(pre > arrays["threshold"], np.maximum(pre, 0), 0)
-    expected_x_hat = expected_codes @ arrays["W_dec"] + arrays["b_dec"]
-    x_hat, codes = model(torch.from_numpy(x))
-    np.testing.assert_allclose(codes.detach().numpy(), expected_codes, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(x_hat.detach().numpy(), expected_x_hat, rtol=1e-5, atol=1e-5)
-    assert 0 < (expected_codes > 0).sum() < expected_codes.size  # the threshold did something
-
-    reloaded = load_sae(model.checkpoint())
-    assert isinstance(reloaded, JumpReLUSAE)
-    assert torch.equal(reloaded.encode(torch.from_numpy(x)), codes)
-
-
-def test_jumprelu_npz_errors_name_the_problem(tmp_path):
-    arrays = gemma_scope_arrays()
-    np.savez(tmp_path / "missing.npz", **{k: v for k, v in arrays.items() if k != "threshold"})
-    with pytest.raises(ValueError, match="missing arrays \\['threshold'\\]"):
-        load_jumprelu_npz(tmp_path / "missing.npz")
-    np.savez(tmp_path / "bad_shape.npz", **{**arrays, "b_dec": np.zeros(5, np.float32)})
-    with pytest.raises(ValueError, match="b_dec has shape \\(5,\\), expected \\(6,\\)"):
-        load_jumprelu_npz(tmp_path / "bad_shape.npz")
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -341,34 +297,6 @@ def test_density_histogram_makes_no_float64_tensor():
     assert "[-3.0, -2.5)          1" in text  # density 1/1000 is exactly -3.0
 
 
-class PositionSAE(nn.Module):
-    """One latent whose activation is position + 1, whatever the residual stream."""
-
-    def encode(self, h):
-        positions = torch.arange(1, h.shape[1] + 1, dtype=h.dtype, device=h.device)  # (T,)
-        return positions[None, :, None].expand(len(h), -1, 1)  # (B, T, 1)
-
-
-def test_top_activating_contexts_never_reports_a_masked_out_position():
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=32, block_size=16, n_layer=1, n_head=2, n_embd=8))
-    ids = counting_batches(n_batches=1)[0]  # (8, 16)
-    mask = torch.ones(8, 16, dtype=torch.bool)
-    mask[:, 10:] = False  # e.g. padding
-    report = top_activating_contexts(
-        model,
-        PositionSAE(),
-        [(ids, mask)],
-        layer=-1,
-        latents=[0],
-        decode_fn=lambda ids: " ".join(map(str, ids)),
-        n_examples=3,
-        context=2,
-    )
-    values = [float(line.split()[0]) for line in report.splitlines()[1:]]
-    assert values == [10.0, 10.0, 10.0]  # position 9, the last one masked in; never 11..16
-
-
 @pytest.fixture(scope="module")
 def tiny_gpt():
     """A 2-layer GPT trained for a moment on a counting pattern, so the residual stream matters."""
@@ -407,7 +335,7 @@ def test_ce_loss_recovered_is_one_for_an_identity_patch(tiny_gpt):
     assert ce["recovered"] == pytest.approx(1.0)
 
 
-def test_harvest_train_evaluate_and_report_on_a_tiny_gpt(tiny_gpt, capsys):
+def test_harvest_train_and_evaluate_on_a_tiny_gpt(tiny_gpt, capsys):
     tiny_gpt.train()
     batches = counting_batches(n_batches=40)
     padding_mask = torch.ones(8, 16, dtype=torch.bool)
@@ -440,14 +368,3 @@ def test_harvest_train_evaluate_and_report_on_a_tiny_gpt(tiny_gpt, capsys):
     assert metrics["dead_fraction_tokens"] == 3_000
     assert "sae step 200/200" in capsys.readouterr().out
 
-    report = top_activating_contexts(
-        tiny_gpt,
-        trained,
-        held_out,
-        layer=-1,
-        latents=[0, 1],
-        decode_fn=lambda ids: " ".join(map(str, ids)),
-        n_examples=3,
-        context=2,
-    )
-    assert report.splitlines()[0].startswith("latent 0:")

@@ -4,14 +4,10 @@ import ast
 import subprocess
 import sys
 
-import pytest
-
-import train
 from conftest import REPO, TINY
-from runtime import UsageError
 
 PROJECT_MODULES = {path.stem: path for path in REPO.glob("*.py")}
-LIBRARY = {"fpo", "model", "sae", "data", "runtime", "config", "report"}
+LIBRARY = {"fpo", "model", "sae", "data", "runtime", "config", "loading"}
 
 
 def project_imports(module: str) -> tuple[set[str], set[str]]:
@@ -50,17 +46,6 @@ def test_imports_flow_one_way_with_no_circle_and_no_lazy_import():
         assert graph[library] <= LIBRARY, f"{library}.py imports {graph[library] - LIBRARY}"
 
 
-def test_report_imports_only_the_standard_library():
-    tree = ast.parse((REPO / "report.py").read_text())
-    imported = set()
-    for node in tree.body:
-        if isinstance(node, ast.Import):
-            imported |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            imported.add(node.module.split(".")[0])
-    assert imported and imported <= set(sys.stdlib_module_names), imported
-
-
 def test_no_line_over_100_characters_in_any_top_level_python_file():
     long_lines = [
         f"{path.name}:{number}"
@@ -90,7 +75,32 @@ def test_python_train_py_executes_train_py_once(tmp_path):
     assert done.stdout.splitlines()[-2:] == ["exit 2", "train imported again: False"], done.stdout
 
 
-@pytest.mark.parametrize("experiment", ["sweep", "compare", "head_to_head", "ablation", "control", "bound", "bench"])
-def test_train_py_points_an_experiment_flag_to_experiments_py(experiment, no_training):
-    with pytest.raises(UsageError, match=f"run `python experiments.py --{experiment}`"):
-        train.main(TINY + [f"--{experiment}"])
+CARD = {"fpo", "model", "sae", "data", "train"}  # the design card's five files
+SUPPORT = {"config", "runtime", "loading"}  # at most three, beside the card's and evaluate.py
+
+
+def test_the_top_level_is_the_learners_core_and_stays_its_size():
+    """The card's five files, evaluate.py and three support files: at most 3,600 lines in all,
+    none over 700 (the anchors a learner compares with are 1,200 to 2,400)."""
+    assert set(PROJECT_MODULES) == CARD | {"evaluate"} | SUPPORT
+    lengths = {name: len(path.read_text().splitlines()) for name, path in PROJECT_MODULES.items()}
+    assert sum(lengths.values()) <= 3600, lengths
+    assert max(lengths.values()) <= 700, lengths
+
+
+def test_fpo_py_imports_only_torch_and_the_standard_library():
+    tree = ast.parse(PROJECT_MODULES["fpo"].read_text())
+    imported = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module.split(".")[0])
+    assert imported <= {"torch", "typing"}, imported
+
+
+def test_one_function_turns_hidden_states_and_the_cache_into_d_and_both_trainers_call_it():
+    trl_trainer = (REPO / "integrations" / "trl" / "fpo_trainer.py").read_text()
+    for text in (PROJECT_MODULES["train"].read_text(), trl_trainer):
+        assert "fpo.cached_feature_mse(" in text
+        assert "pooled_topk_features(" not in text and "reference_pooled_features(" not in text

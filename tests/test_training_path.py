@@ -10,7 +10,7 @@ import data
 import evaluate
 import fpo
 import train
-from config import Config, EvalConfig, PreferenceConfig, RunConfig
+from config import Config, EvalConfig, PreferenceConfig, RunConfig, latent_list
 from model import GPT, GPTConfig
 from sae import train_sae
 
@@ -57,15 +57,24 @@ def training_batch(inputs, n_pairs: int):
                            device=CPU)
 
 
-def test_training_feature_drift_equals_fpo_functions_on_dense_codes(world):
-    """train.feature_drift encodes only the generating positions and pools sparsely: the same
-    D(y) as fpo.pooled_features of the dense codes of every position, shifted by one."""
+def training_feature_mse(inputs, hidden, mask, cache, rows, pref_cfg):
+    """D(y) exactly as train.preference_losses computes it for FPO."""
+    return fpo.cached_feature_mse(
+        hidden, mask, inputs.sae.encode_topk, cache, rows, pref_cfg.fpo_k,
+        latents=latent_list(pref_cfg.fpo_latents),
+    )
+
+
+def test_cached_feature_mse_equals_fpo_functions_on_dense_codes(world):
+    """fpo.cached_feature_mse, as training calls it, encodes only the generating positions and
+    pools sparsely: the same D(y) as fpo.pooled_features of the dense codes of every position,
+    shifted by one."""
     reference, inputs, _ = world
     policy = drifted_copy(reference, seed=1)
     rows, input_ids, mask = training_batch(inputs, n_pairs=6)
     _, hidden = policy(input_ids, hidden_layer=0)
     pref_cfg = PreferenceConfig(fpo_k=FPO_K)
-    trained = train.feature_drift(inputs.sae, hidden, mask, inputs.cache, rows, pref_cfg)
+    trained = training_feature_mse(inputs, hidden, mask, inputs.cache, rows, pref_cfg)
     dense_pooled = fpo.pooled_features(inputs.sae.encode(hidden), mask)
     reference_pooled = fpo.reference_pooled_features(inputs.cache, rows)
     expected = fpo.feature_mse(dense_pooled, reference_pooled, FPO_K)
@@ -82,7 +91,7 @@ def test_fpo_reference_term_is_the_cached_average_log_prob(world):
     result = train.preference_losses(pref_cfg, 0, reference, batch, inputs, reference=None)
     assert result.chosen_rewards.abs().max() < 1e-5
     assert result.rejected_rewards.abs().max() < 1e-5
-    assert result.feature_drifts.abs().max() < 1e-10
+    assert result.feature_mses.abs().max() < 1e-10
     # and with the policy moved, the reward is beta times the change of the average log-prob
     policy = drifted_copy(reference, seed=2)
     moved = train.preference_losses(pref_cfg, 0, policy, batch, inputs, reference=None)
@@ -95,11 +104,11 @@ def test_fpo_reference_term_is_the_cached_average_log_prob(world):
 
 def test_held_out_metrics_read_the_held_out_rows_of_the_cache(world):
     """The held-out pairs sit after the training pairs in the cache: a policy equal to the
-    reference has zero feature drift and zero rewards there, so no pair is ranked correctly."""
+    reference has zero D(y) and zero rewards there, so no pair is ranked correctly."""
     reference, inputs, _ = world
     pref_cfg = PreferenceConfig(method="fpo", fpo_k=FPO_K)
     metrics = train.held_out_accuracy(pref_cfg, 0, reference, reference, inputs, CPU)
-    assert metrics["feature_drift"] < 1e-10
+    assert metrics["feature_mse"] < 1e-10
     assert metrics["reward_accuracy"] == 0.0  # every reward is 0: chosen > rejected never holds
     assert metrics["implicit_reward_accuracy"] == 0.0
 
@@ -148,7 +157,7 @@ def test_fpo_latents_restrict_d_to_the_chosen_set(world):
     reference_pooled = fpo.reference_pooled_features(inputs.cache, rows)
     chosen = pooled.abs().sum(0).topk(5).indices.sort().values.tolist()  # latents that fire
     pref_cfg = PreferenceConfig(fpo_k=2, fpo_latents=",".join(map(str, chosen)))
-    subset = train.feature_drift(inputs.sae, hidden, mask, inputs.cache, rows, pref_cfg)
+    subset = training_feature_mse(inputs, hidden, mask, inputs.cache, rows, pref_cfg)
     expected = fpo.feature_mse(pooled[:, chosen], reference_pooled[:, chosen], k=2)
     assert expected.max() > 0
     torch.testing.assert_close(subset, expected, rtol=1e-5, atol=1e-9)
@@ -157,11 +166,11 @@ def test_fpo_latents_restrict_d_to_the_chosen_set(world):
     changed_cache = dict(inputs.cache)
     entries = others[inputs.cache["feature_indices"].long()]
     changed_cache["feature_values"] = inputs.cache["feature_values"] + 5.0 * entries
-    again = train.feature_drift(inputs.sae, hidden, mask, changed_cache, rows, pref_cfg)
+    again = training_feature_mse(inputs, hidden, mask, changed_cache, rows, pref_cfg)
     assert torch.equal(again, subset)
     all_latents = PreferenceConfig()  # the control: with every latent, the change shows
-    before = train.feature_drift(inputs.sae, hidden, mask, inputs.cache, rows, all_latents)
-    after = train.feature_drift(inputs.sae, hidden, mask, changed_cache, rows, all_latents)
+    before = training_feature_mse(inputs, hidden, mask, inputs.cache, rows, all_latents)
+    after = training_feature_mse(inputs, hidden, mask, changed_cache, rows, all_latents)
     assert not torch.equal(before, after)
 
 
@@ -183,4 +192,4 @@ def test_fpo_kl_is_fpo_loss_with_seqkl_in_place_of_d(world):
     ratio = sum_logps / n_tokens - inputs.cache["avg_logps"][rows]
     logit = 2.0 * (ratio[:12] - ratio[12:]) - 3.0 * (2.0 * seq_kl[12:] - 2.0 * seq_kl[:12])
     torch.testing.assert_close(result.losses, -torch.nn.functional.logsigmoid(logit))
-    assert seq_kl.min() > 0 and result.feature_drifts is None
+    assert seq_kl.min() > 0 and result.feature_mses is None

@@ -7,8 +7,9 @@ The loss is the repository's own (FPO paper Sec. 3; fpo.py, imported unchanged):
                          - alpha * (beta * D(y_l) - stopgrad(beta * D(y_w))) )
 
     D(y) = (1/k) * sum over the top-k activated features of either side of
-           (pooled_theta(y)_i - pooled_ref(y)_i)^2,  pooled = mean SAE code over the positions
-           that generate y's tokens, read from the residual stream after block L.
+           (pooled_theta(y)_i - pooled_ref(y)_i)^2,  the feature MSE (fpo.cached_feature_mse);
+           pooled = mean SAE code over the positions that generate y's tokens, read from the
+           residual stream after block L.
 
 The reference terms avg_logp_ref(y) and pooled_ref(y) are computed once, before training, by
 fpo.build_reference_cache, with the untrained policy as the reference; they travel with each pair
@@ -38,8 +39,9 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 sys.path.append(str(Path(__file__).resolve().parents[2]))
 
 import fpo  # noqa: E402
+from gemma_scope import JumpReLUSAE  # noqa: E402
 from runtime import in_float32  # noqa: E402
-from sae import JumpReLUSAE, SparseAutoencoder, eval_mode  # noqa: E402
+from sae import SparseAutoencoder, eval_mode  # noqa: E402
 
 # Each pair's cached reference terms, as dataset columns.
 REFERENCE_COLUMNS = tuple(
@@ -111,39 +113,15 @@ def logits_and_residual(model: nn.Module, block: nn.Module, input_ids: torch.Ten
 # The feature term
 
 
-def feature_drift(
-    sae: nn.Module,
-    hidden: torch.Tensor,
-    response_mask: torch.Tensor,
-    reference_pooled: torch.Tensor,
-    fpo_top_k: int,
-) -> torch.Tensor:
-    """D(y) of each response: pooled policy codes against the cached reference's (paper Sec. 3).
-
-    A TopK SAE encodes only the positions that generate response tokens and pools its sparse
-    codes (fpo.pooled_topk_features); a JumpReLU SAE encodes every position and pools densely
-    (fpo.pooled_features). The SAE runs in float32, so its choices do not depend on autocast.
-
-    Args:
-        sae: frozen SparseAutoencoder or JumpReLUSAE.
-        hidden: residual stream after the SAE's block. Shape: (R, T, d_model).
-        response_mask: 1 at response tokens, 0 at prompt and padding. Shape: (R, T).
-        reference_pooled: pooled_ref(y) from the cache. Shape: (R, d_sae).
-        fpo_top_k: k of D(y), features each side contributes at most.
-
-    Returns:
-        D(y), float32. Shape: (R,).
-    """
+def sparse_encoder(sae: nn.Module):
+    """The SAE's sparse_encode for fpo.cached_feature_mse: rows (N, d_model) -> (values (N, m),
+    indices (N, m)), the non-zero candidates of each row's code."""
     if isinstance(sae, SparseAutoencoder):
-        generating = response_mask[:, 1:].bool()  # position t generates token t+1
-        values, indices = in_float32(sae.encode_topk, hidden[:, :-1][generating])  # (N, sae_k)
-        policy_pooled = fpo.pooled_topk_features(values, indices, response_mask, sae.d_sae)
+        return sae.encode_topk
     elif isinstance(sae, JumpReLUSAE):
-        codes = in_float32(sae.encode, hidden)  # (R, T, d_sae)
-        policy_pooled = fpo.pooled_features(codes, response_mask)  # (R, d_sae)
+        return sae.encode_sparse
     else:
         raise TypeError(f"expected a SparseAutoencoder or JumpReLUSAE, got {type(sae).__name__}")
-    return fpo.feature_mse(policy_pooled, reference_pooled, fpo_top_k)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,20 +285,22 @@ class FPOTrainer(DPOTrainer):
 
     Logged per step, as TRL names them: rewards/chosen, rewards/rejected, rewards/margins,
     rewards/accuracies, logps/chosen, logps/rejected (FPO's average log-probs, where TRL's DPO
-    logs summed ones), and feature_drift/chosen, feature_drift/rejected (mean D(y)).
+    logs summed ones), and feature_mse/chosen, feature_mse/rejected (mean D(y)).
     """
 
     _tag_names = ["trl", "fpo"]
     _name = "FPO"
+    # The ICML 2025 paper, arXiv 2411.07618 (v4); its earlier arXiv versions are titled "Direct
+    # Preference Optimization Using Sparse Feature-Level Constraints".
     _paper = {
-        "title": "Direct Preference Optimization Using Sparse Feature-Level Constraints",
+        "title": "Constrain Alignment with Sparse Autoencoders",
         "id": "2411.07618",
-        "citation": "@article{yin2024fpo,\n"
-                    "  title   = {Direct Preference Optimization Using Sparse Feature-Level "
-                    "Constraints},\n"
-                    "  author  = {Yin, Qingyu and others},\n"
-                    "  journal = {arXiv preprint arXiv:2411.07618},\n"
-                    "  year    = {2024}\n}",
+        "citation": "@inproceedings{yin2025constrain,\n"
+                    "  title     = {Constrain Alignment with Sparse Autoencoders},\n"
+                    "  author    = {Yin, Qingyu and others},\n"
+                    "  booktitle = {International Conference on Machine Learning (ICML)},\n"
+                    "  year      = {2025},\n"
+                    "  note      = {arXiv:2411.07618}\n}",
     }
 
     def __init__(self, model, sae: nn.Module, args: FPOConfig, train_dataset, processing_class,
@@ -335,6 +315,7 @@ class FPOTrainer(DPOTrainer):
         # Both are needed by _precompute_ref_logps, which DPOTrainer.__init__ calls.
         self.block = decoder_block(model, args.fpo_layer)
         self.sae = sae.to(args.device).eval().requires_grad_(False)
+        self.sparse_encode = sparse_encoder(self.sae)
         if processing_class.pad_token is None:  # as DPOTrainer does, before building its collator
             processing_class.pad_token = processing_class.eos_token
         preference_collator = DataCollatorForPreference(
@@ -396,34 +377,38 @@ class FPOTrainer(DPOTrainer):
         batch_cache = {"feature_offsets": inputs["ref_feature_offsets"],
                        "feature_indices": inputs["ref_feature_indices"],
                        "feature_values": inputs["ref_feature_values"],
-                       "d_sae": self.sae.d_sae}
-        rows = torch.arange(2 * n_pairs, device=input_ids.device)
-        reference_pooled = fpo.reference_pooled_features(batch_cache, rows)  # pooled_ref(y)
-        drift = feature_drift(self.sae, hidden, response_mask, reference_pooled,
-                              self.args.fpo_top_k)  # D(y), (2B,)
+                       "d_sae": self.sae.d_sae}  # row r of it is row r of the batch
+        feature_mse = fpo.cached_feature_mse(
+            hidden,
+            response_mask,
+            self.sparse_encode,
+            batch_cache,
+            row_ids=torch.arange(2 * n_pairs, device=input_ids.device),
+            k=self.args.fpo_top_k,
+        )  # D(y), (2B,)
         reference_avg_logps = inputs["ref_avg_logps"]  # avg_logp_ref(y), (2B,)
         losses, chosen_rewards, rejected_rewards = fpo.fpo_loss(
             avg_logps[:n_pairs],
             avg_logps[n_pairs:],
             reference_avg_logps[:n_pairs],
             reference_avg_logps[n_pairs:],
-            drift[:n_pairs],
-            drift[n_pairs:],
+            feature_mse[:n_pairs],
+            feature_mse[n_pairs:],
             beta=self.beta,
             alpha=self.args.fpo_alpha,
         )
         mode = "train" if self.model.training else "eval"
         self.record_metrics(mode, chosen_rewards, rejected_rewards, avg_logps.detach(),
-                            drift.detach())
+                            feature_mse.detach())
         loss = losses.mean()
         return (loss, CausalLMOutput(logits=logits)) if return_outputs else loss
 
     def record_metrics(self, mode: str, chosen_rewards: torch.Tensor,
                        rejected_rewards: torch.Tensor, avg_logps: torch.Tensor,
-                       drift: torch.Tensor) -> None:
+                       feature_mse: torch.Tensor) -> None:
         """Batch means over every process, in DPOTrainer's store that its `log` averages.
 
-        chosen_rewards, rejected_rewards: Shape: (B,). avg_logps, drift: Shape: (2B,).
+        chosen_rewards, rejected_rewards: Shape: (B,). avg_logps, feature_mse: Shape: (2B,).
         """
         n_pairs = len(chosen_rewards)
         values = {
@@ -433,8 +418,8 @@ class FPOTrainer(DPOTrainer):
             "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
             "logps/chosen": avg_logps[:n_pairs],
             "logps/rejected": avg_logps[n_pairs:],
-            "feature_drift/chosen": drift[:n_pairs],
-            "feature_drift/rejected": drift[n_pairs:],
+            "feature_mse/chosen": feature_mse[:n_pairs],
+            "feature_mse/rejected": feature_mse[n_pairs:],
         }
         for name, value in values.items():
             mean = self.accelerator.gather_for_metrics(value).mean()

@@ -24,8 +24,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 # fpo_trainer puts the repository root on sys.path: import it before data, runtime, sae.
 from fpo_trainer import decoder_block, residual_stream
 import data
-import fpo
-from runtime import batch_indices, save_checkpoint
+from runtime import batch_indices, fingerprint, save_checkpoint
 from sae import train_sae
 
 EOS, UNK = "<|endoftext|>", "<unk>"
@@ -120,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     sae = train_sae(activations, d_sae=256, k=8, steps=args.sae_steps, batch_size=256, lr=3e-3,
                     seed=args.seed, log_every=200)
     settings = {"d_sae": 256, "k": 8, "sae_steps": args.sae_steps, "seed": args.seed}
-    made_from = {"model": fpo.fingerprint(model.state_dict()), "layer": args.layer % config.n_layer}
+    made_from = {"model": fingerprint(model.state_dict()), "layer": args.layer % config.n_layer}
     save_checkpoint(out / "sae.pt", "sae", settings, made_from, **sae.checkpoint())
     print(f"demo: wrote {out}/model, sae.pt, pairs.jsonl ({len(pairs)} pairs), heldout_pairs.jsonl"
           f" ({len(heldout)} pairs) in {time.time() - started:.0f}s")

@@ -24,9 +24,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 # fpo_trainer puts the repository root on sys.path: import it before data, runtime, sae.
 from fpo_trainer import FPOConfig, FPOTrainer
+from gemma_scope import load_jumprelu_npz
 import data
 from runtime import UsageError, load_checkpoint
-from sae import load_jumprelu_npz, load_sae
+from sae import load_sae
 
 
 def build_parser() -> argparse.ArgumentParser:

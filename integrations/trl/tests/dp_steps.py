@@ -3,7 +3,7 @@
     python tests/dp_steps.py OUT.pt TRAIN_FPO_FLAGS...                      one process
     torchrun --nproc_per_node 2 tests/dp_steps.py OUT.pt TRAIN_FPO_FLAGS...  DDP, gloo on the CPU
 
-Process 0 saves {"processes", "losses", "drift", "grads"} to OUT.pt: how many processes
+Process 0 saves {"processes", "losses", "feature_mse", "grads"} to OUT.pt: how many processes
 trained and, per optimizer step, the loss averaged over them, the mean D(y_l), and the flattened
 gradient after DDP's all-reduce.
 """
@@ -40,7 +40,7 @@ def main(argv: list[str]) -> None:
     if trainer.is_world_process_zero():
         torch.save({"processes": trainer.accelerator.num_processes,
                     "losses": [entry["loss"] for entry in logs],
-                    "drift": [entry["feature_drift/rejected"] for entry in logs],
+                    "feature_mse": [entry["feature_mse/rejected"] for entry in logs],
                     "grads": recorder.grads}, out)
 
 

@@ -23,7 +23,7 @@ from sae import initialize_sae
 
 
 TRL_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-               "logps/chosen", "logps/rejected", "feature_drift/chosen", "feature_drift/rejected")
+               "logps/chosen", "logps/rejected", "feature_mse/chosen", "feature_mse/rejected")
 
 
 def tiny_config(tmp_path, **overrides) -> FPOConfig:
@@ -83,14 +83,14 @@ def hand_loss(policy, reference, sae, input_ids, response_mask, layer: int, conf
     avg_logps, pooled = avg_logps_and_pooled(policy)
     with torch.no_grad():
         reference_avg_logps, reference_pooled = avg_logps_and_pooled(reference)
-    drift = fpo.feature_mse(pooled, reference_pooled, config.fpo_top_k)
+    feature_mse = fpo.feature_mse(pooled, reference_pooled, config.fpo_top_k)
     losses, _, _ = fpo.fpo_loss(
         avg_logps[:n_pairs], avg_logps[n_pairs:],
         reference_avg_logps[:n_pairs], reference_avg_logps[n_pairs:],
-        drift[:n_pairs], drift[n_pairs:],
+        feature_mse[:n_pairs], feature_mse[n_pairs:],
         beta=config.beta, alpha=alpha,
     )
-    return losses.mean(), drift.detach()
+    return losses.mean(), feature_mse.detach()
 
 
 @pytest.mark.parametrize("sae_kind, checkpointing",
@@ -117,12 +117,12 @@ def test_one_step_equals_fpo_loss_by_hand(demo, block0_saes, tmp_path, sae_kind,
 
     batch = trainer.data_collator.preference_collator([trainer.train_dataset[i] for i in range(8)])
     inputs = (policy, reference, sae, batch["input_ids"], batch["completion_mask"], 0, config)
-    loss, drift = hand_loss(*inputs, alpha=config.fpo_alpha)
+    loss, feature_mse = hand_loss(*inputs, alpha=config.fpo_alpha)
     loss.backward()
     grad = torch.cat([parameter.grad.flatten() for parameter in policy.parameters()])
     assert trainer.state.log_history[0]["loss"] == pytest.approx(loss.item(), rel=1e-5)
     assert (recorder.grads[0] - grad).norm() <= 1e-5 * grad.norm()
-    assert (drift > 0).all()
+    assert (feature_mse > 0).all()
     without_constraint, _ = hand_loss(*inputs, alpha=0.0)
     assert abs(without_constraint.item() - loss.item()) > 1e-3  # the constraint is in the loss
 
@@ -179,7 +179,7 @@ def test_readme_tiny_run_raises_reward_accuracy(demo):
     assert after["eval_rewards/accuracies"] >= 0.85
     assert after["eval_rewards/accuracies"] > before["eval_rewards/accuracies"] + 0.3
     assert after["eval_rewards/margins"] > 0.5
-    assert after["eval_feature_drift/rejected"] > 0
+    assert after["eval_feature_mse/rejected"] > 0
     assert AutoModelForCausalLM.from_pretrained(demo / "fpo").config.n_layer == 2
     history = json.loads((demo / "fpo" / "trainer_state.json").read_text())["log_history"]
     logged = [entry for entry in history if "loss" in entry]  # every --log_every (10) steps
@@ -238,7 +238,7 @@ def test_data_parallel_matches_one_process(demo, tmp_path):
     for step in range(2):
         assert two["losses"][step] == pytest.approx(one["losses"][step], rel=1e-5)
         assert (two["grads"][step] - one["grads"][step]).norm() <= 1e-5 * one["grads"][step].norm()
-    assert one["drift"][1] > 0
+    assert one["feature_mse"][1] > 0
 
 
 def test_bad_input_stops_with_one_error_line(demo, tmp_path):

@@ -1,4 +1,4 @@
-"""Results as text and pictures: the eval summary, Markdown tables, SVG charts and text charts.
+"""The experiments' results as text and pictures: Markdown tables, SVG charts and text charts.
 
 Standard library only, and no computing: every function formats numbers it is given.
 """
@@ -15,46 +15,6 @@ def nested(results: dict, path: tuple):
     for key in path:
         results = results.get(key, float("nan")) if isinstance(results, dict) else float("nan")
     return results
-
-
-# ----------------------------------------------------------------------------------------------
-# The eval stage's printout
-
-
-def summary_text(results: dict, path: Path) -> str:
-    """What `python train.py` prints at the end: held-out accuracy, each model's sample statistics,
-    the win rate, and three example responses."""
-    lines = [
-        "\n== summary ==",
-        f"method {results['method']} | held-out reward accuracy: "
-        f"its own reward {results['reward_accuracy']:.3f}, "
-        f"implicit DPO reward {results['implicit_reward_accuracy']:.3f} | "
-        f"feature drift {results['feature_drift']:.4g}",
-    ]
-    for name in ("policy", "reference"):
-        stats = results[name]
-        judged = ""
-        if "judge_score" in stats:
-            judged = (
-                f"judge score {stats['judge_score']:.3f} | valid {stats['valid_rate']:.3f} | "
-                f"on topic {stats['on_topic_rate']:.3f} | positive {stats['positive_rate']:.3f} | "
-            )
-        lines.append(
-            f"{name:<9} | {judged}length {stats['mean_length']:.1f} | "
-            f"entropy {stats['entropy_per_token']:.3f} | distinct-2 {stats['distinct_2']:.3f} | "
-            f"KL from reference {stats['kl_from_reference']:.3f}"
-        )
-    if "win_rate" in results:
-        lines.append(
-            "win rate of the policy over the reference (judge, ties count half): "
-            f"{results['win_rate']:.3f}"
-        )
-    for example in results["examples"][:3]:
-        lines.append(f"  prompt: {example['prompt']!r}")
-        lines.append(f"    reference: {example['reference']!r}")
-        lines.append(f"    policy:    {example['policy']!r}")
-    lines.append(f"results: {path}")
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,7 +171,7 @@ def head_to_head_table(
 
 def bound_table(summary: dict[str, dict], constants: dict[int, float]) -> str:
     """Markdown: per method, how often the per-token bound holds, the quantiles of KL / bound,
-    and the three Spearman correlations with their 95% intervals (experiments.bound_summary)."""
+    and the three Spearman correlations with their 95% intervals (paper.bound_summary)."""
     def interval(mean: float, low: float, high: float) -> str:
         return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
 
@@ -238,15 +198,16 @@ def bound_table(summary: dict[str, dict], constants: dict[int, float]) -> str:
     return "\n".join(lines)
 
 
-def trajectory_table(trajectories: dict[int, list[dict]]) -> str:
-    """Markdown: FPO's mean SeqKL(y) and D(y) on held-out responses at each judged step, the mean
-    over the references ({seed: [{"step", "sequence_kl", "feature_drift"}]})."""
+def trajectory_table(trajectories: dict[int, dict[str, list]]) -> str:
+    """Markdown: FPO's mean SeqKL(y) and D(y) on held-out responses at each measured step, the
+    mean over the references ({seed: {"step": [...], "sequence_kl": [...], "feature_mse":
+    [...]}})."""
     lines = ["| FPO at step | SeqKL(y) | D(y) |", "|---|---|---|"]
     by_seed = list(trajectories.values())
-    for same_step in zip(*by_seed):
-        sequence_kl = sum(point["sequence_kl"] for point in same_step) / len(same_step)
-        drift = sum(point["feature_drift"] for point in same_step) / len(same_step)
-        lines.append(f"| {same_step[0]['step']} | {sequence_kl:.3f} | {drift:.5f} |")
+    for i, step in enumerate(by_seed[0]["step"]):
+        sequence_kl = sum(trajectory["sequence_kl"][i] for trajectory in by_seed) / len(by_seed)
+        feature_mse = sum(trajectory["feature_mse"][i] for trajectory in by_seed) / len(by_seed)
+        lines.append(f"| {step} | {sequence_kl:.3f} | {feature_mse:.5f} |")
     lines.append(
         f"\nFPO trained once more at its pick on each reference, both measured on the held-out "
         f"pairs' responses at every fifth of its steps: the mean over {len(by_seed)} "
@@ -431,23 +392,23 @@ def svg_panels(title: str, x_label: str, panels: dict[str, list[tuple[float, flo
 # Training logs as pictures
 
 
-TRAINING_LOG_KEYS = ("loss", "margin", "accuracy", "feature_drift")
+TRAINING_LOG_KEYS = ("loss", "margin", "accuracy", "feature_mse")
 
 
 def training_chart(log_path: Path, title: str) -> str:
     """The SVG of a preference training log (one JSON record per step): loss, reward margin,
-    reward accuracy and feature drift D(y) along the steps, one panel each."""
+    reward accuracy and D(y) (feature_mse) along the steps, one panel each."""
     records = [json.loads(line) for line in log_path.read_text().splitlines()]
     panels = {key: [(r["step"], r[key]) for r in records] for key in TRAINING_LOG_KEYS}
     return svg_panels(title, "step", panels)
 
 
 def text_chart(label: str, log_path: Path, width: int = 60) -> str:
-    """The reward margin and feature drift over training, one row of block characters each: the
+    """The reward margin and D(y) (feature_mse) over training, one row of block characters each: the
     steps are split into at most `width` equal spans, and each character is its span's mean."""
     records = [json.loads(line) for line in log_path.read_text().splitlines()]
     lines = [f"{label}: {len(records)} steps"]
-    for key in ("margin", "feature_drift"):
+    for key in ("margin", "feature_mse"):
         values = [r[key] for r in records]
         n_spans = min(width, len(values))
         spans = [

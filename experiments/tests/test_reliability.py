@@ -1,7 +1,7 @@
-"""experiments.py under faults: a child process killed or interrupted, a parent killed, saved work
+"""The experiments under faults: a child process killed or interrupted, a parent killed, saved work
 made from other inputs, truncated files, and flags refused at start-up.
 
-The signal tests run `python experiments.py --compare` as a subprocess and signal it (or its
+The signal tests run `python -m experiments --compare` as a subprocess and signal it (or its
 child) for real, on Linux (they find the child through /proc). In-process calls pass --threads 1
 (as do the subprocesses: two processes of two threads each crawl on a two-core machine), and the
 thread count is put back after every test.
@@ -23,25 +23,18 @@ import pytest
 import torch
 
 import data
-import experiments
 import train
-from conftest import REPO, TINY, tiny_reference
+from experiments import common, sweep
+from experiments.__main__ import main
+from experiments.compare import COMPARE_ROWS
+from experiments.tests.helpers import REPO, TINY, tiny_reference
 from runtime import Interrupted, UsageError
 
 ON_LINUX = Path("/proc/self/stat").exists()
 # --compare as the signal tests run it: every step logged (and saved for --resume), and 60 steps,
 # so a row trains long enough to be signalled mid-loop.
 COMPARE = TINY + ["--threads", "1", "--log_every", "1", "--pref_steps", "60", "--seeds", "1"]
-COMPARE_ROW_TAGS = [experiments.compare_tag(label, 1337) for label in experiments.COMPARE_ROWS]
-
-
-@pytest.fixture(autouse=True)
-def keep_thread_count():
-    """experiments.main sets this process's torch thread count (--threads); later tests compare
-    against numbers made with the default."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+COMPARE_ROW_TAGS = [common.compare_tag(label, 1337) for label in COMPARE_ROWS]
 
 
 STARTED = []  # every compare subprocess a test started, ended by `no_process_left_behind`
@@ -63,7 +56,7 @@ def no_process_left_behind():
 
 def start_compare(out_dir: Path, *flags: str, new_session: bool = False) -> subprocess.Popen:
     compare = subprocess.Popen(
-        [sys.executable, "experiments.py", *COMPARE, "--out_dir", str(out_dir), "--compare",
+        [sys.executable, "-m", "experiments", *COMPARE, "--out_dir", str(out_dir), "--compare",
          *flags],
         cwd=REPO,
         stdout=subprocess.PIPE,
@@ -141,7 +134,7 @@ def fail_if_called(what: str):
 
 @pytest.fixture(scope="module")
 def uninterrupted_compare(tiny_run, tmp_path_factory):
-    """The out_dir of an uninterrupted `python experiments.py --compare` with COMPARE's flags."""
+    """The out_dir of an uninterrupted `python -m experiments --compare` with COMPARE's flags."""
     out_dir = tmp_path_factory.mktemp("uninterrupted")
     tiny_reference(tiny_run, out_dir)
     finished = start_compare(out_dir)
@@ -162,14 +155,12 @@ def other_seed_gpt(tmp_path_factory):
 
 
 def test_interrupted_and_data_error_survive_pickling():
-    stopped = Interrupted("prefer", 7, state={"step": 7}, saved_to=Path("out/x.resume.pt"))
+    stopped = Interrupted("prefer", 7, saved_to=Path("out/x.resume.pt"))
     again = pickle.loads(pickle.dumps(stopped))
     assert str(again) == str(stopped) == (
         "prefer interrupted at step 7; saved out/x.resume.pt; continue with --resume"
     )
-    assert (again.stage, again.step, again.state, again.saved_to) == (
-        "prefer", 7, {"step": 7}, Path("out/x.resume.pt")
-    )
+    assert (again.stage, again.step, again.saved_to) == ("prefer", 7, Path("out/x.resume.pt"))
     for fault in (data.DataError("p.jsonl", 3, "'chosen' is missing"),
                   data.DataError(Path("c.txt"), None, "file is empty")):
         again = pickle.loads(pickle.dumps(fault))
@@ -188,7 +179,7 @@ def test_interrupted_and_data_error_survive_pickling():
 ])
 def test_a_child_that_fails_or_dies_is_one_line_naming_the_run(function, args, message):
     with at_most(60), pytest.raises(UsageError) as error:
-        experiments.train_in_child("compare_x_seed1", "rerun with --resume", function, *args)
+        common.train_in_child("compare_x_seed1", "rerun with --resume", function, *args)
     assert str(error.value) == message
 
 
@@ -290,9 +281,9 @@ def test_compare_rows_are_reused_only_from_the_same_gpt_and_sae(
     shutil.copytree(uninterrupted_compare, out_dir)
     argv = COMPARE + ["--out_dir", str(out_dir), "--compare", "--resume"]
     # The same inputs: every row is reused, nothing trains or is judged, the table is the same.
-    monkeypatch.setattr(experiments, "in_child_process", fail_if_called("a row trained again"))
+    monkeypatch.setattr(common, "in_child_process", fail_if_called("a row trained again"))
     monkeypatch.setattr(train, "evaluate_policy", fail_if_called("a row was judged again"))
-    experiments.main(argv)
+    main(argv)
     expected = (uninterrupted_compare / "compare.md").read_text()
     assert (out_dir / "compare.md").read_text() == expected
     # A truncated row file is a cache to recompute, not an error.
@@ -300,13 +291,13 @@ def test_compare_rows_are_reused_only_from_the_same_gpt_and_sae(
     row_text = row_file.read_text()
     row_file.write_text(row_text[: len(row_text) // 2])
     with pytest.raises(pytest.fail.Exception, match="a row trained again"):
-        experiments.main(argv)
+        main(argv)
     row_file.write_text(row_text)
     # An SAE with the same settings and other weights (remade on another machine) under the
     # finished rows: they are trained again.
     other_weights(out_dir / "ref_seed1337" / "sae.pt")
     with pytest.raises(pytest.fail.Exception, match="a row trained again"):
-        experiments.main(argv)
+        main(argv)
 
 
 def other_weights(path: Path) -> None:
@@ -324,13 +315,13 @@ def test_sweep_runs_and_picks_are_used_only_from_the_same_inputs(
     out_dir = tmp_path
     tiny_reference(tiny_run, out_dir)  # --compare's; --sweep pretrains its own, seed 1000
     # The smallest sweep, the same code: FPO at one setting, on one reference.
-    monkeypatch.setattr(experiments, "SWEEP_LRS", (1e-3,))
-    monkeypatch.setattr(experiments, "SWEEP_KNOBS", {"FPO": experiments.SWEEP_KNOBS["FPO"][:1]})
-    monkeypatch.setattr(experiments, "SWEEP_EXTENSIONS", {})
+    monkeypatch.setattr(sweep, "SWEEP_LRS", (1e-3,))
+    monkeypatch.setattr(sweep, "SWEEP_KNOBS", {"FPO": sweep.SWEEP_KNOBS["FPO"][:1]})
+    monkeypatch.setattr(sweep, "SWEEP_EXTENSIONS", {})
     argv = TINY + ["--threads", "1", "--out_dir", str(out_dir), "--pref_steps", "3",
                    "--sweep_references", "1"]
-    experiments.main(argv + ["--sweep"])
-    experiments.main(argv + ["--compare", "--seeds", "1"])
+    main(argv + ["--sweep"])
+    main(argv + ["--compare", "--seeds", "1"])
     picks_file = out_dir / "sweep_picks.json"
     saved_picks = json.loads(picks_file.read_text())
 
@@ -343,21 +334,21 @@ def test_sweep_runs_and_picks_are_used_only_from_the_same_inputs(
         trained.append(args[-1])
         return function(*args)
 
-    monkeypatch.setattr(experiments, "in_child_process", train_here)
-    experiments.main(argv + ["--compare", "--seeds", "1", "--resume"])
+    monkeypatch.setattr(common, "in_child_process", train_here)
+    main(argv + ["--compare", "--seeds", "1", "--resume"])
     assert trained == ["compare_fpo_seed1337", "compare_fpo_alpha_0_at_fpo_s_pick_seed1337"]
     rows = json.loads((out_dir / "compare.json").read_text())["rows"]
     assert [row["trained_with"]["beta"] for row in rows] == [4.0, 4.0]
 
     # A finished sweep trains nothing again; a truncated run file is recomputed, not an error.
-    monkeypatch.setattr(train, "train_preference", fail_if_called("a sweep run trained again"))
-    experiments.main(argv + ["--sweep"])
+    monkeypatch.setattr(train, "preference_models", fail_if_called("a sweep run trained again"))
+    main(argv + ["--sweep"])
     reference = out_dir / "ref_seed1000"
     run_file = reference / f"{saved_picks['picks']['FPO']['run']}_results.json"
     run_text = run_file.read_text()
     run_file.write_text(run_text[:100])
     with pytest.raises(pytest.fail.Exception, match="a sweep run trained again"):
-        experiments.main(argv + ["--sweep"])
+        main(argv + ["--sweep"])
     run_file.write_text(run_text)
 
     # An SAE with other weights: the sweep trains again. A GPT made with other settings is
@@ -365,17 +356,17 @@ def test_sweep_runs_and_picks_are_used_only_from_the_same_inputs(
     shutil.copy(reference / "sae.pt", tmp_path / "sae.pt")
     other_weights(reference / "sae.pt")
     with pytest.raises(pytest.fail.Exception, match="a sweep run trained again"):
-        experiments.main(argv + ["--sweep"])
+        main(argv + ["--sweep"])
     shutil.copy(other_seed_gpt / "gpt.pt", reference / "gpt.pt")
     with pytest.raises(UsageError) as refused:
-        experiments.main(argv + ["--sweep"])
+        main(argv + ["--sweep"])
     assert str(refused.value) == (
-        f"{reference / 'gpt.pt'} was made with --seed 7 (now 1000), not this run's settings: delete "
-        f"{reference} to make it anew, or pass another --out_dir"
+        f"{reference / 'gpt.pt'} was made with --seed 7 (now 1000), not this run's settings: "
+        f"delete {reference} to make it anew, or pass another --out_dir"
     )
     # Picks tuned with other judging (or training, data, ...) settings are refused by --compare.
     with pytest.raises(UsageError) as refused:
-        experiments.main(argv + ["--compare", "--seeds", "1", "--max_new_tokens", "7"])
+        main(argv + ["--compare", "--seeds", "1", "--max_new_tokens", "7"])
     assert str(refused.value) == (
         f"{picks_file} was made from another judging than this run's: rerun --sweep with these "
         "flags, or pass its own"
@@ -410,7 +401,7 @@ def test_experiment_flags_that_would_fail_later_are_refused_at_start(
     tmp_path, no_training, flags, message
 ):
     with pytest.raises(UsageError) as refused:
-        experiments.main(TINY + ["--out_dir", str(tmp_path / "out"), *flags])
+        main(TINY + ["--out_dir", str(tmp_path / "out"), *flags])
     assert str(refused.value) == message
     assert not (tmp_path / "out").exists()
 
@@ -428,7 +419,7 @@ def test_experiment_flags_that_work_pass_the_start_up_checks(tmp_path, no_traini
     ))
     argv = TINY + ["--out_dir", str(tmp_path / "out")]
     with pytest.raises(pytest.fail.Exception, match="pretrain ran"):  # the first training
-        experiments.main(argv + [str(prefs) if flag == "PREFS" else flag for flag in flags])
+        main(argv + [str(prefs) if flag == "PREFS" else flag for flag in flags])
 
 
 def test_an_out_dir_in_use_is_refused(tmp_path, no_training):
@@ -436,4 +427,4 @@ def test_an_out_dir_in_use_is_refused(tmp_path, no_training):
     out_dir.mkdir()
     (out_dir / ".lock").write_text(str(os.getpid()))  # this process: alive
     with pytest.raises(UsageError, match=r"--out_dir .* is in use by process \d+"):
-        experiments.main(TINY + ["--out_dir", str(out_dir), "--compare"])
+        main(TINY + ["--out_dir", str(out_dir), "--compare"])

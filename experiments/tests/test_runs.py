@@ -1,8 +1,10 @@
-"""`python evaluate.py OUT_DIR...`: the per-seed table of finished runs, and the command line's
-promise: a bad directory or results.json is one `error:` line and exit code 2, never a traceback.
+"""`python -m experiments.runs OUT_DIR...`: the per-seed table of finished runs (and with --chart
+each run's training picture), and the command line's promise: a bad directory or results.json is
+one `error:` line and exit code 2, never a traceback.
 
 Most tests run the command in this process, as its `__main__` guard does (config.run_command), so
-an exception that escapes it fails the test; the two marked `slow` start `python evaluate.py`.
+an exception that escapes it fails the test; those marked `slow` start `python -m
+experiments.runs`.
 """
 
 import json
@@ -11,13 +13,13 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 
-import evaluate
-import report
 from config import run_command
-from conftest import DOCS, run_script
+from experiments import report, runs
+from experiments.tests.helpers import DOCS, REPO, SVG, run_module
 
 HEADER = (
     "| run | seed | threads | win rate | valid | reference valid | judge score | "
@@ -65,12 +67,12 @@ def run_dir(parent: Path, name: str, results) -> Path:
     return out_dir
 
 
-def evaluate_here(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """`python evaluate.py ARGS` in this process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["evaluate.py", *args])
+def runs_here(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """`python -m experiments.runs ARGS` in this process: (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["runs.py", *args])
     code = 0
     try:
-        run_command(evaluate.main)
+        run_command(runs.main)
     except SystemExit as exited:
         code = exited.code
     out, err = capsys.readouterr()
@@ -147,11 +149,11 @@ def test_a_bad_input_is_one_error_line_naming_it_and_exit_code_2(
     make, tmp_path, monkeypatch, capsys
 ):
     args, named = make(tmp_path)
-    assert_one_error_line(*evaluate_here(monkeypatch, capsys, *args), named)
+    assert_one_error_line(*runs_here(monkeypatch, capsys, *args), named)
 
 
 def test_help_exits_0_and_describes_the_table(monkeypatch, capsys):
-    code, out, err = evaluate_here(monkeypatch, capsys, "--help")
+    code, out, err = runs_here(monkeypatch, capsys, "--help")
     assert code == 0 and err == "", err
     assert out.startswith("usage:") and "OUT_DIR" in out and "mean ± std" in out, out
 
@@ -160,7 +162,7 @@ def test_a_finished_run_gives_its_row_and_the_mean_of_two(tmp_path, monkeypatch,
     """Win rates 0.70 and 0.80: mean 0.750, standard deviation 0.1 / sqrt(2) = 0.071."""
     first = run_dir(tmp_path, "seed1", complete_results(seed=1, win_rate=0.70))
     second = run_dir(tmp_path, "seed2", complete_results(seed=2, win_rate=0.80))
-    code, out, err = evaluate_here(monkeypatch, capsys, str(first), str(second))
+    code, out, err = runs_here(monkeypatch, capsys, str(first), str(second))
     assert code == 0 and err == "", err
     assert out.splitlines() == [
         HEADER,
@@ -202,7 +204,7 @@ def test_the_table_of_docs_seeds_md_comes_out_byte_for_byte():
 
 def test_a_run_without_judge_metrics_shows_dashes_not_nan(tmp_path, monkeypatch, capsys):
     own_data = run_dir(tmp_path, "own_data", unjudged_results())
-    code, out, err = evaluate_here(monkeypatch, capsys, str(own_data))
+    code, out, err = runs_here(monkeypatch, capsys, str(own_data))
     assert code == 0 and err == "", err
     assert "nan" not in out.lower(), out
     row, mean = out.splitlines()[2:]
@@ -215,7 +217,7 @@ def test_one_judged_run_and_one_not_average_what_there_is(tmp_path, monkeypatch,
     both runs: 1.40 and 1.10, standard deviation 0.3 / sqrt(2) = 0.21."""
     judged = run_dir(tmp_path, "judged", complete_results(win_rate=0.72))
     own_data = run_dir(tmp_path, "own_data", unjudged_results())
-    code, out, err = evaluate_here(monkeypatch, capsys, str(judged), str(own_data))
+    code, out, err = runs_here(monkeypatch, capsys, str(judged), str(own_data))
     assert code == 0 and err == "", err
     assert "nan" not in out.lower(), out
     cells = [cell.strip() for cell in out.splitlines()[-1].strip("|").split("|")]
@@ -224,7 +226,7 @@ def test_one_judged_run_and_one_not_average_what_there_is(tmp_path, monkeypatch,
 
 def test_a_pipe_in_a_directory_name_keeps_the_columns(tmp_path, monkeypatch, capsys):
     piped = run_dir(tmp_path, "lr|3e-5", complete_results())
-    code, out, err = evaluate_here(monkeypatch, capsys, str(piped))
+    code, out, err = runs_here(monkeypatch, capsys, str(piped))
     assert code == 0 and err == "", err
     unescaped_pipes = [len(re.findall(r"(?<!\\)\|", line)) for line in out.splitlines()]
     assert unescaped_pipes == [13] * 4, out
@@ -233,7 +235,7 @@ def test_a_pipe_in_a_directory_name_keeps_the_columns(tmp_path, monkeypatch, cap
 
 @pytest.mark.slow
 def test_the_script_prints_one_error_line_and_no_traceback(tmp_path):
-    done = run_script("evaluate.py", str(tmp_path / "never_ran"))
+    done = run_module("experiments.runs", str(tmp_path / "never_ran"))
     assert_one_error_line(done.returncode, done.stdout, done.stderr, str(tmp_path / "never_ran"))
 
 
@@ -243,11 +245,55 @@ def test_a_fifo_as_results_json_is_refused_without_hanging(tmp_path):
     (tmp_path / "run").mkdir()
     os.mkfifo(tmp_path / "run" / "results.json")
     done = subprocess.run(
-        [sys.executable, "evaluate.py", str(tmp_path / "run")],
-        cwd=Path(evaluate.__file__).parent,
+        [sys.executable, "-m", "experiments.runs", str(tmp_path / "run")],
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=60,
     )
     named = str(tmp_path / "run" / "results.json")
     assert_one_error_line(done.returncode, done.stdout, done.stderr, named)
+
+
+def test_chart_draws_each_run_s_training_log_and_keeps_stdout_the_table(
+    tmp_path, monkeypatch, capsys
+):
+    out_dir = run_dir(tmp_path, "seed1", complete_results())
+    records = [
+        {"step": step, "loss": 0.7 - 0.1 * step, "margin": 0.2 * step, "accuracy": 0.5,
+         "feature_mse": 0.001 * step, "ms_per_step": 30.0}
+        for step in range(4)
+    ]
+    (out_dir / "policy_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    code, out, err = runs_here(monkeypatch, capsys, "--chart", str(out_dir))
+    assert code == 0 and out.startswith(HEADER), (out, err)
+    assert err == f"runs: wrote {out_dir / 'policy_training.svg'}\n"
+    root = ElementTree.parse(out_dir / "policy_training.svg").getroot()
+    series = [g for g in root.iter(f"{SVG}g") if g.get("class") == "series"]
+    assert [g.get("data-label") for g in series] == list(report.TRAINING_LOG_KEYS)
+    assert all(len(g.findall(f"{SVG}circle")) == 4 for g in series)
+
+
+@pytest.mark.parametrize("log", [None, "{not json", json.dumps({"step": 0}) + "\n"])
+def test_chart_of_a_run_without_a_whole_log_is_one_error_line(log, tmp_path, monkeypatch, capsys):
+    out_dir = run_dir(tmp_path, "run", complete_results())
+    if log is not None:
+        (out_dir / "policy_log.jsonl").write_text(log)
+    code, out, err = runs_here(monkeypatch, capsys, "--chart", str(out_dir))
+    assert_one_error_line(code, out, err, str(out_dir / "policy_log.jsonl"))
+    assert not (out_dir / "policy_training.svg").exists()
+
+
+@pytest.mark.slow
+def test_a_finished_tiny_run_tabulates_and_charts_as_a_module(tiny_run, tmp_path):
+    out_dir = tmp_path / "seed1337"
+    out_dir.mkdir()
+    for name in ("results.json", "policy_log.jsonl"):
+        (out_dir / name).write_bytes((tiny_run[0] / name).read_bytes())
+    done = run_module("experiments.runs", "--chart", str(out_dir))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("| run | seed | threads |")
+    assert "| seed1337 | 1337 |" in done.stdout
+    assert (out_dir / "policy_training.svg").exists()
+    done = run_module("experiments.runs", "--help")
+    assert done.returncode == 0 and done.stdout.startswith("usage:"), done.stderr

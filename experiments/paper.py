@@ -1,0 +1,451 @@
+"""The paper's other experiments, on --compare's references (seeds --seed, --seed + 1, ...):
+
+    --ablation  FPO at config.py's defaults with one thing changed: the SAE's block, alpha with
+                and without the stop-gradient, or k (the paper's Table 3): ablation.md and .svg
+    --control   FPO's constraint on the sentiment or the topic latents only (its Sec. 5.3,
+                Table 4): control.md and control.svg
+    --bound     per-token KL against the change of the SAE codes (its Appendix B), and D(y)
+                against SeqKL(y) (its Fig. 4-right), on --compare's policies: bound.md, bound.svg
+"""
+
+import dataclasses
+import hashlib
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import data
+import train
+from config import Config, PreferenceConfig, settings_section, stage_settings
+from experiments import report
+from experiments.common import (
+    compare_tag, frozen_reference, inputs_made_from, make_once, reference_run, row_differences,
+    saved_run, train_policy, with_method, write_outputs,
+)
+from experiments.settings import LabConfig, compare_seeds
+from experiments.stats import (
+    attribute_latents, bootstrap_spearman, bound_constant, bound_terms,
+)
+from loading import load_policy
+from runtime import autocast, read_json, write_atomically, write_json
+
+# ----------------------------------------------------------------------------------------------
+# --ablation: FPO at the default setting with one thing changed (the paper's Table 3, and k)
+
+# alpha as multiples of the default's (config.py's 256: 0, 16, 64, 256, 1024, 4096), so the
+# default sits in the middle of the non-zero values whatever --alpha is; k from 4 to 256, with
+# the default's k among them
+ABLATION_ALPHA_FACTORS = (0.0, 1 / 16, 1 / 4, 1.0, 4.0, 16.0)
+ABLATION_FPO_KS = (4, 8, 16, 32, 64, 256)
+ABLATION_COLUMNS = {  # column: (results key path, digits); the paper's three first
+    "reward acc (train)": (("train_reward_accuracy",), 3),
+    "reward acc (held-out)": (("reward_accuracy",), 3),
+    "entropy": (("policy", "entropy_per_token"), 3),
+    "win rate": (("win_rate",), 3),
+    "valid": (("policy", "valid_rate"), 3),
+    "KL from ref": (("policy", "kl_from_reference"), 2),
+    "length": (("policy", "mean_length"), 1),
+}
+
+
+def ablation_alphas(pref_cfg: PreferenceConfig) -> list[float]:
+    """The alphas of the ablation: ABLATION_ALPHA_FACTORS times the default's; 256 -> [0.0, 16.0,
+    64.0, 256.0, 1024.0, 4096.0]."""
+    return list(dict.fromkeys(factor * pref_cfg.alpha for factor in ABLATION_ALPHA_FACTORS))
+
+
+def ablation_rows(cfg: Config) -> dict[str, dict[str, dict]]:
+    """{table: {row label: the settings it changes}}: the SAE on every block; alpha with and
+    without the stop-gradient on D(y_w); FPO's k with alpha scaled by default k / k (D(y) is a
+    mean over the union of top-k sets, so the constraint's weight moves with k) and fixed."""
+    pref_cfg = cfg.prefer
+    ks = sorted({*ABLATION_FPO_KS, pref_cfg.fpo_k})
+    return {
+        "The SAE's block": {
+            f"block {block}": {"sae_layer": block} for block in range(cfg.pretrain.n_layer)
+        },
+        "alpha, with and without the stop-gradient on D(y_w)": {
+            f"alpha {alpha:g}, stop-gradient {'on' if stop else 'off'}": {
+                "alpha": alpha, "fpo_stop_grad": stop
+            }
+            for alpha in ablation_alphas(pref_cfg)
+            for stop in (True, False)
+        },
+        f"FPO's k, alpha scaled by {pref_cfg.fpo_k}/k or fixed at {pref_cfg.alpha:g}": {
+            f"k {k}, alpha {alpha:g} ({scaled})": {"fpo_k": k, "alpha": alpha}
+            for k in ks
+            for scaled, alpha in (
+                ("scaled", pref_cfg.alpha * pref_cfg.fpo_k / k), ("fixed", pref_cfg.alpha)
+            )
+        },
+    }
+
+
+def ablation(cfg: LabConfig, device) -> None:
+    """FPO at the default settings with one of them changed, per row of ablation_rows, on the
+    references of --seeds (--compare's: their GPTs and SAEs are shared), judged on the test
+    prompts. Rows with the same settings are trained once; a finished run made from the same
+    inputs is read back. Writes ablation.md (mean ± std over the references) and ablation.svg."""
+    out = Path(cfg.run.out_dir)
+    tables = ablation_rows(cfg)
+    seeds = compare_seeds(cfg)
+    n_rows = sum(map(len, tables.values()))
+    print(f"\n== ablation: {n_rows} rows of FPO on {len(seeds)} references "
+          f"(seeds {seeds[0]}-{seeds[-1]}) ==")
+    rows = {table: [] for table in tables}
+    started = time.time()
+    for seed in seeds:
+        ref_cfg = reference_run(cfg, seed, device)
+        for table, changes in tables.items():
+            for label, changed in changes.items():
+                print(f"ablation: seed {seed}, {label} | {time.time() - started:.0f}s", flush=True)
+                results = fpo_variant(ref_cfg, device, changed)
+                rows[table].append(results | {"label": label})
+    pref_cfg = cfg.prefer
+    sections = [
+        f"Every row is FPO at beta {pref_cfg.beta:g}, alpha {pref_cfg.alpha:g}, k "
+        f"{pref_cfg.fpo_k}, pref_lr {pref_cfg.pref_lr:g}, {pref_cfg.pref_steps} steps, the SAE on "
+        f"block {cfg.sae.sae_layer % cfg.pretrain.n_layer} and the stop-gradient on, but for "
+        "what the row names. Test prompts.\n"
+    ]
+    n_prompts = len(rows[next(iter(tables))][0]["prompt_wins"])
+    for table, changes in tables.items():
+        default = next(label for label, changed in changes.items() if is_default(cfg, changed))
+        pairs = [(label, default) for label in changes if label != default]
+        summary = report.compare_table(
+            rows[table], list(changes), ABLATION_COLUMNS, seeds, {}, "setting"
+        )
+        differences = report.difference_table(
+            row_differences(rows[table], pairs), len(seeds), n_prompts
+        )
+        sections.append(f"### {table}\n\n{summary}\n{differences}")
+    chart = ablation_chart(rows, tables, ablation_alphas(pref_cfg))
+    write_outputs(out, "ablation", "\n".join(sections), chart, started)
+
+
+def is_default(cfg: Config, changed: dict) -> bool:
+    """Whether an ablation row's changed settings are all the defaults: the row the others are
+    compared with."""
+    defaults = dataclasses.asdict(cfg.prefer) | {
+        "sae_layer": cfg.sae.sae_layer % cfg.pretrain.n_layer
+    }
+    return all(defaults[key] == value for key, value in changed.items())
+
+
+def fpo_variant(ref_cfg: Config, device, changed: dict) -> dict:
+    """FPO trained and judged on one reference with `changed` settings (the SAE's block, or any
+    of the preference settings): evaluate_policy's results and the reward accuracy on training
+    pairs; read back when a run of the same settings from the same inputs finished. A change of
+    the SAE's block trains an SAE (and its cache) on that block, in its own directory beside the
+    reference's."""
+    pref_changes = {key: value for key, value in changed.items() if key != "sae_layer"}
+    if pref_changes.get("alpha") == 0.0:  # no constraint: the stop-gradient changes nothing
+        pref_changes["fpo_stop_grad"] = True
+    run_cfg = with_method(ref_cfg, {"method": "fpo"} | pref_changes)
+    block = changed.get("sae_layer", ref_cfg.sae.sae_layer) % ref_cfg.pretrain.n_layer
+    if block != ref_cfg.sae.sae_layer % ref_cfg.pretrain.n_layer:
+        run_cfg = sae_on_block(run_cfg, block, device)
+    pref_cfg = run_cfg.prefer
+    tag = (f"fpo_block{block}_alpha{pref_cfg.alpha:g}_k{pref_cfg.fpo_k}"
+           f"_stopgrad{int(pref_cfg.fpo_stop_grad)}")
+    if pref_cfg.fpo_latents:
+        tag += "_latents" + hashlib.sha256(pref_cfg.fpo_latents.encode()).hexdigest()[:8]
+    path = Path(run_cfg.run.out_dir) / f"{tag}_results.json"
+    made_from = inputs_made_from(run_cfg, device) | {
+        "eval": dataclasses.asdict(run_cfg.eval),
+        "settings": stage_settings(run_cfg, "prefer"),
+    }
+    saved = saved_run(path, made_from, needs=("feature_mse",))
+    if saved is not None:
+        return saved
+    seed = run_cfg.run.seed
+    train.train_preference(run_cfg, device, seed, tag)
+    results = train.evaluate_policy(run_cfg, device, seed, tag)
+    results["train_reward_accuracy"] = training_accuracy(run_cfg, device, tag)
+    results["made_from"] = made_from
+    write_json(path, results)
+    return results
+
+
+@torch.no_grad()
+def training_accuracy(run_cfg: Config, device, tag: str) -> float:
+    """The reward accuracy of out_dir/<tag>.pt, with its own reward, on the first training pairs,
+    as many as there are held-out ones (cache rows from 0): the paper's Table 3 puts it beside
+    the held-out one of train.held_out_accuracy."""
+    reference, inputs = frozen_reference(run_cfg, device)
+    policy, trained_with = load_policy(run_cfg, tag, reference, inputs.made_from, device)
+    trained_cfg = settings_section(PreferenceConfig, trained_with)
+    pairs = inputs.train_pairs[: len(inputs.test_pairs)]
+    eos = data.eos_id(inputs.enc)
+    correct = []
+    for batch in data.every_pair(pairs, 64, 0, eos, device):
+        with autocast(device):
+            result = train.preference_losses(
+                trained_cfg, run_cfg.sae.sae_layer, policy, batch, inputs, reference
+            )
+        correct.append((result.chosen_rewards > result.rejected_rewards).float())
+    return torch.cat(correct).mean().item()
+
+
+def sae_on_block(ref_cfg: Config, block: int, device) -> Config:
+    """ref_cfg in the reference's sae_block<block>/ directory: the reference GPT (copied there)
+    with an SAE trained on that block's output, made once."""
+    block_dir = Path(ref_cfg.run.out_dir) / f"sae_block{block}"
+    block_dir.mkdir(exist_ok=True)
+    block_cfg = dataclasses.replace(
+        ref_cfg,
+        run=dataclasses.replace(ref_cfg.run, out_dir=str(block_dir)),
+        sae=dataclasses.replace(ref_cfg.sae, sae_layer=block),
+    )
+    if not (block_dir / "gpt.pt").exists():
+        write_atomically(block_dir / "gpt.pt",
+                         lambda tmp: shutil.copyfile(Path(ref_cfg.run.out_dir) / "gpt.pt", tmp))
+    make_once(block_cfg, "sae", device)
+    return block_cfg
+
+
+def ablation_chart(rows: dict, tables: dict, alphas: list[float]) -> str:
+    """Win rate and validity against alpha, with and without the stop-gradient (mean over the
+    references), one panel each."""
+    table = next(name for name in tables if name.startswith("alpha"))
+    panels = {}
+    for key, name in ((("win_rate",), "win rate"), (("policy", "valid_rate"), "valid")):
+        for stop in ("on", "off"):
+            panels[f"{name}, stop-gradient {stop}"] = [
+                (alpha, statistics.fmean(
+                    report.nested(row, key) for row in rows[table]
+                    if row["label"] == f"alpha {alpha:g}, stop-gradient {stop}"
+                ))
+                for alpha in alphas
+            ]
+    return report.svg_panels("FPO's alpha, with and without the stop-gradient", "alpha", panels)
+
+
+# ----------------------------------------------------------------------------------------------
+# --control: FPO's constraint on chosen latents only (the paper's Sec. 5.3, Table 4)
+
+CONTROL_LATENTS = 8  # latents per chosen set
+CONTROL_COLUMNS = {  # column: (results key path, digits)
+    "positive": (("policy", "positive_rate"), 3),
+    "positive - reference": (("positive_change",), 3),
+    "on topic": (("policy", "on_topic_rate"), 3),
+    "on topic - reference": (("on_topic_change",), 3),
+    "win rate": (("win_rate",), 3),
+    "valid": (("policy", "valid_rate"), 3),
+    "KL from ref": (("policy", "kl_from_reference"), 2),
+}
+
+
+def control(cfg: LabConfig, device) -> None:
+    """FPO at the default settings with D(y) over four sets of latents, on the references of
+    --seeds: all of them (as always), the CONTROL_LATENTS that most separate positive from
+    negative words, those that most separate the topics (stats.attribute_latents, found on
+    each reference's held-out pairs), and as many at random. Each set's effect on the judge's
+    positive and on-topic rates, against the reference's. Writes control.md and control.svg."""
+    out = Path(cfg.run.out_dir)
+    seeds = compare_seeds(cfg)
+    print(f"\n== control: FPO constrained on chosen latents, on {len(seeds)} references ==")
+    rows = []
+    chosen = {}  # seed: {set: latents}
+    started = time.time()
+    for seed in seeds:
+        ref_cfg = reference_run(cfg, seed, device)
+        chosen[seed] = latent_sets(ref_cfg, device)
+        for label, latents in chosen[seed].items():
+            print(f"control: seed {seed}, {label} {latents} | {time.time() - started:.0f}s",
+                  flush=True)
+            results = fpo_variant(ref_cfg, device, {"fpo_latents": latents})
+            changes = {
+                f"{name}_change": results["policy"][f"{name}_rate"]
+                - results["reference"][f"{name}_rate"]
+                for name in ("positive", "on_topic")
+            }
+            rows.append(results | changes | {"label": label})
+    labels = list(chosen[seeds[0]])
+    table = report.compare_table(rows, labels, CONTROL_COLUMNS, seeds, {}, "D(y) over")
+    # Each chosen set against all latents, and each attribute's set against a random one as large.
+    pairs = [(label, labels[0]) for label in labels[1:]]
+    pairs += [(label, labels[-1]) for label in labels[1:-1]]
+    table += "\n" + report.difference_table(
+        row_differences(rows, pairs), len(seeds), len(rows[0]["prompt_wins"])
+    )
+    sets = "\n".join(
+        f"- seed {seed}: " + "; ".join(f"{label} {latents or 'all'}"
+                                      for label, latents in by_label.items())
+        for seed, by_label in chosen.items()
+    )
+    control_md = f"{table}\nThe latents of each set, per reference:\n\n{sets}\n"
+    series = {
+        label: [(row["positive_change"], row["on_topic_change"])
+                for row in rows if row["label"] == label]
+        for label in labels
+    }
+    chart = report.svg_chart(
+        "What constraining chosen latents does (one point per reference)",
+        "positive rate, policy - reference",
+        "on-topic rate, policy - reference",
+        series,
+        lines=False,
+    )
+    write_outputs(out, "control", control_md, chart, started)
+
+
+def latent_sets(ref_cfg: Config, device) -> dict[str, str]:
+    """{set: --fpo_latents}: every latent (empty), the sentiment and the topic latents of
+    stats.attribute_latents on the reference's held-out pairs, and a random set as large."""
+    reference, inputs = frozen_reference(ref_cfg, device)
+    eos = data.eos_id(inputs.enc)
+    batches = (
+        (input_ids, mask)
+        for _, input_ids, mask in data.every_pair(inputs.test_pairs, 64, 0, eos, device)
+    )
+    found = attribute_latents(
+        reference, inputs.sae, ref_cfg.sae.sae_layer, batches, inputs.enc, CONTROL_LATENTS
+    )
+    generator = torch.Generator().manual_seed(ref_cfg.run.seed)
+    drawn = torch.randperm(inputs.sae.d_sae, generator=generator)[:CONTROL_LATENTS]
+    return {
+        "all latents": "",
+        "sentiment latents": ",".join(map(str, found["sentiment"])),
+        "topic latents": ",".join(map(str, found["topic"])),
+        "random latents": ",".join(map(str, sorted(drawn.tolist()))),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# --bound: does the change of the SAE codes bound the per-token KL (the paper's Appendix B), and
+# does D(y) track SeqKL(y) (its Fig. 4-right)? On --compare's policies
+
+
+def bound(cfg: LabConfig, device) -> None:
+    """For the reference and every policy --compare trained, on each reference's held-out pairs
+    (chosen and rejected responses): per generating position, KL(pi_ref || pi_theta) against
+    M ||c_theta - c_ref||^2 (stats.bound_constant), and per response D(y) against SeqKL(y);
+    then both along FPO's training at its pick (fpo_trajectory, the one run trained here).
+    Writes bound.md and bound.svg."""
+    out = Path(cfg.run.out_dir)
+    compare_json = read_json(out / "compare.json", "run --compare first")
+    labels = list(compare_json["settings"])
+    seeds = sorted({row["seed"] for row in compare_json["rows"]})
+    print(f"\n== bound: {len(labels)} policies on {len(seeds)} references ==")
+    terms = {label: [] for label in labels}  # label: per reference, bound_terms of every pair
+    constants = {}  # seed: M
+    trajectories = {}  # seed: FPO's steps, and its mean SeqKL(y) and D(y) at each
+    started = time.time()
+    for seed in seeds:
+        ref_cfg = reference_run(cfg, seed, device)
+        reference, inputs = frozen_reference(ref_cfg, device)
+        for label in labels:
+            print(f"bound: seed {seed}, {label} | {time.time() - started:.0f}s", flush=True)
+            tag = compare_tag(label, seed)
+            policy, _ = load_policy(ref_cfg, tag, reference, inputs.made_from, device)
+            terms[label].append(held_out_bound_terms(policy, reference, inputs, ref_cfg, device))
+        sigma = min(t[-1]["sigma"].min().item() for t in terms.values())
+        constants[seed] = bound_constant(reference, inputs.sae, sigma)
+        trajectories[seed] = fpo_trajectory(
+            ref_cfg, device, compare_json["settings"]["FPO"], reference, inputs
+        )
+    table = report.bound_table(bound_summary(terms, constants, seeds), constants)
+    table += "\n" + report.trajectory_table(trajectories)
+    series = {
+        label: [
+            (t["sequence_kl"].mean().item(), t["feature_mse"].mean().item())
+            for t in by_seed
+        ]
+        for label, by_seed in terms.items()
+    }
+    series["FPO along training"] = [
+        point
+        for trajectory in trajectories.values()
+        for point in zip(trajectory["sequence_kl"], trajectory["feature_mse"])
+    ]
+    chart = report.svg_chart(
+        "D(y) against SeqKL(y): held-out responses, mean per reference and method",
+        "SeqKL(y) = sum of per-token KL(ref || policy), log scale",
+        "D(y)",
+        series,
+        lines=False,
+        log_x=True,
+    )
+    write_outputs(out, "bound", table, chart, started)
+
+
+def fpo_trajectory(ref_cfg: Config, device, settings: dict, reference, inputs) -> dict:
+    """FPO trained at `settings` once more, judged by its mean SeqKL(y) and D(y) on the held-out
+    responses at every fifth of its steps (the analogue of the paper's Fig. 4-right):
+    {"step": [...], "sequence_kl": [...], "feature_mse": [...]}; read back from
+    bound_fpo_trajectory.json when made from the same reference and settings."""
+    run_cfg = with_method(ref_cfg, settings)
+    every = max(1, run_cfg.prefer.pref_steps // 5)
+    tag = "bound_fpo_trajectory"
+    out = Path(run_cfg.run.out_dir)
+    made_from = inputs_made_from(run_cfg, device) | {
+        "settings": stage_settings(run_cfg, "prefer")
+    }
+    saved = saved_run(out / f"{tag}.json", made_from, needs=TRAJECTORY_KEYS)
+    if saved is not None:
+        return {key: saved[key] for key in TRAJECTORY_KEYS}
+    train_policy(run_cfg, device, run_cfg.run.seed, tag, snapshot_every=every)
+    trajectory = {key: [] for key in TRAJECTORY_KEYS}
+    for step in range(every, run_cfg.prefer.pref_steps + 1, every):
+        snapshot = f"{tag}_step{step}"
+        policy, _ = load_policy(run_cfg, snapshot, reference, inputs.made_from, device)
+        terms = held_out_bound_terms(policy, reference, inputs, run_cfg, device)
+        trajectory["step"].append(step)
+        trajectory["sequence_kl"].append(terms["sequence_kl"].mean().item())
+        trajectory["feature_mse"].append(terms["feature_mse"].mean().item())
+        (out / f"{snapshot}.pt").unlink()
+    write_json(out / f"{tag}.json", trajectory | {"made_from": made_from})
+    return trajectory
+
+
+TRAJECTORY_KEYS = ("step", "sequence_kl", "feature_mse")
+
+
+def held_out_bound_terms(policy, reference, inputs, ref_cfg: Config, device) -> dict:
+    """bound_terms over every held-out pair, batch by batch (chosen rows first in each), on the
+    CPU, with `is_chosen` per response."""
+    eos = data.eos_id(inputs.enc)
+    batches = []
+    for _, input_ids, mask in data.every_pair(inputs.test_pairs, 64, 0, eos, device):
+        terms = bound_terms(policy, reference, inputs.sae, ref_cfg.sae.sae_layer, input_ids,
+                            mask, ref_cfg.prefer.fpo_k)
+        half = len(input_ids) // 2
+        terms["is_chosen"] = torch.arange(len(input_ids), device=input_ids.device) < half
+        batches.append({key: value.cpu() for key, value in terms.items()})
+    return {key: torch.cat([batch[key] for batch in batches]) for key in batches[0]}
+
+
+def bound_summary(terms: dict, constants: dict, seeds: list[int]) -> dict[str, dict]:
+    """Per method: how often KL_t <= M ||dc_t||^2 holds, the quantiles of KL_t / (M ||dc_t||^2)
+    where the codes moved, the median of KL_t over its first step, a quarter of the logits'
+    squared distance, Spearman's correlation of KL_t with ||dc_t||^2 (per position) and of
+    SeqKL(y) with D(y) (per response), and of the margins SeqKL(y_l) - SeqKL(y_w) with
+    D(y_l) - D(y_w) (per pair), each with a bootstrap interval over references and items."""
+    summary = {}
+    for label, by_seed in terms.items():
+        bounds = [constants[seed] * t["code_gap"] for seed, t in zip(seeds, by_seed)]
+        kls = [t["kl"] for t in by_seed]
+        ratios = torch.cat([kl[b > 0] / b[b > 0] for kl, b in zip(kls, bounds)])
+        margins = {
+            key: [t[key][~t["is_chosen"]] - t[key][t["is_chosen"]] for t in by_seed]
+            for key in ("sequence_kl", "feature_mse")
+        }
+        logit_gaps = torch.cat([t["logit_gap"] for t in by_seed])
+        moved = logit_gaps > 0
+        summary[label] = {
+            "holds": torch.cat([kl <= b for kl, b in zip(kls, bounds)]).double().mean().item(),
+            "softmax step": torch.median(torch.cat(kls)[moved] / (logit_gaps[moved] / 4)).item(),
+            "ratio quantiles": torch.quantile(
+                ratios.double(), torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64)
+            ).tolist() if len(ratios) else [float("nan")] * 3,
+            "token": bootstrap_spearman(kls, [t["code_gap"] for t in by_seed]),
+            "response": bootstrap_spearman(
+                [t["sequence_kl"] for t in by_seed], [t["feature_mse"] for t in by_seed]
+            ),
+            "margin": bootstrap_spearman(margins["sequence_kl"], margins["feature_mse"]),
+        }
+    return summary

@@ -1,0 +1,376 @@
+"""--sweep: every method tuned alike on validation prompts; its robust pick; the reward-KL
+frontier and the over-optimisation curves.
+
+On each of --sweep_references references (seeds --sweep_seed, +1, ...; none of --compare's), every
+method trains at each setting of its grid for twice --pref_steps and is judged on the validation
+prompts at every third of --pref_steps. Writes sweep_picks.json (what --compare runs), sweep.md,
+frontier.svg, validity.svg and win_rate.svg.
+"""
+
+import dataclasses
+import math
+import statistics
+import time
+from pathlib import Path
+
+import train
+from config import Config, stage_settings
+from experiments import report
+from experiments.common import (
+    data_settings, inputs_made_from, reference_run, saved_run, train_policy, with_method,
+)
+from experiments.settings import sweep_seeds
+from runtime import write_json, write_text
+
+# Every method starts from the same budget: 3 learning rates x 3 settings of its other knobs
+# (beta, and gamma for SimPO or alpha for FPO, FPO-KL and TDPO-2; FPO without its constraint,
+# alpha 0, has beta alone) = 9 runs on each reference, each judged at 6 points along twice
+# --pref_steps, so the pick also chooses when to stop; SWEEP_EXTENSIONS then adds 3 per round
+# where a pick sat on an edge. beta is on the scale of each method's log-probs: summed
+# for DPO and TDPO, averaged (about 15x smaller) for FPO and SimPO. FPO's D(y) scales with the
+# SAE's activations, so its alpha is searched over decades rather than taken from the paper.
+# FPO-KL's SeqKL is in nats summed over the response, so its alphas are smaller: its weight on
+# SeqKL, alpha x beta, spans 0.08 to 0.64, as TDPO-2's grid spans 0.05 to 0.6. DPO (offline
+# cache) computes DPO's loss (tests check they are equal), so it takes DPO's pick rather than
+# training the same runs twice.
+SWEEP_LRS = (2e-5, 6e-5, 1.8e-4)
+SWEEP_KNOBS = {
+    "FPO": [
+        {"method": "fpo", "beta": beta, "alpha": alpha}
+        for beta, alpha in ((2.0, 4.0), (2.0, 16.0), (4.0, 16.0))
+    ],
+    "FPO (alpha=0)": [{"method": "fpo", "beta": beta, "alpha": 0.0} for beta in (1.0, 2.0, 4.0)],
+    "FPO-KL": [
+        {"method": "fpo_kl", "beta": beta, "alpha": alpha}
+        for beta, alpha in ((2.0, 0.04), (2.0, 0.16), (4.0, 0.16))
+    ],
+    "DPO": [{"method": "dpo", "beta": beta} for beta in (0.05, 0.1, 0.3)],
+    "SimPO": [
+        {"method": "simpo", "beta": beta, "gamma": gamma}
+        for beta, gamma in ((2.0, 0.5), (2.0, 1.5), (4.0, 1.0))
+    ],
+    "TDPO-1": [{"method": "tdpo1", "beta": beta} for beta in (0.05, 0.1, 0.3)],
+    "TDPO-2": [
+        {"method": "tdpo2", "beta": beta, "alpha": alpha}
+        for beta, alpha in ((0.1, 0.5), (0.1, 2.0), (0.3, 2.0))
+    ],
+}
+# Settings added where a sweep's pick sat on an edge of its method's grid (grid_edges), 3 per
+# method and round, each the pick moved one step past one of its edges (beta, alpha or gamma by
+# the grid's own factor, pref_lr by 3x), past two at once, or along a knob the pick's line did not
+# vary yet. Round 1 extended every method; rounds 2 to 4 every method still on an edge other
+# than the first or last judged step (rounds 3 and 4: FPO alone). FPO without its constraint
+# joined at round 2.
+SWEEP_EXTENSIONS = {
+    "FPO": [
+        {"method": "fpo", "beta": beta, "alpha": alpha, "pref_lr": 6e-5}
+        for beta, alpha in ((8.0, 16.0), (4.0, 64.0), (8.0, 64.0),  # round 1
+                            (2.0, 64.0), (4.0, 256.0), (2.0, 256.0),  # round 2
+                            (1.0, 256.0), (2.0, 1024.0), (1.0, 1024.0),  # round 3
+                            (0.5, 256.0), (1.0, 64.0), (0.5, 64.0))  # round 4
+    ],
+    "FPO (alpha=0)": [
+        {"method": "fpo", "beta": beta, "alpha": 0.0, "pref_lr": lr}
+        for beta, lr in ((0.5, 2e-5), (1.0, 6.7e-6), (0.5, 6.7e-6))  # round 2
+    ],
+    "FPO-KL": [
+        {"method": "fpo_kl", "beta": beta, "alpha": alpha, "pref_lr": lr}
+        for beta, alpha, lr in ((1.0, 0.16, 1.8e-4), (2.0, 0.64, 1.8e-4), (2.0, 0.16, 5.4e-4),
+                                (2.0, 0.16, 1.6e-3), (2.0, 0.04, 5.4e-4), (2.0, 0.64, 5.4e-4))
+    ],
+    "DPO": [
+        {"method": "dpo", "beta": beta, "pref_lr": lr}
+        for beta, lr in ((0.02, 2e-5), (0.05, 6.7e-6), (0.02, 6.7e-6))
+    ],
+    "SimPO": [
+        {"method": "simpo", "beta": 2.0, "gamma": gamma, "pref_lr": lr}
+        for gamma, lr in ((2.5, 2e-5), (1.5, 6.7e-6), (2.5, 6.7e-6),
+                          (3.5, 2e-5), (2.5, 6e-5), (3.5, 6e-5))
+    ],
+    "TDPO-1": [
+        {"method": "tdpo1", "beta": beta, "pref_lr": lr}
+        for beta, lr in ((0.02, 2e-5), (0.05, 6.7e-6), (0.02, 6.7e-6))
+    ],
+    "TDPO-2": [
+        {"method": "tdpo2", "beta": beta, "alpha": alpha, "pref_lr": lr}
+        for beta, alpha, lr in ((0.03, 2.0, 1.8e-4), (0.1, 8.0, 1.8e-4), (0.1, 2.0, 5.4e-4),
+                                (0.1, 2.0, 1.6e-3), (0.1, 0.5, 5.4e-4), (0.1, 8.0, 5.4e-4))
+    ],
+}
+VALIDITY_FLOOR = 0.9  # a pick must keep this share of each reference's own valid rate
+MATCHED_KL = "FPO at TDPO-2's KL"  # a second pick of FPO's, nearest TDPO-2's pick in KL
+POINT_KEYS = {
+    "judge_score": ("policy", "judge_score"),
+    "valid_rate": ("policy", "valid_rate"),
+    "kl_from_reference": ("policy", "kl_from_reference"),
+    "win_rate": ("win_rate",),
+}
+
+
+def judged_every(pref_steps: int) -> int:
+    """How many steps apart --sweep judges each run: a third of --pref_steps."""
+    return max(1, pref_steps // 3)
+
+
+def sweep_tag(overrides: dict) -> str:
+    parts = [
+        f"{key}{value:g}" if isinstance(value, float) else str(value)
+        for key, value in overrides.items()
+    ]
+    return "sweep_" + "_".join(parts)
+
+
+def recipe(cfg: Config) -> dict:
+    """What a pick is tuned for, whichever seeds made the references: every stage's settings
+    but the seed and the knobs the sweep tunes, the data's, and the judging's but the split."""
+    tuned = {"seed", "method", "beta", "alpha", "gamma", "pref_lr", "pref_steps"}
+    return {
+        name: {key: value for key, value in settings.items() if key not in tuned}
+        for name, settings in (
+            ("pretraining", stage_settings(cfg, "pretrain")),
+            ("SAE training", stage_settings(cfg, "sae")),
+            ("preference training", stage_settings(cfg, "prefer")),
+            ("data", data_settings(cfg)),
+            ("judging", dataclasses.asdict(cfg.eval) | {"eval_split": ""}),
+        )
+    }
+
+
+def sweep(cfg: Config, device) -> None:
+    """On each of --sweep_references references (whole pipelines of their own seeds, none of
+    --compare's), train every method at each setting of its grid for twice --pref_steps and judge
+    the validation prompts every third of --pref_steps. Pick per method the (setting, length)
+    by the robust rule of pick_setting. Finished runs made from the same inputs are skipped on a
+    rerun. Writes sweep_picks.json (what --compare runs, with the recipe it was tuned for),
+    sweep.md and three SVGs."""
+    out = Path(cfg.run.out_dir)
+    every = judged_every(cfg.prefer.pref_steps)
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, eval_split="validation"))
+    grid = sweep_grid()
+    seeds = sweep_seeds(cfg)
+    print(f"\n== sweep: {len(grid)} runs of {2 * cfg.prefer.pref_steps} steps on each of "
+          f"{len(seeds)} references (seeds {seeds[0]}-{seeds[-1]}), judged every {every} steps "
+          "on validation prompts ==")
+    runs = {}  # seed: {tag: run}
+    references = {}  # seed: the reference's judged validation numbers
+    started = time.time()
+    for number, seed in enumerate(seeds, 1):
+        print(f"sweep: reference {number}/{len(seeds)} (seed {seed}) | "
+              f"{time.time() - started:.0f}s", flush=True)
+        ref_cfg = reference_run(cfg, seed, device)
+        made_from = inputs_made_from(ref_cfg, device)
+        # A finished run counts only for this reference's GPT and SAE, the data, its training
+        # settings and the judging.
+        made_from |= {"eval": dataclasses.asdict(cfg.eval)}
+        reference_samples = {}
+        runs[seed] = {}
+        for run_number, (label, overrides) in enumerate(grid, 1):
+            print(f"sweep: seed {seed}, run {run_number}/{len(grid)} ({label}, {overrides}) | "
+                  f"{time.time() - started:.0f}s", flush=True)
+            run = sweep_run(ref_cfg, device, made_from, label, overrides, reference_samples)
+            runs[seed][run["tag"]] = run
+        references[seed] = run["reference"]
+    grid_runs = {
+        label: {
+            seed: [runs[seed][sweep_tag(overrides)] for run_label, overrides in grid
+                   if run_label == label]
+            for seed in seeds
+        }
+        for label in SWEEP_KNOBS
+    }
+    reference_valid = {seed: reference["valid_rate"] for seed, reference in references.items()}
+    picks = {
+        label: pick_setting(runs_by_seed, reference_valid)
+        for label, runs_by_seed in grid_runs.items()
+    }
+    if "FPO" in picks and "TDPO-2" in picks:  # like for like: FPO's point nearest TDPO-2's KL
+        picks[MATCHED_KL] = pick_at_kl(grid_runs["FPO"], reference_valid, picks["TDPO-2"])
+    for label, pick in picks.items():
+        method_grid = [overrides for run_label, overrides in grid
+                       if run_label == label or (label == MATCHED_KL and run_label == "FPO")]
+        pick["edges"] = grid_edges(pick["settings"], method_grid, every, cfg.prefer)
+        pick["settings_tried"] = len(method_grid)
+    write_json(out / "sweep_picks.json", {"made_from": recipe(cfg), "picks": picks})
+    sweep_md = report.sweep_report(picks, references, VALIDITY_FLOOR)
+    write_text(out / "sweep.md", sweep_md)
+    write_sweep_charts(out, grid_runs, picks)
+    print("\n" + sweep_md + f"\nsweep: wrote {out / 'sweep_picks.json'}, {out / 'sweep.md'} "
+          f"and frontier.svg, validity.svg, win_rate.svg in {out} | "
+          f"{(time.time() - started) / 60:.1f} min")
+
+
+def sweep_run(
+    ref_cfg: Config, device, made_from: dict, label: str, overrides: dict, reference_samples: dict
+) -> dict:
+    """One grid run on one reference, judged at every third of --pref_steps up to twice it; a
+    finished one saved from the same inputs is read back instead."""
+    out = Path(ref_cfg.run.out_dir)
+    every = judged_every(ref_cfg.prefer.pref_steps)
+    tag = sweep_tag(overrides)
+    path = out / f"{tag}_results.json"
+    run_cfg = with_method(ref_cfg, overrides | {"pref_steps": 2 * ref_cfg.prefer.pref_steps})
+    run_made_from = made_from | {"settings": stage_settings(run_cfg, "prefer")}
+    saved = saved_run(path, run_made_from)
+    if saved is not None:
+        return saved
+    seed = ref_cfg.run.seed
+    train_policy(run_cfg, device, seed, tag, snapshot_every=every)
+    points = []
+    for step in range(every, run_cfg.prefer.pref_steps + 1, every):
+        snapshot = f"{tag}_step{step}"
+        results = train.evaluate_policy(
+            run_cfg, device, seed, snapshot, reference_samples
+        )
+        point = {key: report.nested(results, key_path) for key, key_path in POINT_KEYS.items()}
+        points.append({"step": step} | point)
+        (out / f"{snapshot}.pt").unlink()
+    run = {
+        "label": label,
+        "tag": tag,
+        "overrides": overrides,
+        "points": points,
+        "reference": results["reference"],
+        "made_from": run_made_from,
+    }
+    write_json(path, run)
+    return run
+
+
+def pick_setting(runs_by_seed: dict[int, list[dict]], reference_valid: dict[int, float]) -> dict:
+    """The robust pick of one method over the references: among the (setting, length) points
+    whose valid rate is at least VALIDITY_FLOOR x each reference's own on every reference, the
+    one with the highest worst-case judge score over the references; if no point is, the one
+    whose worst validity, relative to that floor, is highest. runs_by_seed: {seed: that
+    reference's runs of the method}. The pick's `validation` holds its point on every reference
+    (by seed), and `run` the tag of its runs."""
+    candidates = grid_points(runs_by_seed)
+    fluent = [c for c in candidates if validity_margin(c, reference_valid) >= 0]
+    if fluent:
+        return max(fluent, key=lambda c: min(p["judge_score"] for p in c["validation"].values()))
+    return max(candidates, key=lambda c: validity_margin(c, reference_valid))
+
+
+def pick_at_kl(
+    runs_by_seed: dict[int, list[dict]], reference_valid: dict[int, float], target: dict
+) -> dict:
+    """Among one method's fluent grid points (as in pick_setting), the one whose KL from the
+    reference, averaged over the references, is nearest (on a log scale) to the `target` pick's:
+    the method compared with another at the same distance from the reference."""
+    def mean_kl(candidate: dict) -> float:
+        return statistics.fmean(p["kl_from_reference"] for p in candidate["validation"].values())
+
+    candidates = grid_points(runs_by_seed)
+    fluent = [c for c in candidates if validity_margin(c, reference_valid) >= 0] or candidates
+    target_kl = mean_kl(target)
+    return min(fluent, key=lambda c: abs(math.log(max(mean_kl(c), 1e-6) / max(target_kl, 1e-6))))
+
+
+def grid_points(runs_by_seed: dict[int, list[dict]]) -> list[dict]:
+    """Every (setting, length) of one method's runs, with its judged point on every reference."""
+    candidates = {}
+    for seed, runs in runs_by_seed.items():
+        for run in runs:
+            for point in run["points"]:
+                candidate = candidates.setdefault((run["tag"], point["step"]), {
+                    "settings": run["overrides"] | {"pref_steps": point["step"]},
+                    "validation": {},
+                    "run": run["tag"],
+                })
+                candidate["validation"][str(seed)] = point
+    return list(candidates.values())
+
+
+def validity_margin(candidate: dict, reference_valid: dict[int, float]) -> float:
+    """How far the point's valid rate stays above VALIDITY_FLOOR x the reference's own, at worst
+    over the references (negative: below it on some reference)."""
+    return min(
+        point["valid_rate"] - VALIDITY_FLOOR * reference_valid[int(seed)]
+        for seed, point in candidate["validation"].items()
+    )
+
+
+def sweep_grid() -> list[tuple[str, dict]]:
+    """Every (method label, overrides) the sweep trains: SWEEP_LRS x SWEEP_KNOBS, then
+    SWEEP_EXTENSIONS."""
+    grid = [
+        (label, knobs | {"pref_lr": lr})
+        for label, all_knobs in SWEEP_KNOBS.items()
+        for knobs in all_knobs
+        for lr in SWEEP_LRS
+    ]
+    return grid + [
+        (label, overrides)
+        for label, extensions in SWEEP_EXTENSIONS.items() if label in SWEEP_KNOBS
+        for overrides in extensions
+    ]
+
+
+def grid_edges(settings: dict, method_grid: list[dict], every: int, pref_cfg) -> list[str]:
+    """Where a pick sits on an edge of its method's grid (a list of overrides): for each knob
+    (pref_lr, beta, alpha, gamma), along the grid's line through the pick (its other knobs held),
+    the smallest or largest of two or more values; or the first or last judged step."""
+    knobs = [key for key in method_grid[0] if key != "method"]
+    edges = []
+    for key in knobs:
+        values = [
+            overrides[key] for overrides in method_grid
+            if all(overrides[other] == settings[other] for other in knobs if other != key)
+        ]
+        if len(set(values)) > 1 and settings[key] in (min(values), max(values)):
+            edges.append(f"{'smallest' if settings[key] == min(values) else 'largest'} {key}")
+    if settings["pref_steps"] == every:
+        edges.append("first judged step")
+    if settings["pref_steps"] == 2 * pref_cfg.pref_steps:
+        edges.append("last judged step")
+    return edges
+
+
+def write_sweep_charts(out: Path, grid_runs: dict, picks: dict) -> None:
+    """frontier.svg: judge score against KL at every point of every grid run, each the mean over
+    the references; validity.svg and win_rate.svg: along the picked setting's runs of each
+    method, the mean over the references."""
+
+    def mean_points(runs: list[dict]) -> list[dict]:  # the same run on every reference
+        return [
+            {key: statistics.fmean(points[key] for points in same_step) for key in same_step[0]}
+            for same_step in zip(*(run["points"] for run in runs))
+        ]
+
+    def run_means(runs_by_seed: dict, tag: str) -> list[dict]:
+        return mean_points([run for runs in runs_by_seed.values() for run in runs
+                            if run["tag"] == tag])
+
+    frontier = {
+        label: [
+            (point["kl_from_reference"], point["judge_score"])
+            for run in next(iter(runs_by_seed.values()))
+            for point in run_means(runs_by_seed, run["tag"])
+        ]
+        for label, runs_by_seed in grid_runs.items()
+    }
+    chart = report.svg_chart(
+        "Reward-KL frontier (validation prompts, every grid point, mean over references)",
+        "KL(policy || reference), log scale",
+        "judge score",
+        frontier,
+        lines=False,
+        log_x=True,
+    )
+    write_text(out / "frontier.svg", chart)
+    for key, name, title in (
+        ("valid_rate", "validity", "Validity"),
+        ("win_rate", "win_rate", "Win rate over the reference"),
+    ):
+        series = {
+            label: [(p["step"], p[key]) for p in run_means(grid_runs[label], pick["run"])]
+            for label, pick in picks.items()
+            if label in grid_runs  # not MATCHED_KL, a second pick of FPO's
+        }
+        chart = report.svg_chart(
+            f"{title} along training, each method at its pick's setting (mean over references)",
+            "steps",
+            key.replace("_", " "),
+            series,
+            lines=True,
+        )
+        write_text(out / f"{name}.svg", chart)

@@ -1,0 +1,43 @@
+"""Fixtures of the experiments' tests: a tiny pipeline run, which each experiment takes as its
+first reference, and guards that fail a test when training starts. Tests that train, run a
+subprocess or signal one are marked `slow`."""
+
+import pytest
+import torch
+
+import train
+from experiments.tests.helpers import TINY
+
+# The stages an experiment may start, for `no_training`: train.py's, and every preference loop
+# (train_preference and the experiments' own both begin with train.preference_models).
+STAGE_FUNCTIONS = ("pretrain", "train_sae_stage", "build_cache", "preference_models",
+                   "evaluate_policy")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A finished tiny `python train.py` run: (out_dir, its argv)."""
+    out_dir = tmp_path_factory.mktemp("tiny_run")
+    argv = TINY + ["--out_dir", str(out_dir)]
+    threads = torch.get_num_threads()
+    train.main(argv)
+    torch.set_num_threads(threads)
+    return out_dir, argv
+
+
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    """main() sets this process's torch thread count (--threads); put it back after each test,
+    as later tests compare against numbers made with the default."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Every stage fails the test if it starts: faults must be found before any training."""
+    for name in STAGE_FUNCTIONS:
+        monkeypatch.setattr(
+            train, name, lambda *args, _name=name, **kwargs: pytest.fail(f"{_name} ran")
+        )

@@ -1,0 +1,365 @@
+"""Every experiment end to end at a tiny scale: it runs, writes its tables and pictures, and a
+rerun on its finished out_dir trains nothing and writes the same tables. Also the experiments'
+own training loop (train.py's policy, bit for bit), its memory meter and its child processes.
+"""
+
+import json
+import math
+import re
+
+import pytest
+import torch
+
+import config
+import train
+from experiments import common, compare, paper, sweep
+from experiments.__main__ import main
+from experiments.bench import LoopPeakMemory
+from experiments.tests.helpers import TINY, numbers_of, read, series_labels, tiny_reference
+
+CPU = torch.device("cpu")
+DEFAULTS = config.PreferenceConfig()
+
+
+def fail_if_called(what: str):
+    return lambda *args, **kwargs: pytest.fail(what)
+
+
+# ---- the experiments' training loop, its memory meter, its child process ----------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["fpo", "tdpo2"])
+def test_the_experiments_loop_trains_train_py_s_policy_bit_for_bit(method, tiny_run, tmp_path):
+    """train_policy (with snapshots) and train.train_preference give the same weights and the
+    same log but for wall-clock time; the last snapshot is the policy itself."""
+    reference = tiny_reference(tiny_run, tmp_path)
+    argv = TINY + ["--out_dir", str(reference), "--pref_steps", "6", "--method", method]
+    cfg = config.parse_args(argv)
+    train.train_preference(cfg, CPU, seed=7, tag="core")
+    common.train_policy(cfg, CPU, seed=7, tag="lab", snapshot_every=3)
+    core, lab = (torch.load(reference / f"{tag}.pt", weights_only=True) for tag in ("core", "lab"))
+    assert core["config"] == lab["config"] and core["made_from"] == lab["made_from"]
+    for name, tensor in core["state_dict"].items():
+        assert torch.equal(tensor, lab["state_dict"][name]), name
+    last = torch.load(reference / "lab_step6.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(tensor, last[name]) for name, tensor in core["state_dict"].items())
+    assert sorted(path.name for path in reference.glob("lab_step*.pt")) == [
+        "lab_step3.pt", "lab_step6.pt"
+    ]
+
+    def without_time(tag: str) -> list[dict]:
+        lines = (reference / f"{tag}_log.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "ms_per_step"} for line in lines]
+
+    assert without_time("lab") == without_time("core") and len(without_time("lab")) == 6
+
+
+def test_loop_memory_sees_a_tensor_allocated_inside_and_not_one_from_before():
+    before = torch.zeros(1_000_000)  # 4 MB that the loop did not allocate
+    with LoopPeakMemory(CPU) as memory:
+        inside = torch.ones(2_000_000)  # 8 MB
+        doubled = inside * 2  # 8 MB more, both live at once
+        del inside, doubled
+        before.add_(1)  # in place: allocates nothing
+        view = before[:10]  # a view: allocates nothing
+    assert 16 <= memory.loop_mb * 2**20 / 1e6 < 16.1, memory.loop_mb
+    assert memory.tensors.live == 0 and view.shape == (10,)
+    assert memory.rss_mb > 0
+
+
+def test_a_child_process_uses_this_process_thread_count():
+    torch.set_num_threads(1)  # keep_thread_count puts it back
+    assert common.in_child_process(torch.get_num_threads) == 1
+
+
+# ---- --compare, --head_to_head, --bound, --bench ---------------------------------------------
+
+
+@pytest.mark.slow
+def test_compare_writes_a_finite_row_for_every_method(tiny_run, tmp_path):
+    _, argv = tiny_run
+    tiny_reference(tiny_run, tmp_path)
+    main(argv + ["--out_dir", str(tmp_path), "--compare", "--seeds", "1", "--pref_steps", "4"])
+    table = (tmp_path / "compare.md").read_text()
+    rows = read(tmp_path / "compare.json")["rows"]
+    assert {row["label"] for row in rows} == set(compare.COMPARE_ROWS)
+    assert table.startswith("| method | win rate |") and "| feature MSE D(y) | ms/step |" in table
+    for label in compare.COMPARE_ROWS:
+        assert f"| {label} |" in table
+    for row in rows:
+        for key in ("win_rate", "reward_accuracy", "implicit_reward_accuracy", "feature_mse",
+                    "median_step_ms"):
+            assert math.isfinite(row[key]), (row["label"], key)
+        for key in ("judge_score", "valid_rate", "kl_from_reference", "entropy_per_token",
+                    "distinct_2", "mean_length"):
+            assert math.isfinite(row["policy"][key]), (row["label"], key)
+    # FPO's row is config.py's defaults.
+    fpo = next(row for row in rows if row["label"] == "FPO")["trained_with"]
+    assert (fpo["beta"], fpo["alpha"]) == (DEFAULTS.beta, DEFAULTS.alpha)
+    # The offline cache is exact: DPO reading the reference's summed log-probs from it trains the
+    # same policy as DPO running the reference online, up to float rounding (the cache ran the
+    # reference on batches padded to other lengths), so it samples the very same responses.
+    online, offline = (numbers_of(next(row for row in rows if row["label"] == label))
+                       for label in ("DPO", "DPO (offline cache)"))
+    for key in ("win_rate", "reward_accuracy", "implicit_reward_accuracy", "policy.valid_rate",
+                "policy.judge_score", "policy.mean_length", "policy.distinct_2"):
+        assert online[key] == offline[key], key
+    for key in ("feature_mse", "policy.kl_from_reference", "policy.entropy_per_token"):
+        assert math.isclose(online[key], offline[key], rel_tol=1e-4), key
+
+
+@pytest.mark.slow
+def test_head_to_head_and_bound_read_the_compare_policies(tiny_run, tmp_path, monkeypatch):
+    _, argv = tiny_run
+    argv = argv + ["--out_dir", str(tmp_path)]
+    tiny_reference(tiny_run, tmp_path)
+    rows = {label: compare.COMPARE_ROWS[label] for label in ("FPO", "SimPO", "DPO")}
+    monkeypatch.setattr(compare, "COMPARE_ROWS", rows)
+    main(argv + ["--compare", "--seeds", "1", "--pref_steps", "4"])
+    monkeypatch.setattr(train, "preference_models", fail_if_called("head to head trained"))
+    main(argv + ["--head_to_head"])
+    table = (tmp_path / "head_to_head.md").read_text()
+    lines = table.splitlines()
+    assert lines[0] == ("| FPO against | T = 0.2 | T = 0.4 | T = 0.6 | T = 0.8 | T = 1 | "
+                        "above 0.5 | below 0.5 |")
+    assert [line.split(" | ")[0] for line in lines[2:4]] == ["| SimPO", "| DPO"]
+    assert lines[4] == ""
+    for line in lines[2:4]:
+        cells = line.split(" | ")[1:6]
+        assert all(re.fullmatch(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", cell) for cell in cells)
+    assert series_labels(tmp_path / "head_to_head.svg") == ["SimPO", "DPO", "a tie (0.5)"]
+    # A rerun samples nothing and writes the same table.
+    monkeypatch.setattr(compare, "sample_responses", fail_if_called("sampled again"))
+    main(argv + ["--head_to_head"])
+    assert (tmp_path / "head_to_head.md").read_text() == table
+    # The judge's scores are kept per reference and temperature: one per method and test prompt.
+    scores = read(tmp_path / "ref_seed1337" / "head_to_head_t1.json")["scores"]
+    assert set(scores) == {"FPO", "SimPO", "DPO"} and len(scores["FPO"]) == 24
+    # --bound reads the same policies (and trains FPO once more, along its steps): a row per
+    # method, and the D(y)-SeqKL picture.
+    monkeypatch.undo()
+    main(argv + ["--bound"])
+    bound = (tmp_path / "bound.md").read_text()
+    lines = bound.splitlines()
+    assert [line.split(" | ")[0] for line in lines[2:5]] == ["| FPO", "| SimPO", "| DPO"]
+    assert lines[5] == ""
+    assert all(0.0 <= float(line.split(" | ")[1]) <= 1.0 for line in lines[2:5])
+    assert series_labels(tmp_path / "bound.svg") == ["FPO", "SimPO", "DPO", "FPO along training"]
+    # ... and FPO trained once more (this command's 30 steps), measured at every fifth of them.
+    trajectory = [line.split(" | ")[0] for line in lines if re.match(r"\| \d", line)]
+    assert trajectory == ["| 6", "| 12", "| 18", "| 24", "| 30"]
+    assert not list((tmp_path / "ref_seed1337").glob("bound_fpo_trajectory_step*.pt"))
+    # A rerun trains nothing and writes the same tables.
+    monkeypatch.setattr(train, "preference_models", fail_if_called("bound trained again"))
+    main(argv + ["--bound"])
+    assert (tmp_path / "bound.md").read_text() == bound
+
+
+@pytest.mark.slow
+def test_bench_reports_every_method_and_the_ratios(tiny_run, tmp_path, capsys):
+    _, argv = tiny_run
+    tiny_reference(tiny_run, tmp_path)
+    main(argv + ["--out_dir", str(tmp_path), "--bench", "--bench_steps", "3"])
+    bench = read(tmp_path / "bench.json")
+    assert set(bench["methods"]) == set(compare.COMPARE_ROWS)
+    assert set(bench["ratios"]) == {f"FPO/{other} {measure}" for other in ("SimPO", "DPO", "TDPO-2")
+                                    for measure in ("time", "loop memory")}
+    assert all(value > 0 for value in bench["ratios"].values())
+    loop_mb = {label: values["loop_memory_mb"] for label, values in bench["methods"].items()}
+    # the online reference's logits and TDPO's full-vocabulary KL are allocated inside the loop;
+    # FPO needs neither
+    assert loop_mb["FPO"] < loop_mb["DPO"] < loop_mb["TDPO-2"], loop_mb
+    assert "FPO/SimPO time" in capsys.readouterr().out
+    bench_md = (tmp_path / "bench.md").read_text()  # the table docs/cost.md quotes
+    rows = [line.split(" | ")[0][2:] for line in bench_md.splitlines()
+            if line.startswith("| ") and "median" not in line]
+    assert rows == list(compare.COMPARE_ROWS)
+
+
+# ---- --sweep, then --compare at its picks -------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sweep_picks_each_method_over_its_references_resumes_and_feeds_compare(
+    tiny_run, tmp_path, monkeypatch
+):
+    _, argv = tiny_run
+    out_dir = tmp_path
+    tiny_reference(tiny_run, out_dir)  # --compare's first reference; the sweep pretrains its own
+    # A smaller grid, the same code: 2 learning rates x 1 knob setting per method, 2 references.
+    monkeypatch.setattr(sweep, "SWEEP_LRS", (1e-3, 3e-3))
+    knobs = {label: grid[:1] for label, grid in sweep.SWEEP_KNOBS.items()}
+    monkeypatch.setattr(sweep, "SWEEP_KNOBS", knobs)
+    # ... and one setting past FPO's grid, which the sweep trains and picks among like the rest.
+    extension = {"method": "fpo", "beta": 8.0, "alpha": 64.0, "pref_lr": 2e-3}
+    monkeypatch.setattr(sweep, "SWEEP_EXTENSIONS", {"FPO": [extension]})
+    sweep_argv = argv + ["--out_dir", str(out_dir), "--pref_steps", "6", "--pref_lr", "1e-3",
+                         "--sweep_references", "2"]
+    main(sweep_argv + ["--sweep"])
+    # Each reference is a whole pipeline of its own seed, made once and kept.
+    references = [out_dir / "ref_seed1000", out_dir / "ref_seed1001"]
+    gpts = [torch.load(reference / "gpt.pt", weights_only=True) for reference in references]
+    assert [gpt["config"]["seed"] for gpt in gpts] == [1000, 1001]
+    assert not torch.equal(*(next(iter(gpt["state_dict"].values())) for gpt in gpts))
+    picks = read(out_dir / "sweep_picks.json")["picks"]
+    assert set(picks) == set(knobs) | {"FPO at TDPO-2's KL"}
+    for label, pick in picks.items():
+        assert set(pick["validation"]) == {"1000", "1001"}
+        assert pick["settings"]["pref_lr"] in (1e-3, 3e-3)
+        for reference in references:
+            run = read(reference / f"{pick['run']}_results.json")
+            # every third of --pref_steps, to twice it
+            assert [point["step"] for point in run["points"]] == [2, 4, 6, 8, 10, 12]
+            assert run["label"] == label.replace(" at TDPO-2's KL", "")
+            assert pick["validation"][reference.name.removeprefix("ref_seed")] in run["points"]
+    for reference in references:
+        assert (reference / f"{sweep.sweep_tag(extension)}_results.json").exists()
+    assert not list(out_dir.glob("ref_seed*/sweep_*_step*.pt"))  # snapshots go once judged
+    for name in ("frontier", "validity", "win_rate"):
+        assert series_labels(out_dir / f"{name}.svg") == list(knobs), name
+    sweep_md = (out_dir / "sweep.md").read_text()
+    table = sweep_md.split("| method | settings tried | picked setting |")[1]
+    table = table.split("\n\n")[0].splitlines()[2:]
+    assert [row.split(" | ")[0] for row in table] == [f"| {label}" for label in picks]
+    # FPO's grid (and its matched-KL pick's) holds the extension: 2 learning rates + 1.
+    extended = {"FPO", "FPO at TDPO-2's KL"}
+    tried = [row.split(" | ")[1] for row in table]
+    assert tried == ["3" if label in extended else "2" for label in picks]
+    assert "the highest worst-case judge score" in sweep_md
+    # A rerun trains nothing: every reference and every run's results are on disk.
+    monkeypatch.setattr(train, "pretrain", fail_if_called("a reference was pretrained again"))
+    monkeypatch.setattr(train, "preference_models",
+                        fail_if_called("a finished sweep run was trained again"))
+    main(sweep_argv + ["--sweep"])
+    assert (out_dir / "sweep.md").read_text() == sweep_md
+    # ... but other training or judging settings make every saved run stale.
+    for changed in (["--pref_steps", "3"], ["--pref_batch_size", "4"], ["--max_new_tokens", "7"]):
+        with pytest.raises(pytest.fail.Exception, match="trained again"):
+            main(sweep_argv + changed + ["--sweep"])
+    monkeypatch.undo()
+    # --compare runs the picks on its own references (seed 1337 ready made, 1338 pretrained
+    # here), from out_dir's picks file or from the one --picks names.
+    picks_file = tmp_path / "kept" / "sweep_picks.json"
+    picks_file.parent.mkdir()
+    (out_dir / "sweep_picks.json").rename(picks_file)
+    main(sweep_argv + ["--compare", "--seeds", "2", "--picks", str(picks_file)])
+    compared = read(out_dir / "compare.json")
+    settings = compared["settings"]
+    assert settings["FPO"] == picks["FPO"]["settings"]
+    assert settings["FPO (alpha=0) at FPO's pick"]["alpha"] == 0.0
+    assert settings["FPO (alpha=0)"] == picks["FPO (alpha=0)"]["settings"]  # its own pick
+    assert settings["DPO (offline cache)"] == picks["DPO"]["settings"] | {"method": "dpo_offline"}
+    assert sorted({row["seed"] for row in compared["rows"]}) == [1337, 1338]
+    compare_md = (out_dir / "compare.md").read_text()
+    assert "| method | seed 1337 | seed 1338 |" in compare_md
+    assert "| win rate difference | mean | 95% interval |" in compare_md
+    # FPO's second pick, nearest TDPO-2's in KL, is a row of its own, paired with TDPO-2.
+    assert settings["FPO at TDPO-2's KL"]["method"] == "fpo"
+    assert "| FPO at TDPO-2's KL - TDPO-2 |" in compare_md and "| FPO - TDPO-2 |" in compare_md
+
+
+# ---- --ablation and --control -----------------------------------------------------------------
+
+
+def test_the_ablation_s_alphas_sit_around_the_default_and_hold_it():
+    around_default = [DEFAULTS.alpha * factor for factor in (1 / 16, 1 / 4, 1, 4, 16)]
+    assert paper.ablation_alphas(DEFAULTS) == [0.0, *around_default]
+    assert paper.ablation_alphas(config.PreferenceConfig(alpha=256.0)) == [
+        0.0, 16.0, 64.0, 256.0, 1024.0, 4096.0
+    ]
+    tables = paper.ablation_rows(config.Config())
+    assert [len(rows) for rows in tables.values()] == [2, 12, 12]  # blocks, alphas, ks
+    for rows in tables.values():  # each table holds the default's own row
+        assert sum(paper.is_default(config.Config(), changed) for changed in rows.values()) >= 1
+
+
+@pytest.mark.slow
+def test_ablation_has_a_row_per_setting_trains_each_setting_once_and_reruns_nothing(
+    tmp_path, monkeypatch
+):
+    # A 2-block GPT, so one row needs an SAE of its own on the other block.
+    argv = TINY + ["--out_dir", str(tmp_path), "--n_layer", "2", "--seeds", "1", "--pref_steps",
+                   "6"]
+    monkeypatch.setattr(paper, "ABLATION_ALPHA_FACTORS", (0.0, 1.0))  # 0 and the default
+    monkeypatch.setattr(paper, "ABLATION_FPO_KS", (16, 32))
+    trained = []
+    train_preference = train.train_preference
+
+    def counting(cfg, device, seed, tag):
+        trained.append(tag)
+        return train_preference(cfg, device, seed, tag)
+
+    monkeypatch.setattr(train, "train_preference", counting)
+    main(argv + ["--ablation"])
+    text = (tmp_path / "ablation.md").read_text()
+    table_rows = [line for line in text.splitlines() if line.startswith("| ")
+                  and not line.startswith(("| setting", "| win rate difference"))]
+    summary_rows = [line for line in table_rows if " - " not in line.split(" | ")[0]]
+    labels = [line.split(" | ")[0][2:] for line in summary_rows]
+    a = f"{DEFAULTS.alpha:g}"
+    double = f"{2 * DEFAULTS.alpha:g}"
+    assert labels == [
+        "block 0", "block 1",
+        "alpha 0, stop-gradient on", "alpha 0, stop-gradient off",
+        f"alpha {a}, stop-gradient on", f"alpha {a}, stop-gradient off",
+        f"k 16, alpha {double} (scaled)", f"k 16, alpha {a} (fixed)",
+        f"k 32, alpha {a} (scaled)", f"k 32, alpha {a} (fixed)",
+    ]
+    # The default setting (block 1, the default alpha with the stop-gradient, k 32) is one run,
+    # shared by its rows, and alpha 0 is one run: no constraint to stop
+    assert len(trained) == len(set(trained)) == 6
+    assert (tmp_path / "ref_seed1337" / "sae_block0" / "sae.pt").exists()
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in summary_rows}
+    default_row = rows["block 1"][1:]
+    assert default_row == rows[f"alpha {a}, stop-gradient on"][1:]
+    assert default_row == rows[f"k 32, alpha {a} (fixed)"][1:]
+    assert rows["block 0"][1:] != default_row
+    # Each table's other rows, paired with its default row: win rate differences with intervals.
+    differences = [line.split(" | ")[0][2:] for line in table_rows
+                   if " - " in line.split(" | ")[0]]
+    on = f"alpha {a}, stop-gradient on"
+    scaled = f"k 32, alpha {a} (scaled)"
+    assert differences == [
+        "block 0 - block 1",
+        f"alpha 0, stop-gradient on - {on}", f"alpha 0, stop-gradient off - {on}",
+        f"alpha {a}, stop-gradient off - {on}",
+        f"k 16, alpha {double} (scaled) - {scaled}", f"k 16, alpha {a} (fixed) - {scaled}",
+        f"k 32, alpha {a} (fixed) - {scaled}",
+    ]
+    assert f"| k 32, alpha {a} (fixed) - {scaled} | +0.000 | [+0.000, +0.000] |" in text
+    assert len(series_labels(tmp_path / "ablation.svg")) == 4
+    # A rerun trains nothing and writes the same table.
+    monkeypatch.setattr(train, "preference_models", fail_if_called("trained again"))
+    monkeypatch.setattr(train, "train_sae_stage", fail_if_called("an SAE trained again"))
+    main(argv + ["--ablation"])
+    assert (tmp_path / "ablation.md").read_text() == text
+
+
+@pytest.mark.slow
+def test_control_constrains_each_latent_set_and_reruns_nothing(tiny_run, tmp_path, monkeypatch):
+    _, argv = tiny_run
+    argv = argv + ["--out_dir", str(tmp_path), "--seeds", "1", "--pref_steps", "6"]
+    tiny_reference(tiny_run, tmp_path)
+    main(argv + ["--control"])
+    text = (tmp_path / "control.md").read_text()
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ")
+            and not line.startswith(("| D(y) over", "| win rate difference"))]
+    assert [row[0][2:] for row in rows] == [
+        "all latents", "sentiment latents", "topic latents", "random latents",
+        "sentiment latents - all latents", "topic latents - all latents",
+        "random latents - all latents",
+        "sentiment latents - random latents", "topic latents - random latents",
+    ]
+    # Each run trained D(y) over its set: 8 latents each, all of them for the first.
+    saved = {read(path)["trained_with"]["fpo_latents"]
+             for path in (tmp_path / "ref_seed1337").glob("fpo_*_results.json")}
+    assert "" in saved and len(saved) == 4
+    assert all(len(latents.split(",")) == 8 for latents in saved - {""})
+    assert "- seed 1337: all latents all; sentiment latents " in text
+    assert series_labels(tmp_path / "control.svg") == [
+        "all latents", "sentiment latents", "topic latents", "random latents"
+    ]
+    monkeypatch.setattr(train, "preference_models", fail_if_called("trained again"))
+    main(argv + ["--control"])
+    assert (tmp_path / "control.md").read_text() == text
