@@ -64,7 +64,7 @@ class PreferenceConfig:
     beta: float = 1.0  # scale of the log-prob differences (and of D in FPO); FPO's sweep pick
     alpha: float = 256.0  # weight of FPO's feature constraint or TDPO-2's SeqKL; FPO's sweep pick
     fpo_k: int = 32  # FPO's top-k features per side in D(y)
-    fpo_latents: str = ""  # FPO: D(y) over these SAE latents only (e.g. 3,17); empty: all of them
+    fpo_latent_weights: str = ""  # FPO: w_i in D(y) as latent:weight,... (e.g. 3:0,17:4); others 1
     fpo_stop_grad: bool = True  # FPO: no gradient through D(y_w) (the paper); --no-...: let it flow
     gamma: float = 0.5  # SimPO target margin
     pref_steps: int = 300  # optimizer steps; FPO's sweep pick
@@ -97,8 +97,7 @@ class Config:
 STAGES = ("pretrain", "sae", "cache", "prefer", "eval")
 METHODS = ("fpo", "fpo_kl", "dpo", "dpo_offline", "simpo", "tdpo1", "tdpo2")
 # The methods that run the reference model every step. fpo_kl is FPO with SeqKL(y) in place of
-# D(y): the same length-normalised logit, offline margin, alpha and stop-gradient, so it differs
-# from FPO only in its constraint (and from SimPO + KL, the paper's Table 6, only in its margin).
+# D(y): the same logit, offline margin, alpha and stop-gradient; only its constraint differs.
 ONLINE_REFERENCE = ("fpo_kl", "dpo", "tdpo1", "tdpo2")
 CHOICES = {
     "stage": ("all", *STAGES),
@@ -267,19 +266,18 @@ def check_config(cfg: Config) -> None:
     require("sae_eval_tokens", sae_cfg.sae_eval_tokens >= block_size, one_context)
     require("out_dir", cfg.run.out_dir.strip() != "", "a directory name")
     n_prompts = len(data.split_prompts(cfg.eval.eval_split))
-    require("n_eval_prompts",
-            cfg.run.preference_file or cfg.eval.n_eval_prompts <= n_prompts,
+    require("n_eval_prompts", cfg.run.preference_file or cfg.eval.n_eval_prompts <= n_prompts,
             f"at most {n_prompts} (the {cfg.eval.eval_split} split's distinct prompts)")
-    fpo_latents = cfg.prefer.fpo_latents
-    require("fpo_latents", re.fullmatch(r"(\d+(,\d+)*)?", fpo_latents) is not None,
-            "comma-separated latent numbers, e.g. 3,17")
-    require("fpo_latents", all(latent < sae_cfg.d_sae for latent in latent_list(fpo_latents)),
-            f"below --d_sae {sae_cfg.d_sae}")
+    require("fpo_latent_weights", latent_weights(cfg.prefer.fpo_latent_weights, sae_cfg.d_sae),
+            f"latent:weight pairs, each latent below --d_sae {sae_cfg.d_sae} once, e.g. 3:0,17:4")
 
 
-def latent_list(text: str) -> list[int]:
-    """'3,17' -> [3, 17]; '' -> [] (a checked --fpo_latents)."""
-    return [int(latent) for latent in text.split(",")] if text else []
+def latent_weights(text: str, d_sae: int) -> list[float]:
+    """w_i in D(y) of each latent from --fpo_latent_weights, 1 where it names none; [] unless it is
+    latent:weight pairs, latents below d_sae and distinct: ('1:0,3:4.5', 5) -> [1, 0, 1, 4.5, 1]."""
+    pairs = [re.fullmatch(r"(\d+):(\d+(\.\d+)?)", pair) for pair in text.split(",")] if text else []
+    named = {int(pair[1]): float(pair[2]) for pair in pairs if pair and int(pair[1]) < d_sae}
+    return [named.get(latent, 1.0) for latent in range(d_sae)] if len(named) == len(pairs) else []
 
 
 # ----------------------------------------------------------------------------------------------

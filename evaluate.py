@@ -106,7 +106,7 @@ def eval_prompt_texts(eval_cfg: EvalConfig, seed: int) -> list[str]:
 
 def judge_stats(prompt_texts: list[str], responses: list[list[int]], enc) -> dict:
     """The judge's verdicts averaged over responses: judge score, valid, on-topic and positive rates
-    (a response cut off before EOS is invalid); `scores` keeps each prompt's score for win rates."""
+    (a response cut off before EOS is invalid); `scores`, `on_topic` and `positive` per prompt."""
     eos = data.eos_id(enc)
     verdicts = [
         data.judge(text, data.response_text(enc, r), complete=r[-1:] == [eos])
@@ -118,7 +118,9 @@ def judge_stats(prompt_texts: list[str], responses: list[list[int]], enc) -> dic
         "valid_rate": sum(v.valid for v in verdicts) / n,
         "on_topic_rate": sum(v.on_topic for v in verdicts) / n,
         "positive_rate": sum(v.positive for v in verdicts) / n,
-        "scores": [v.score for v in verdicts],
+        "scores": [v.score for v in verdicts],  # for win rates
+        "on_topic": [v.on_topic for v in verdicts],  # for the experiments' paired intervals
+        "positive": [v.positive for v in verdicts],
     }
 
 

@@ -124,6 +124,7 @@ def feature_mse(
     policy_pooled: torch.Tensor,
     reference_pooled: torch.Tensor,
     k: int,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """D(y): squared differences over the union I(y) of both sides' top-k features (paper Sec. 3).
 
@@ -146,6 +147,7 @@ def feature_mse(
         policy_pooled: pooled policy codes. Shape: (B, F).
         reference_pooled: pooled reference codes. Shape: (B, F).
         k: FPO's top-k, how many activated features each side contributes at most.
+        weights: w_i per feature, like the paper's per-feature beta (Sec. 5.3); None: all 1. (F,).
 
     Returns:
         D(y) per response, on the inputs' device. Shape: (B,).
@@ -159,8 +161,9 @@ def feature_mse(
     k = min(k, policy_pooled.shape[-1])
     union = top_activated(policy_pooled, k) | top_activated(reference_pooled, k)  # (B, F): I(y)
     squared_diff = (policy_pooled - reference_pooled).pow(2)  # (B, F)
-    # D(y) = (1/k) sum_{i in I(y)} (...)^2 (paper Sec. 3)
-    return (squared_diff * union).sum(dim=-1) / k
+    w = 1.0 if weights is None else weights.to(squared_diff)  # (F,); x * 1.0 is x, bit for bit
+    # D(y) = (1/k) sum_{i in I(y)} w_i (...)^2 (Sec. 3 has w_i = 1); I(y) is chosen unweighted
+    return (squared_diff * union * w).sum(dim=-1) / k
 
 
 def top_activated(pooled: torch.Tensor, k: int) -> torch.Tensor:
@@ -313,7 +316,7 @@ def cached_feature_mse(
     cache: dict,
     row_ids: torch.Tensor,
     k: int,
-    latents: list[int] | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """D(y) of each response of a training batch: the policy's hidden states against the cache.
 
@@ -328,7 +331,7 @@ def cached_feature_mse(
         sparse_encode: rows (N, d_model) -> (values (N, m), indices (N, m)), each row's non-zero
             candidates: a TopK SAE's `encode_topk`, or a dense SAE's codes with their indices.
         cache, row_ids: a `build_reference_cache` dict, each response's row in it (R,).
-        k: FPO's top-k features per side; latents: D(y) over these only (None: all).
+        k, weights: FPO's top-k features per side, and `feature_mse`'s w_i (None: all 1).
 
     Returns:
         D(y) per response, float32, on hidden's device. Shape: (R,).
@@ -338,10 +341,7 @@ def cached_feature_mse(
         values, indices = sparse_encode(hidden[:, :-1][generating].float())  # (N, m) each
     policy_pooled = pooled_topk_features(values, indices, response_mask, cache["d_sae"])  # (R, F)
     reference_pooled = reference_pooled_features(cache, row_ids).to(hidden.device)  # (R, F)
-    if latents:
-        policy_pooled = policy_pooled[:, latents]
-        reference_pooled = reference_pooled[:, latents]
-    return feature_mse(policy_pooled, reference_pooled, k)
+    return feature_mse(policy_pooled, reference_pooled, k, weights)
 
 
 # ----------------------------------------------------------------------------------------------

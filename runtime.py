@@ -358,6 +358,8 @@ def out_dir_lock(out_dir: str):
             descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             break
         except FileExistsError:
+            if path.exists() and not path.is_file():  # a directory or a FIFO: reading would fail
+                raise UsageError(f"{path} is not a lock file: remove it (rm -r {path}), then rerun")
             try:
                 holder = path.read_text().strip()
                 just_made = time.time() - path.stat().st_mtime < 5  # its pid may be unwritten
@@ -382,10 +384,8 @@ def out_dir_lock(out_dir: str):
 def process_is_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)  # signal 0: delivers nothing, only checks that the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
+    except OSError as error:  # PermissionError: it exists, under another user
+        return not isinstance(error, ProcessLookupError)
     return True
 
 

@@ -27,7 +27,7 @@ import data
 import evaluate
 import fpo
 from config import (
-    ONLINE_REFERENCE, STAGES, Config, PreferenceConfig, PretrainConfig, SAEConfig, latent_list,
+    ONLINE_REFERENCE, STAGES, Config, PreferenceConfig, PretrainConfig, SAEConfig, latent_weights,
     parse_args, run_command, settings_section, stage_settings,
 )
 from loading import (
@@ -372,7 +372,7 @@ def preference_losses(
     if method == "fpo":  # offline reference: avg_logp_ref and pooled_ref come from the cache
         feature_mses = fpo.cached_feature_mse(
             hidden, mask, inputs.sae.encode_topk, inputs.cache, rows, pref_cfg.fpo_k,
-            latents=latent_list(pref_cfg.fpo_latents),
+            weights=torch.tensor(latent_weights(pref_cfg.fpo_latent_weights, inputs.sae.d_sae)),
         )
         losses, chosen_rewards, rejected_rewards = fpo.fpo_loss(
             avg_logps[:B], avg_logps[B:],
@@ -430,7 +430,7 @@ def policy_feature_mse(pref_cfg, sae_layer: int, policy: GPT, batch, inputs) -> 
     _, hidden = policy(input_ids, hidden_layer=sae_layer)
     return fpo.cached_feature_mse(
         hidden, mask, inputs.sae.encode_topk, inputs.cache, rows, pref_cfg.fpo_k,
-        latents=latent_list(pref_cfg.fpo_latents),
+        weights=torch.tensor(latent_weights(pref_cfg.fpo_latent_weights, inputs.sae.d_sae)),
     )
 
 

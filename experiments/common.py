@@ -26,12 +26,14 @@ import torch
 
 import data
 import train
-from config import Config, stage_settings
+from config import Config, PreferenceConfig, stage_settings
+from experiments import figures
 from experiments.stats import paired_difference
 from loading import load_gpt, load_trained_sae, save_policy
 from runtime import (
-    UsageError, autocast, batch_indices, changed_settings, check_finite, check_finite_model,
-    learning_rate, load_checkpoint, log_line, read_json, synchronize, write_text,
+    Interrupted, UsageError, autocast, batch_indices, changed_settings, check_finite,
+    check_finite_model, learning_rate, load_checkpoint, log_line, read_json, synchronize,
+    write_json, write_text,
 )
 
 
@@ -50,30 +52,90 @@ def compare_tag(label: str, seed: int) -> str:
 # References, and what a saved result was made from
 
 
-def reference_run(cfg: Config, seed: int, device) -> Config:
+def reference_run(cfg: Config, seed: int, device, made_by: str = "") -> Config:
     """cfg for one seed's whole pipeline. Each seed has its own directory,
     out_dir/ref_seed<seed>/: its reference GPT and SAE are pretrained there once (the stage
     already done is skipped, so an interrupted experiment resumes) and shared by every
     experiment; every run trained from them is saved beside them. A GPT or SAE there made with
-    other settings is refused, never silently reused. What runs are made from: inputs_made_from.
+    other settings, or with another CPU thread count, is refused, never silently reused. An
+    experiment that makes no reference passes `made_by`, the command that makes one: a missing
+    GPT or SAE is refused, naming it. What runs are made from: inputs_made_from.
     """
-    ref_dir = Path(cfg.run.out_dir) / f"ref_seed{seed}"
+    ref_dir = reference_dir(cfg, seed)
     ref_cfg = dataclasses.replace(
         cfg, run=dataclasses.replace(cfg.run, seed=seed, out_dir=str(ref_dir))
     )
-    make_once(ref_cfg, "pretrain", device)
-    make_once(ref_cfg, "sae", device)
+    check_reference_dir(ref_dir, torch.get_num_threads())
+    for name in ("gpt.pt", "sae.pt"):
+        if made_by and not (ref_dir / name).is_file():
+            raise UsageError(f"{ref_dir / name} not found: run {made_by} (this experiment "
+                             "trains nothing)")
+    made = [make_once(ref_cfg, "pretrain", device), make_once(ref_cfg, "sae", device)]
+    if any(made) and not (ref_dir / THREADS_FILE).exists():
+        write_json(ref_dir / THREADS_FILE, {"threads": torch.get_num_threads()})
     return ref_cfg
 
 
-def make_once(cfg: Config, stage: str, device) -> None:
-    """Make out_dir's gpt.pt (stage pretrain) or sae.pt (stage sae) unless it is there. One made
-    with other settings is refused, never silently reused or overwritten."""
+THREADS_FILE = "threads.json"  # a reference's CPU thread count (older references lack it)
+
+
+def reference_dir(cfg: Config, seed: int) -> Path:
+    return Path(cfg.run.out_dir) / f"ref_seed{seed}"
+
+
+def threads_of(cfg: Config) -> int:
+    """The CPU thread count a command runs with (train.start_run sets it)."""
+    return cfg.run.threads or torch.get_num_threads()
+
+
+def check_reference_dir(ref_dir: Path, threads: int) -> None:
+    """Refuse, before any work, a reference path that is no directory, and a reference made with
+    another CPU thread count: its GPT and SAE round differently, so runs made from it now would
+    not match the ones it holds."""
+    if ref_dir.exists() and not ref_dir.is_dir():
+        raise UsageError(
+            f"{ref_dir} is a file, not a reference's directory (one seed's GPT, SAE and runs): "
+            "move it away or delete it"
+        )
+    record = ref_dir / THREADS_FILE
+    if not record.exists():
+        return
+    saved = read_json(record, "rerun")
+    made_with = saved.get("threads") if isinstance(saved, dict) else None
+    if made_with != threads:
+        raise UsageError(
+            f"{ref_dir} was made with {made_with} CPU threads, this run has {threads} (they "
+            f"round differently): rerun with --threads {made_with}, or pass another --out_dir"
+        )
+
+
+@contextlib.contextmanager
+def reference_kept(ref_cfg: Config):
+    """Name the cause when a reference's GPT or SAE disappears while a run reads it (deleted
+    mid-experiment): rerunning the experiment makes the reference again, not `python train.py`,
+    which the run's own message would suggest."""
+    try:
+        yield
+    except UsageError:
+        ref_dir = Path(ref_cfg.run.out_dir)
+        gone = [name for name in ("gpt.pt", "sae.pt") if not (ref_dir / name).is_file()]
+        if not gone:
+            raise
+        raise UsageError(
+            f"{ref_dir / gone[0]} is gone (deleted while the experiment ran?): rerun the same "
+            "command with --resume, which makes the reference again"
+        ) from None
+
+
+def make_once(cfg: Config, stage: str, device) -> bool:
+    """Make out_dir's gpt.pt (stage pretrain) or sae.pt (stage sae) unless it is there, and say
+    whether it was made. One made with other settings is refused, never silently reused or
+    overwritten."""
     ref_dir = Path(cfg.run.out_dir)
     name = {"pretrain": "gpt.pt", "sae": "sae.pt"}[stage]
     if not (ref_dir / name).exists():
         {"pretrain": train.pretrain, "sae": train.train_sae_stage}[stage](cfg, device)
-        return
+        return True
     saved = load_checkpoint(ref_dir / name, name.removesuffix(".pt"), "")["config"]
     shown = changed_settings(saved, stage_settings(cfg, stage))
     if shown:
@@ -81,6 +143,7 @@ def make_once(cfg: Config, stage: str, device) -> None:
             f"{ref_dir / name} was made with {shown}, not this run's settings: delete {ref_dir} "
             "to make it anew, or pass another --out_dir"
         )
+    return False
 
 
 def frozen_reference(cfg: Config, device) -> tuple[torch.nn.Module, train.PreferenceInputs]:
@@ -118,9 +181,10 @@ def inputs_made_from(cfg: Config, device) -> dict:
 
 
 def saved_run(path: Path, made_from: dict, needs: tuple[str, ...] = ()) -> dict | None:
-    """The results a finished run saved at `path`, if it was made from exactly `made_from` and
-    holds every key of `needs` (a file of an older version may lack one); else None, with the
-    reason, and the run is done again: the file is only a cache of that run."""
+    """The results a finished run saved at `path`, if it was made from exactly `made_from`, with
+    this process's CPU thread count (its `cpu_threads`, where it records one), and holds every key
+    of `needs` (a file of an older version may lack one); else None, with the reason, and the run
+    is done again: the file is only a cache of that run."""
     if not path.exists():
         return None
     try:
@@ -130,15 +194,124 @@ def saved_run(path: Path, made_from: dict, needs: tuple[str, ...] = ()) -> dict 
         return None
     recorded = saved.get("made_from") if isinstance(saved, dict) else None
     lacks = [key for key in needs if key not in saved] if isinstance(saved, dict) else []
-    if recorded == made_from and not lacks:
+    # The CPU thread count decides how reductions round; files of older versions lack it.
+    threads = saved.get("cpu_threads") if isinstance(saved, dict) else None
+    same_threads = threads in (None, torch.get_num_threads())
+    if recorded == made_from and not lacks and same_threads:
         return saved
     if lacks:
         print(f"{path} has no {', '.join(lacks)} (an older version wrote it); running it again")
+        return None
+    if recorded == made_from:
+        print(f"{path} was made with {threads} CPU threads, this run has "
+              f"{torch.get_num_threads()} (they round differently); running it again")
         return None
     recorded = recorded if isinstance(recorded, dict) else {}
     changed = [name for name in made_from | recorded if recorded.get(name) != made_from.get(name)]
     print(f"{path} was made from another {' and '.join(changed)}; running it again")
     return None
+
+
+class Stopped(Interrupted):
+    """Ctrl-C outside a training loop (a child starting or saving, the parent judging): one line
+    that says how to continue, and exit code 130, as Interrupted."""
+
+    def __init__(self, message: str):
+        Exception.__init__(self, message)  # not Interrupted's: no stage or step to name
+
+    def __reduce__(self):
+        return type(self), (str(self),)
+
+
+# ----------------------------------------------------------------------------------------------
+# --compare's results, as the experiments built on them read them
+
+COMPARE_RESUME = "`python -m experiments --compare --resume`"  # what remakes compare's policies
+
+
+def read_compare(cfg: Config) -> dict:
+    """out_dir/compare.json, refused unless it has the shape --compare writes: its rows' settings
+    by label, FPO's among them, and one row per label on each reference, each with its seed and
+    what it was made from."""
+    path = Path(cfg.run.out_dir) / "compare.json"
+    saved = read_json(path, "run `python -m experiments --compare` first")
+
+    def refuse(problem: str):
+        raise UsageError(f"{path} is not what --compare writes ({problem}): rerun {COMPARE_RESUME}")
+
+    if not isinstance(saved, dict):
+        refuse(f"a JSON {type(saved).__name__}, not an object")
+    settings, rows = saved.get("settings"), saved.get("rows")
+    if not (isinstance(settings, dict) and "FPO" in settings):
+        refuse("no 'settings' with FPO's")
+    if not (isinstance(rows, list) and rows):
+        refuse("no 'rows'")
+    for row in rows:
+        made_from = row.get("made_from") if isinstance(row, dict) else None
+        seed = row.get("seed") if isinstance(row, dict) else None
+        if not (isinstance(made_from, dict) and isinstance(made_from.get("settings"), dict)
+                and row.get("label") in settings and type(seed) is int
+                and 0 <= seed < 2**32):
+            refuse("a row without its label, seed or what it was made from")
+    for seed in {row["seed"] for row in rows}:
+        labels = sorted(row["label"] for row in rows if row["seed"] == seed)
+        if labels != sorted(settings):
+            refuse(f"reference {seed} lacks a row, or has one twice")
+    return saved
+
+
+def compare_settings(compare_json: dict, seed: int, label: str) -> dict:
+    """The preference settings a --compare row was trained with (every one, not only its
+    pick's): {"method": "fpo", "beta": 1.0, ..., "fpo_k": 32, ...}."""
+    row = next(r for r in compare_json["rows"] if r["seed"] == seed and r["label"] == label)
+    fields = {f.name for f in dataclasses.fields(PreferenceConfig)}
+    return {key: value for key, value in row["made_from"]["settings"].items() if key in fields}
+
+
+def check_compare_policies(cfg: Config, compare_json: dict) -> None:
+    """Refuse, before any work, compare.json's policies where they are not the ones its rows
+    describe: a reference or policy file missing; a policy trained with other settings than its
+    row's (a later --compare stopped midway, say), or from another GPT or SAE; rows trained with
+    another CPU thread count, or on other data, than this command's flags give."""
+    threads = threads_of(cfg)
+    for row in compare_json["rows"]:
+        seed, label = row["seed"], row["label"]
+        ref_dir = reference_dir(cfg, seed)
+        check_reference_dir(ref_dir, threads)
+        for name in ("gpt.pt", "sae.pt", "reference_cache.pt", f"{compare_tag(label, seed)}.pt"):
+            if not (ref_dir / name).is_file():
+                raise UsageError(f"{ref_dir / name} not found (compare.json's {label} on "
+                                 f"reference {seed}): rerun {COMPARE_RESUME}")
+        made_with = row.get("cpu_threads")
+        if made_with not in (None, threads):
+            raise UsageError(f"compare.json's rows were trained with {made_with} CPU threads, "
+                             f"this run has {threads}: rerun with --threads {made_with}")
+        seed_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seed=seed))
+        if row["made_from"].get("data") != data_settings(seed_cfg):
+            raise UsageError(f"compare.json's rows were made from other data than this run's "
+                             "(--n_pairs, --n_test_pairs): pass the flags --compare ran with")
+        path = ref_dir / f"{compare_tag(label, seed)}.pt"
+        unlike = policy_unlike(path, row["made_from"])
+        if unlike:
+            raise UsageError(
+                f"{path} is not compare.json's {label} (trained with {unlike}): "
+                f"rerun {COMPARE_RESUME}"
+            )
+
+
+def policy_unlike(path: Path, row_made_from: dict) -> str:
+    """How the policy at `path` differs from the one a compare row records (its settings, the GPT
+    and SAE it was trained from), as "--pref_lr 0.03 (the row's: 6e-05)"; empty if it is that
+    row's policy."""
+    policy = load_checkpoint(path, "policy", f"rerun {COMPARE_RESUME}")
+    trained, expected = policy["config"], row_made_from["settings"]
+    differ = sorted(key for key in trained.keys() | expected.keys()
+                    if trained.get(key) != expected.get(key))
+    trained_from = {"reference model": row_made_from.get("GPT"), "SAE": row_made_from.get("SAE")}
+    if not differ and policy["made_from"] != trained_from:
+        return "another GPT or SAE"
+    return ", ".join(f"--{key} {trained.get(key)!r} (the row's: {expected.get(key)!r})"
+                     for key in differ)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,43 +326,82 @@ def in_child_process(function, *args):
     However the child stops, this process hears of it: the child's exception comes back pickled;
     a child killed outright (SIGKILL, the out-of-memory killer) raises BrokenProcessPool. Ctrl-C
     here is passed on to the child, whose training loop stops at a step boundary, saves and
-    raises Interrupted; this process waits for that rather than dying first. The child ends
-    itself when this process is gone."""
+    raises Interrupted; this process waits for that rather than dying first. A Ctrl-C at any
+    other moment of the child's life (starting, importing torch, loading, saving) raises
+    KeyboardInterrupt here, and nothing in the child prints a traceback. The child ends itself
+    when this process is gone."""
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        max_workers=1,
-        mp_context=context,
-        initializer=start_child,
-        initargs=(torch.get_num_threads(), os.getpid()),
-    ) as pool:
-        child = pool.submit(os.getpid).result()
-        ctrl_c = threading.Event()
+    ctrl_c = threading.Event()
+    child = None
 
-        def pass_on_ctrl_c(signum, frame):
-            ctrl_c.set()
-            # even when a terminal's Ctrl-C reached the child too: its loop just notes a request
+    def pass_on_ctrl_c(signum, frame):
+        ctrl_c.set()
+        # even when a terminal's Ctrl-C reached the child too: its loop just notes a request
+        if child is not None:
             with contextlib.suppress(ProcessLookupError):  # the child has just finished
                 os.kill(child, signal.SIGINT)
 
-        previous = signal.signal(signal.SIGINT, pass_on_ctrl_c)
-        try:
-            result = pool.submit(function, *args).result()
-        except BrokenProcessPool:
-            if ctrl_c.is_set():  # killed by its Ctrl-C before its training loop began
-                raise KeyboardInterrupt from None
-            raise
-        finally:
-            signal.signal(signal.SIGINT, previous)
+    previous = signal.signal(signal.SIGINT, pass_on_ctrl_c)
+    try:
+        with ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=context,
+            initializer=start_child,
+            initargs=(torch.get_num_threads(), os.getpid()),
+        ) as pool:
+            # The child is started with SIGINT blocked (a blocked signal stays blocked across
+            # exec), so a Ctrl-C while it imports torch waits for start_child instead of raising
+            # in the middle of an import; here it is only deferred to the next line.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                started = pool.submit(os.getpid)
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            child = started.result()
+            if ctrl_c.is_set():  # Ctrl-C while the child started: run nothing in it
+                raise KeyboardInterrupt
+            result = pool.submit(run_in_child, function, *args).result()
+    except BrokenProcessPool:
+        if ctrl_c.is_set():  # killed by its Ctrl-C before its training loop began
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
     if ctrl_c.is_set():  # the child finished before the Ctrl-C reached its loop: stop here
         raise KeyboardInterrupt
     return result
 
 
+CHILD_CTRL_C = threading.Event()  # in a child: a Ctrl-C that came before its task began
+
+
+def note_ctrl_c(signum, frame) -> None:
+    CHILD_CTRL_C.set()
+
+
 def start_child(threads: int, parent: int) -> None:
-    """The child's first steps: the parent's thread count, and a watch that ends the child once
+    """The child's first steps: the parent's thread count; Ctrl-C noted rather than raised, then
+    unblocked (one pressed while it started is noted now); and a watch that ends the child once
     the parent is gone (killed outright), as nothing would ever read its result."""
     torch.set_num_threads(threads)
     threading.Thread(target=exit_with_parent, args=(parent,), daemon=True).start()
+    signal.signal(signal.SIGINT, note_ctrl_c)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def run_in_child(function, *args):
+    """function(*args) in the child, where Ctrl-C raises KeyboardInterrupt again (the training
+    loop turns it into a save at a step boundary). The exception goes back to the parent,
+    pickled, and nothing here prints it; a second Ctrl-C (the parent passes each on) is noted,
+    so it cannot break that reply."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        if CHILD_CTRL_C.is_set():
+            raise KeyboardInterrupt
+        return function(*args)
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, note_ctrl_c)
+        raise
 
 
 def exit_with_parent(parent: int) -> None:
@@ -201,9 +413,14 @@ def exit_with_parent(parent: int) -> None:
 def train_in_child(tag: str, to_continue: str, function, *args):
     """in_child_process(function, *args) for the run `tag`, with every way it can fail as one
     `error:` line that names the run and says how to continue (`to_continue`). Interrupted
-    (Ctrl-C) passes through: it names the run's resume file and says `--resume`."""
+    (Ctrl-C) passes through: it names the run's resume file and says `--resume`; a Ctrl-C at any
+    other moment is Stopped, naming the run and `to_continue`."""
     try:
         return in_child_process(function, *args)
+    except KeyboardInterrupt:
+        raise Stopped(
+            f"{tag} interrupted (Ctrl-C) outside its training loop; {to_continue}"
+        ) from None
     except BrokenProcessPool:
         raise UsageError(
             f"{tag}: the process training it stopped without a result (killed by a signal, "
@@ -307,10 +524,10 @@ def row_differences(rows: list[dict], pairs: list[tuple[str, str]]) -> dict:
     return {f"{a} - {b}": paired_difference(wins(a), wins(b)) for a, b in pairs}
 
 
-def write_outputs(out: Path, name: str, table: str, chart: str, started: float) -> None:
-    """An experiment's results: out/<name>.md (its tables) and out/<name>.svg (its picture), then
-    the tables, where both went and how long it took."""
+def write_outputs(out: Path, name: str, table: str, figure, started: float) -> None:
+    """An experiment's results: out/<name>.md (its tables) and out/<name>.svg (its picture, a
+    figures.py Figure), then the tables, where both went and how long it took."""
     write_text(out / f"{name}.md", table)
-    write_text(out / f"{name}.svg", chart)
+    figures.save(figure, out / f"{name}.svg")
     print("\n" + table + f"\n{name}: wrote {out / f'{name}.md'} and {out / f'{name}.svg'} | "
           f"{(time.time() - started) / 60:.1f} min")

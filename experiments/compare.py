@@ -13,13 +13,16 @@ import dataclasses
 import time
 from pathlib import Path
 
+import torch
+
 import train
-from config import Config, PreferenceConfig, stage_settings
+from config import METHODS, Config, PreferenceConfig, check_config, stage_settings
 from evaluate import encode_prompts, judge_stats, sample_responses, win_rate
-from experiments import report
+from experiments import figures, report
 from experiments.common import (
-    compare_tag, frozen_reference, inputs_made_from, reference_run, row_differences, saved_run,
-    train_in_child, with_method, write_outputs,
+    COMPARE_RESUME, compare_tag, frozen_reference, inputs_made_from, policy_unlike, read_compare,
+    reference_kept, reference_run, row_differences, saved_run, train_in_child, with_method,
+    write_outputs,
 )
 from experiments.settings import LabConfig, compare_seeds
 from experiments.stats import bootstrap_mean
@@ -60,29 +63,134 @@ TABLE_COLUMNS = {  # column: (results key path, digits)
 def compare_rows(cfg: LabConfig) -> dict[str, dict]:
     """Each row's preference settings: the picks in --picks, or in out_dir's sweep_picks.json
     if it holds one (FPO's also with alpha 0, beside alpha 0's own pick; DPO's also from the
-    offline cache), else COMPARE_ROWS at --pref_steps. Picks tuned with other settings
-    (pretraining, SAE, data, training or judging) are refused: they were tuned for another
-    recipe."""
-    path = Path(cfg.experiment.picks or Path(cfg.run.out_dir) / "sweep_picks.json")
+    offline cache), else COMPARE_ROWS at --pref_steps. The picks are checked by checked_picks."""
+    path = picks_path(cfg)
     if not path.exists():
         print(f"compare: no {path} (run --sweep first to tune every method alike); "
               "using COMPARE_ROWS")
         return COMPARE_ROWS
-    saved = read_json(path, "rerun --sweep")
-    if not (isinstance(saved, dict) and isinstance(saved.get("made_from"), dict)):
-        raise UsageError(
-            f"{path} does not record what it was made from (an older version wrote it): "
-            "rerun --sweep, or delete it"
-        )
-    check_made_from(path, saved, recipe(cfg), "rerun --sweep with these flags, or pass its own")
-    picks = {label: pick["settings"] for label, pick in saved["picks"].items()}
+    picks, threads, _ = checked_picks(cfg)
     print(f"compare: the settings --sweep picked, from {path}")
+    if threads != torch.get_num_threads():
+        # A note, not a refusal: the picks are a recipe judged on other references, and the
+        # docs run them at 1 thread too; the table's numbers are this run's own.
+        tuned = f"{threads} CPU threads" if threads else "a thread count it does not record"
+        print(f"compare: note: {path} was tuned with {tuned}; this run has "
+              f"{torch.get_num_threads()}, which rounds differently")
+    return picked_rows(picks)
+
+
+def picked_rows(picks: dict[str, dict]) -> dict[str, dict]:
+    """The compare's rows from a sweep's picks: each pick, FPO's also at alpha 0 and DPO's also
+    from the offline cache."""
     rows = {"FPO": picks["FPO"], "FPO (alpha=0) at FPO's pick": picks["FPO"] | {"alpha": 0.0}}
     for label, settings in picks.items():
         rows[label] = settings
         if label == "DPO":
             rows["DPO (offline cache)"] = settings | {"method": "dpo_offline"}
     return rows
+
+
+def picks_path(cfg: LabConfig) -> Path:
+    return Path(cfg.experiment.picks or Path(cfg.run.out_dir) / "sweep_picks.json")
+
+
+def checked_picks(cfg: LabConfig) -> tuple[dict[str, dict], int | None, list[int]]:
+    """The picks of --picks (or out_dir's sweep_picks.json), {label: settings}; the CPU thread
+    count they were tuned with (None where the file does not record it); and the seeds of the
+    references they were tuned on (none in a hand-written file). Checked before any training,
+    with one line naming the file and the entry: a regular file of JSON in --sweep's shape, with
+    a pick for FPO; settings that are preference flags, each of the flag's type and in its range;
+    tuned for this recipe (recipe: pretraining, SAE, data, training and judging settings); and
+    tuned on references other than --compare's."""
+    path = picks_path(cfg)
+    where = f"--picks {path}" if cfg.experiment.picks else str(path)
+    remedy = "rerun --sweep, or pass docs/sweep_picks.json"
+    if not path.is_file():
+        kind = "a directory" if path.is_dir() else "not a regular file (a FIFO or a device?)"
+        raise UsageError(f"{where}: {kind}, not a picks file ({remedy})")
+    saved = read_json(path, "rerun --sweep")
+    if not (isinstance(saved, dict) and isinstance(saved.get("made_from"), dict)):
+        raise UsageError(
+            f"{path} does not record what it was made from (an older version wrote it): "
+            "rerun --sweep, or delete it"
+        )
+    if not isinstance(saved.get("picks"), dict):
+        raise UsageError(f"{where}: no 'picks' object (each method's pick by label): {remedy}")
+    if "FPO" not in saved["picks"]:
+        raise UsageError(f"{where}: no pick for FPO, which every other row is compared with")
+    picks = {}
+    for label, pick in saved["picks"].items():
+        if not (isinstance(pick, dict) and isinstance(pick.get("settings"), dict)):
+            raise UsageError(f"{where}: the pick {label!r} has no 'settings' object")
+        picks[label] = checked_settings(cfg, f"{where}: {label}'s", pick["settings"])
+    tags = {}
+    for label in picked_rows(picks):
+        other = tags.setdefault(compare_tag(label, 0), label)
+        if other != label:
+            raise UsageError(
+                f"{where}: the rows {other!r} and {label!r} would share their files "
+                f"({compare_tag(label, 0)}): rename one"
+            )
+    tuned = tuned_seeds(where, saved["picks"])
+    check_tuned_on(cfg, where, tuned)
+    check_made_from(path, saved, recipe(cfg), "rerun --sweep with these flags, or pass its own")
+    threads = saved.get("threads")
+    return picks, threads if type(threads) is int else None, tuned
+
+
+def checked_settings(cfg: LabConfig, named: str, settings: dict) -> dict:
+    """A pick's settings, refused as the flags of the same names would be: only preference
+    settings, each of its flag's type (an integer is a float's value too) and in its range
+    (config.check_config, with the pick in place of the command line's preference flags)."""
+    fields = {f.name for f in dataclasses.fields(PreferenceConfig)}
+    if "method" not in settings:
+        raise UsageError(f"{named} settings have no method")
+    checked = {}
+    for key, value in settings.items():
+        if key not in fields:
+            raise UsageError(
+                f"{named} setting {key!r} is no preference setting (`python train.py --help` "
+                "lists them under PreferenceConfig)"
+            )
+        kind = type(getattr(PreferenceConfig(), key))
+        fits = type(value) is kind or (kind is float and type(value) is int)
+        if not fits:
+            raise UsageError(f"{named} {key} {value!r}: must be {kind.__name__}, as --{key} is")
+        checked[key] = kind(value)
+    if checked["method"] not in METHODS:
+        raise UsageError(f"{named} method {checked['method']!r}: must be one of "
+                         f"{', '.join(METHODS)}")
+    try:
+        check_config(with_method(cfg, checked))
+    except UsageError as error:
+        raise UsageError(f"{named} {error}") from None
+    return checked
+
+
+def tuned_seeds(where: str, picks: dict) -> list[int]:
+    """The references a sweep's picks were judged on: the seeds of each pick's `validation`
+    points ({"1000": {...}, ...}); none in a hand-written file."""
+    seeds = set()
+    for label, pick in picks.items():
+        validation = pick.get("validation", {})
+        if not (isinstance(validation, dict) and all(map(str.isdigit, validation))):
+            raise UsageError(f"{where}: {label}'s 'validation' is not by reference seed")
+        seeds |= set(map(int, validation))
+    return sorted(seeds)
+
+
+def check_tuned_on(cfg: LabConfig, where: str, tuned: list[int]) -> None:
+    """Refuse to judge picks on a reference they were tuned on."""
+    judged = compare_seeds(cfg)
+    overlap = sorted(set(tuned) & set(judged))
+    if overlap:
+        raise UsageError(
+            f"{where} was tuned on references {', '.join(map(str, tuned))}, and --compare's "
+            f"(seeds {judged[0]}-{judged[-1]}) include {', '.join(map(str, overlap))}: picks "
+            f"must be judged on other references; move --seed (--seed {max(tuned) + 1} clears "
+            "them)"
+        )
 
 
 def compare(cfg: LabConfig, device) -> None:
@@ -117,21 +225,30 @@ def compare(cfg: LabConfig, device) -> None:
             saved = None
             if cfg.run.resume:
                 saved = saved_run(row_path, row_made_from, needs=("feature_mse",))
+            policy_path = Path(ref_cfg.run.out_dir) / f"{tag}.pt"
+            if saved is not None:  # its policy, which --head_to_head and --bound read, too
+                unlike = "it is gone"
+                if policy_path.is_file():  # a later --compare, stopped midway, retrained it?
+                    unlike = policy_unlike(policy_path, row_made_from)
+                if unlike:
+                    print(f"{policy_path} is not its row's policy ({unlike}); running it again")
+                    saved = None
             if saved is not None:
                 print(f"compare: {label}, seed {seed}: finished earlier ({row_path}); "
                       "skipped (--resume)")
                 rows.append(saved)
                 continue
-            cost = train_in_child(
-                tag,
-                "rerun with --resume to continue it from its last saved step",
-                train.train_preference,
-                row_cfg,
-                device,
-                seed,
-                tag,
-            )
-            results = train.evaluate_policy(row_cfg, device, seed, tag, reference_samples)
+            with reference_kept(ref_cfg):
+                cost = train_in_child(
+                    tag,
+                    "rerun with --resume to continue it from its last saved step",
+                    train.train_preference,
+                    row_cfg,
+                    device,
+                    seed,
+                    tag,
+                )
+                results = train.evaluate_policy(row_cfg, device, seed, tag, reference_samples)
             results.update(
                 label=label, median_step_ms=1000 * cost["median_step_s"], made_from=row_made_from
             )
@@ -147,6 +264,7 @@ def compare(cfg: LabConfig, device) -> None:
         "settings": settings,
         "preference": dataclasses.asdict(cfg.prefer),
         "made_from": made_from,
+        "threads": torch.get_num_threads(),
     }
     write_json(out / "compare.json", compare_json)
     print("\n" + table)
@@ -183,7 +301,7 @@ def head_to_head(cfg: LabConfig, device) -> None:
     of compare.json's rows. Writes head_to_head.md (mean over references and prompts with a 95%
     bootstrap interval over both) and head_to_head.svg."""
     out = Path(cfg.run.out_dir)
-    compare_json = read_json(out / "compare.json", "run --compare first")
+    compare_json = read_compare(cfg)  # its shape and policies were checked at start-up
     labels = list(compare_json["settings"])
     seeds = sorted({row["seed"] for row in compare_json["rows"]})
     temperatures = HEAD_TO_HEAD_TEMPERATURES
@@ -192,14 +310,28 @@ def head_to_head(cfg: LabConfig, device) -> None:
     scores = {}  # (seed, temperature): {label: the judge's score per test prompt}
     started = time.time()
     for seed in seeds:
-        ref_cfg = reference_run(cfg, seed, device)
+        ref_cfg = reference_run(cfg, seed, device, made_by=COMPARE_RESUME)
         rows = {row["label"]: row["made_from"] for row in compare_json["rows"]
                 if row["seed"] == seed}
         for temperature in temperatures:
             print(f"head to head: seed {seed}, temperature {temperature} | "
                   f"{time.time() - started:.0f}s", flush=True)
             scores[seed, temperature] = judged_scores(ref_cfg, device, rows, temperature)
-    results = {
+    results = head_to_head_rates(scores, labels[1:], seeds, temperatures)
+    n_prompts = len(scores[seeds[0], temperatures[0]]["FPO"])
+    table = report.head_to_head_table(results, temperatures, seeds, n_prompts)
+    figure = figures.head_to_head(results, len(seeds), n_prompts)
+    write_outputs(out, "head_to_head", table, figure, started)
+
+
+def head_to_head_rates(
+    scores: dict, labels: list[str], seeds: list[int], temperatures: tuple[float, ...]
+) -> dict[str, dict[float, tuple[float, float, float]]]:
+    """{label: {temperature: (mean, low, high)}}: FPO's win rate against each row of `labels`,
+    prompt by prompt (FPO's response wins when the judge scores it higher; a tie counts half),
+    with its bootstrap interval over references and prompts. scores: {(seed, temperature):
+    {label: the judge's score per test prompt}}, FPO's among them."""
+    return {
         label: {
             temperature: bootstrap_mean([
                 [win_rate([fpo], [other]) for fpo, other in zip(
@@ -209,23 +341,8 @@ def head_to_head(cfg: LabConfig, device) -> None:
             ])
             for temperature in temperatures
         }
-        for label in labels[1:]
+        for label in labels
     }
-    n_prompts = len(scores[seeds[0], temperatures[0]]["FPO"])
-    table = report.head_to_head_table(results, temperatures, seeds, n_prompts)
-    series = {
-        label: [(temperature, mean) for temperature, (mean, _, _) in by_temperature.items()]
-        for label, by_temperature in results.items()
-    }
-    series["a tie (0.5)"] = [(temperatures[0], 0.5), (temperatures[-1], 0.5)]
-    chart = report.svg_chart(
-        "FPO's head-to-head win rate against each method (test prompts)",
-        "sampling temperature",
-        "FPO's win rate",
-        series,
-        lines=True,
-    )
-    write_outputs(out, "head_to_head", table, chart, started)
 
 
 def judged_scores(ref_cfg: Config, device, rows: dict, temperature: float) -> dict:
@@ -249,5 +366,6 @@ def judged_scores(ref_cfg: Config, device, rows: dict, temperature: float) -> di
         )
         responses = sample_responses(policy, prompts, inputs.enc, eval_cfg, seed, device)
         scores[label] = judge_stats(prompt_texts, responses, inputs.enc)["scores"]
-    write_json(path, {"scores": scores, "made_from": made_from})
+    write_json(path, {"scores": scores, "made_from": made_from,
+                      "cpu_threads": torch.get_num_threads()})
     return scores

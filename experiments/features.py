@@ -17,7 +17,8 @@ import torch.nn as nn
 
 import data
 import train
-from config import Config, latent_list, parse_args, run_command
+from config import Config, parse_args, run_command
+from loading import load_gpt
 from runtime import UsageError, write_text
 from sae import eval_mode, ids_and_mask
 
@@ -110,9 +111,9 @@ def main(argv: list[str]) -> None:
         raise UsageError(f"--latents {text!r}: must be comma-separated latent numbers, e.g. 3,17")
     device = train.start_run(cfg)
     print("\n== features ==")
-    model, gpt_fingerprint = train.load_gpt(cfg, device)
+    model, gpt_fingerprint = load_gpt(cfg, device)
     inputs = train.load_preference_inputs(cfg, model, gpt_fingerprint, device)
-    latents = latent_list(text)
+    latents = [int(latent) for latent in text.split(",")] if text else []
     if any(latent >= inputs.sae.d_sae for latent in latents):
         raise UsageError(f"--latents {text!r}: each must be below the SAE's {inputs.sae.d_sae}")
     if not latents:

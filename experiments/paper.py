@@ -2,8 +2,9 @@
 
     --ablation  FPO at config.py's defaults with one thing changed: the SAE's block, alpha with
                 and without the stop-gradient, or k (the paper's Table 3): ablation.md and .svg
-    --control   FPO's constraint on the sentiment or the topic latents only (its Sec. 5.3,
-                Table 4): control.md and control.svg
+    --control   FPO with per-latent weights w_i in D(y), 0 or W on the sentiment, the topic or
+                random latents, the constraint kept on the rest (its Sec. 5.3 and Table 4 set
+                a per-feature beta): control.md and control.svg
     --bound     per-token KL against the change of the SAE codes (its Appendix B), and D(y)
                 against SeqKL(y) (its Fig. 4-right), on --compare's policies: bound.md, bound.svg
 """
@@ -20,17 +21,19 @@ import torch
 import data
 import train
 from config import Config, PreferenceConfig, settings_section, stage_settings
-from experiments import report
+from experiments import figures, report
 from experiments.common import (
-    compare_tag, frozen_reference, inputs_made_from, make_once, reference_run, row_differences,
-    saved_run, train_policy, with_method, write_outputs,
+    COMPARE_RESUME, compare_settings, compare_tag, frozen_reference, inputs_made_from, make_once,
+    read_compare, reference_run, row_differences, saved_run, train_policy, with_method,
+    write_outputs,
 )
 from experiments.settings import LabConfig, compare_seeds
 from experiments.stats import (
-    attribute_latents, bootstrap_spearman, bound_constant, bound_terms,
+    attribute_latents, bootstrap_mean, bootstrap_spearman, bound_constant, bound_terms,
+    feature_mse_terms, paired_difference,
 )
 from loading import load_policy
-from runtime import autocast, read_json, write_atomically, write_json
+from runtime import autocast, write_atomically, write_json
 
 # ----------------------------------------------------------------------------------------------
 # --ablation: FPO at the default setting with one thing changed (the paper's Table 3, and k)
@@ -122,8 +125,8 @@ def ablation(cfg: LabConfig, device) -> None:
             row_differences(rows[table], pairs), len(seeds), n_prompts
         )
         sections.append(f"### {table}\n\n{summary}\n{differences}")
-    chart = ablation_chart(rows, tables, ablation_alphas(pref_cfg))
-    write_outputs(out, "ablation", "\n".join(sections), chart, started)
+    figure = figures.ablation(ablation_panels(rows, tables), list(ABLATION_FIGURE), len(seeds))
+    write_outputs(out, "ablation", "\n".join(sections), figure, started)
 
 
 def is_default(cfg: Config, changed: dict) -> bool:
@@ -138,21 +141,8 @@ def is_default(cfg: Config, changed: dict) -> bool:
 def fpo_variant(ref_cfg: Config, device, changed: dict) -> dict:
     """FPO trained and judged on one reference with `changed` settings (the SAE's block, or any
     of the preference settings): evaluate_policy's results and the reward accuracy on training
-    pairs; read back when a run of the same settings from the same inputs finished. A change of
-    the SAE's block trains an SAE (and its cache) on that block, in its own directory beside the
-    reference's."""
-    pref_changes = {key: value for key, value in changed.items() if key != "sae_layer"}
-    if pref_changes.get("alpha") == 0.0:  # no constraint: the stop-gradient changes nothing
-        pref_changes["fpo_stop_grad"] = True
-    run_cfg = with_method(ref_cfg, {"method": "fpo"} | pref_changes)
-    block = changed.get("sae_layer", ref_cfg.sae.sae_layer) % ref_cfg.pretrain.n_layer
-    if block != ref_cfg.sae.sae_layer % ref_cfg.pretrain.n_layer:
-        run_cfg = sae_on_block(run_cfg, block, device)
-    pref_cfg = run_cfg.prefer
-    tag = (f"fpo_block{block}_alpha{pref_cfg.alpha:g}_k{pref_cfg.fpo_k}"
-           f"_stopgrad{int(pref_cfg.fpo_stop_grad)}")
-    if pref_cfg.fpo_latents:
-        tag += "_latents" + hashlib.sha256(pref_cfg.fpo_latents.encode()).hexdigest()[:8]
+    pairs; read back when a run of the same settings from the same inputs finished."""
+    run_cfg, tag = variant_run(ref_cfg, device, changed)
     path = Path(run_cfg.run.out_dir) / f"{tag}_results.json"
     made_from = inputs_made_from(run_cfg, device) | {
         "eval": dataclasses.asdict(run_cfg.eval),
@@ -168,6 +158,26 @@ def fpo_variant(ref_cfg: Config, device, changed: dict) -> dict:
     results["made_from"] = made_from
     write_json(path, results)
     return results
+
+
+def variant_run(ref_cfg: Config, device, changed: dict) -> tuple[Config, str]:
+    """The config and the tag (out_dir/<tag>.pt) of FPO with `changed` settings on one
+    reference. A change of the SAE's block trains an SAE (and its cache) on that block, in its
+    own directory beside the reference's."""
+    pref_changes = {key: value for key, value in changed.items() if key != "sae_layer"}
+    if pref_changes.get("alpha") == 0.0:  # no constraint: the stop-gradient changes nothing
+        pref_changes["fpo_stop_grad"] = True
+    run_cfg = with_method(ref_cfg, {"method": "fpo"} | pref_changes)
+    block = changed.get("sae_layer", ref_cfg.sae.sae_layer) % ref_cfg.pretrain.n_layer
+    if block != ref_cfg.sae.sae_layer % ref_cfg.pretrain.n_layer:
+        run_cfg = sae_on_block(run_cfg, block, device)
+    pref_cfg = run_cfg.prefer
+    tag = (f"fpo_block{block}_alpha{pref_cfg.alpha:g}_k{pref_cfg.fpo_k}"
+           f"_stopgrad{int(pref_cfg.fpo_stop_grad)}")
+    if pref_cfg.fpo_latent_weights:
+        weights = pref_cfg.fpo_latent_weights.encode()
+        tag += "_weights" + hashlib.sha256(weights).hexdigest()[:8]
+    return run_cfg, tag
 
 
 @torch.no_grad()
@@ -207,111 +217,166 @@ def sae_on_block(ref_cfg: Config, block: int, device) -> Config:
     return block_cfg
 
 
-def ablation_chart(rows: dict, tables: dict, alphas: list[float]) -> str:
-    """Win rate and validity against alpha, with and without the stop-gradient (mean over the
-    references), one panel each."""
-    table = next(name for name in tables if name.startswith("alpha"))
-    panels = {}
-    for key, name in ((("win_rate",), "win rate"), (("policy", "valid_rate"), "valid")):
-        for stop in ("on", "off"):
-            panels[f"{name}, stop-gradient {stop}"] = [
-                (alpha, statistics.fmean(
-                    report.nested(row, key) for row in rows[table]
-                    if row["label"] == f"alpha {alpha:g}, stop-gradient {stop}"
-                ))
-                for alpha in alphas
-            ]
-    return report.svg_panels("FPO's alpha, with and without the stop-gradient", "alpha", panels)
+ABLATION_FIGURE = ("win rate", "valid")  # the columns of ABLATION_COLUMNS that ablation.svg draws
+
+
+def ablation_panels(rows: dict, tables: dict) -> dict[str, dict[str, list]]:
+    """What ablation.svg draws, from the rows of the alpha and the k tables: {"alpha": {"stop-
+    gradient on": [(alpha, {column: (mean, std)}), ...], "stop-gradient off": ...}, "k":
+    {"alpha scaled by 1/k": [(k, ...)], "alpha fixed": ...}}, the mean ± std over the
+    references that the tables print."""
+    def numbers(table: str, label: str) -> dict[str, tuple[float, float]]:
+        cells = {}
+        for column in ABLATION_FIGURE:
+            path, _ = ABLATION_COLUMNS[column]
+            values = [report.nested(row, path) for row in rows[table] if row["label"] == label]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells[column] = (statistics.mean(values), spread)
+        return cells
+
+    alpha_table = next(name for name in tables if name.startswith("alpha"))
+    k_table = next(name for name in tables if name.startswith("FPO's k"))
+    alpha_series = {f"stop-gradient {stop}": [] for stop in ("on", "off")}
+    for label, changed in tables[alpha_table].items():
+        alpha_series[label.split(", ")[1]].append((changed["alpha"], numbers(alpha_table, label)))
+    k_series = {"alpha scaled by 1/k": [], "alpha fixed": []}
+    for label, changed in tables[k_table].items():
+        series = "alpha scaled by 1/k" if label.endswith("(scaled)") else "alpha fixed"
+        k_series[series].append((changed["fpo_k"], numbers(k_table, label)))
+    return {"alpha": alpha_series, "k": k_series}
 
 
 # ----------------------------------------------------------------------------------------------
-# --control: FPO's constraint on chosen latents only (the paper's Sec. 5.3, Table 4)
+# --control: per-latent weights w_i in D(y) on chosen sets of latents (the paper's Sec. 5.3 and
+# Table 4 set a per-feature beta on chosen features), the constraint kept on every other latent
 
 CONTROL_LATENTS = 8  # latents per chosen set
+CONTROL_TARGETS = {  # set: the judge's attribute its latents were chosen for
+    "positive latents": "positive",
+    "negative latents": "positive",
+    "topic latents": "on topic",
+    "random latents": "none",
+}
+UNIFORM = "FPO, every w_i = 1"
 CONTROL_COLUMNS = {  # column: (results key path, digits)
     "positive": (("policy", "positive_rate"), 3),
-    "positive - reference": (("positive_change",), 3),
     "on topic": (("policy", "on_topic_rate"), 3),
-    "on topic - reference": (("on_topic_change",), 3),
     "win rate": (("win_rate",), 3),
     "valid": (("policy", "valid_rate"), 3),
     "KL from ref": (("policy", "kl_from_reference"), 2),
 }
+ATTRIBUTES = {"positive": "positive", "on topic": "on_topic"}  # column: per-prompt results key
 
 
 def control(cfg: LabConfig, device) -> None:
-    """FPO at the default settings with D(y) over four sets of latents, on the references of
-    --seeds: all of them (as always), the CONTROL_LATENTS that most separate positive from
-    negative words, those that most separate the topics (stats.attribute_latents, found on
-    each reference's held-out pairs), and as many at random. Each set's effect on the judge's
-    positive and on-topic rates, against the reference's. Writes control.md and control.svg."""
+    """FPO at the default settings, its constraint on every latent, with the weights w_i of
+    D(y) changed on one set of latents per run, on the references of --seeds: the
+    CONTROL_LATENTS latents that most raise (positive) or lower (negative) their activation on
+    positive words, those that most separate the topics (stats.attribute_latents, found on each
+    reference's held-out pairs), and as many at random; each at w = 0 and at w = W (see
+    comparable_weight). Each row's positive and on-topic rates, against the reference's and
+    against FPO with every w_i = 1 on the same prompts, with paired bootstrap intervals. Writes
+    control.md and control.svg."""
     out = Path(cfg.run.out_dir)
     seeds = compare_seeds(cfg)
-    print(f"\n== control: FPO constrained on chosen latents, on {len(seeds)} references ==")
+    print(f"\n== control: FPO with weights on chosen latents, on {len(seeds)} references ==")
     rows = []
-    chosen = {}  # seed: {set: latents}
+    chosen = {}  # seed: {set: (latents, W)}
     started = time.time()
     for seed in seeds:
         ref_cfg = reference_run(cfg, seed, device)
-        chosen[seed] = latent_sets(ref_cfg, device)
-        for label, latents in chosen[seed].items():
-            print(f"control: seed {seed}, {label} {latents} | {time.time() - started:.0f}s",
-                  flush=True)
-            results = fpo_variant(ref_cfg, device, {"fpo_latents": latents})
-            changes = {
-                f"{name}_change": results["policy"][f"{name}_rate"]
-                - results["reference"][f"{name}_rate"]
-                for name in ("positive", "on_topic")
-            }
-            rows.append(results | changes | {"label": label})
-    labels = list(chosen[seeds[0]])
-    table = report.compare_table(rows, labels, CONTROL_COLUMNS, seeds, {}, "D(y) over")
-    # Each chosen set against all latents, and each attribute's set against a random one as large.
-    pairs = [(label, labels[0]) for label in labels[1:]]
-    pairs += [(label, labels[-1]) for label in labels[1:-1]]
-    table += "\n" + report.difference_table(
-        row_differences(rows, pairs), len(seeds), len(rows[0]["prompt_wins"])
-    )
+        print(f"control: seed {seed}, every w_i = 1 | {time.time() - started:.0f}s", flush=True)
+        rows.append(fpo_variant(ref_cfg, device, {}) | {"label": UNIFORM})
+        terms = uniform_feature_mse_terms(ref_cfg, device)
+        chosen[seed] = {
+            name: (latents, comparable_weight(terms, latents))
+            for name, latents in latent_sets(ref_cfg, device).items()
+        }
+        for name, (latents, heavy) in chosen[seed].items():
+            for weight_label, weight in (("0", 0.0), ("W", heavy)):
+                label = f"{name}, w = {weight_label}"
+                weights = ",".join(f"{latent}:{weight:.3f}" for latent in latents)
+                print(f"control: seed {seed}, {label} ({weights}) | "
+                      f"{time.time() - started:.0f}s", flush=True)
+                results = fpo_variant(ref_cfg, device, {"fpo_latent_weights": weights})
+                rows.append(results | {"label": label})
+    labels = [UNIFORM] + [f"{name}, w = {w}" for name in CONTROL_TARGETS for w in ("0", "W")]
+    n_prompts = len(rows[0]["prompt_wins"])
+    differences = attribute_differences(rows, labels, seeds)
+    table = report.compare_table(rows, labels, CONTROL_COLUMNS, seeds, {}, "FPO with")
+    table += "\n" + report.control_table(differences, CONTROL_TARGETS, len(seeds), n_prompts)
     sets = "\n".join(
-        f"- seed {seed}: " + "; ".join(f"{label} {latents or 'all'}"
-                                      for label, latents in by_label.items())
-        for seed, by_label in chosen.items()
+        f"- seed {seed}: " + "; ".join(f"{name} {','.join(map(str, latents))} (W = {heavy:.3f})"
+                                      for name, (latents, heavy) in by_set.items())
+        for seed, by_set in chosen.items()
     )
-    control_md = f"{table}\nThe latents of each set, per reference:\n\n{sets}\n"
-    series = {
-        label: [(row["positive_change"], row["on_topic_change"])
-                for row in rows if row["label"] == label]
-        for label in labels
-    }
-    chart = report.svg_chart(
-        "What constraining chosen latents does (one point per reference)",
-        "positive rate, policy - reference",
-        "on-topic rate, policy - reference",
-        series,
-        lines=False,
-    )
-    write_outputs(out, "control", control_md, chart, started)
+    control_md = f"{table}\nThe latents of each set, and its W, per reference:\n\n{sets}\n"
+    figure = figures.control(differences, list(CONTROL_TARGETS), UNIFORM, len(seeds), n_prompts)
+    write_outputs(out, "control", control_md, figure, started)
 
 
-def latent_sets(ref_cfg: Config, device) -> dict[str, str]:
-    """{set: --fpo_latents}: every latent (empty), the sentiment and the topic latents of
-    stats.attribute_latents on the reference's held-out pairs, and a random set as large."""
+def attribute_differences(rows: list[dict], labels: list[str], seeds: list[int]) -> dict:
+    """{row label: {"<attribute> - reference": (mean, low, high), "<attribute> - uniform": ...}}:
+    the paired difference of the judge's per-prompt positive (or on-topic) fraction between the
+    row's policy and the reference, and between it and FPO with every w_i = 1 (None for that row
+    itself), bootstrapped over references, then prompts."""
+    by_label_and_seed = {(row["label"], row["seed"]): row for row in rows}
+
+    def per_prompt(label: str, side: str, key: str) -> list[list[float]]:
+        return [by_label_and_seed[label, seed][side][key] for seed in seeds]
+
+    differences = {}
+    for label in labels:
+        differences[label] = {}
+        for column, key in ATTRIBUTES.items():
+            policy = per_prompt(label, "policy", key)
+            differences[label][f"{column} - reference"] = paired_difference(
+                policy, per_prompt(label, "reference", key)
+            )
+            differences[label][f"{column} - uniform"] = None if label == UNIFORM else (
+                paired_difference(policy, per_prompt(UNIFORM, "policy", key))
+            )
+    return differences
+
+
+def uniform_feature_mse_terms(ref_cfg: Config, device) -> torch.Tensor:
+    """Each latent's part of D(y) on the held-out pairs' responses, for FPO at the default
+    settings (every w_i = 1) trained on this reference (stats.feature_mse_terms). Shape:
+    (d_sae,)."""
+    run_cfg, tag = variant_run(ref_cfg, device, {})
+    reference, inputs = frozen_reference(run_cfg, device)
+    policy, _ = load_policy(run_cfg, tag, reference, inputs.made_from, device)
+    return feature_mse_terms(policy, reference, inputs.sae, run_cfg.sae.sae_layer,
+                             held_out_batches(inputs, device), run_cfg.prefer.fpo_k)
+
+
+def comparable_weight(terms: torch.Tensor, latents: list[int]) -> float:
+    """W for a set of latents: the weight at which the set's part of D(y) equals the part of every
+    other latent, as FPO with every w_i = 1 leaves them (terms, (d_sae,)), rounded to 3 decimals;
+    at least 1, and at most (d_sae - n) / n for a set of n, where the set's latents weigh as
+    much as all the others together (a set that hardly enters I(y) would otherwise need an
+    unbounded weight).
+    Example: parts 0.1 on the set and 0.4 on the rest give W = 4: 4 x 0.1 = 0.4."""
+    in_set = terms[latents].sum().item()
+    ceiling = max(1.0, (len(terms) - len(latents)) / len(latents))
+    if in_set <= 0:
+        return round(ceiling, 3)
+    return round(min(max((terms.sum().item() - in_set) / in_set, 1.0), ceiling), 3)
+
+
+def latent_sets(ref_cfg: Config, device) -> dict[str, list[int]]:
+    """{set: latents}: the positive, negative and topic latents of stats.attribute_latents on
+    the reference's held-out pairs, and a random set as large, in CONTROL_TARGETS' order."""
     reference, inputs = frozen_reference(ref_cfg, device)
-    eos = data.eos_id(inputs.enc)
-    batches = (
-        (input_ids, mask)
-        for _, input_ids, mask in data.every_pair(inputs.test_pairs, 64, 0, eos, device)
-    )
-    found = attribute_latents(
-        reference, inputs.sae, ref_cfg.sae.sae_layer, batches, inputs.enc, CONTROL_LATENTS
-    )
+    found = attribute_latents(reference, inputs.sae, ref_cfg.sae.sae_layer,
+                              held_out_batches(inputs, device), inputs.enc, CONTROL_LATENTS)
     generator = torch.Generator().manual_seed(ref_cfg.run.seed)
     drawn = torch.randperm(inputs.sae.d_sae, generator=generator)[:CONTROL_LATENTS]
     return {
-        "all latents": "",
-        "sentiment latents": ",".join(map(str, found["sentiment"])),
-        "topic latents": ",".join(map(str, found["topic"])),
-        "random latents": ",".join(map(str, sorted(drawn.tolist()))),
+        "positive latents": found["positive"],
+        "negative latents": found["negative"],
+        "topic latents": found["topic"],
+        "random latents": sorted(drawn.tolist()),
     }
 
 
@@ -327,7 +392,7 @@ def bound(cfg: LabConfig, device) -> None:
     then both along FPO's training at its pick (fpo_trajectory, the one run trained here).
     Writes bound.md and bound.svg."""
     out = Path(cfg.run.out_dir)
-    compare_json = read_json(out / "compare.json", "run --compare first")
+    compare_json = read_compare(cfg)  # its shape and policies were checked at start-up
     labels = list(compare_json["settings"])
     seeds = sorted({row["seed"] for row in compare_json["rows"]})
     print(f"\n== bound: {len(labels)} policies on {len(seeds)} references ==")
@@ -336,7 +401,9 @@ def bound(cfg: LabConfig, device) -> None:
     trajectories = {}  # seed: FPO's steps, and its mean SeqKL(y) and D(y) at each
     started = time.time()
     for seed in seeds:
-        ref_cfg = reference_run(cfg, seed, device)
+        # the compare's settings (k, batch size, ...), not this command line's
+        ref_cfg = with_method(reference_run(cfg, seed, device, made_by=COMPARE_RESUME),
+                              compare_settings(compare_json, seed, "FPO"))
         reference, inputs = frozen_reference(ref_cfg, device)
         for label in labels:
             print(f"bound: seed {seed}, {label} | {time.time() - started:.0f}s", flush=True)
@@ -348,29 +415,38 @@ def bound(cfg: LabConfig, device) -> None:
         trajectories[seed] = fpo_trajectory(
             ref_cfg, device, compare_json["settings"]["FPO"], reference, inputs
         )
-    table = report.bound_table(bound_summary(terms, constants, seeds), constants)
-    table += "\n" + report.trajectory_table(trajectories)
-    series = {
-        label: [
-            (t["sequence_kl"].mean().item(), t["feature_mse"].mean().item())
-            for t in by_seed
-        ]
+    means = {  # label: SeqKL(y) and D(y), mean over references and responses, 95% interval
+        label: {name: bootstrap_mean([t[key].tolist() for t in by_seed])
+                for name, key in BOUND_MEANS.items()}
         for label, by_seed in terms.items()
     }
-    series["FPO along training"] = [
-        point
-        for trajectory in trajectories.values()
-        for point in zip(trajectory["sequence_kl"], trajectory["feature_mse"])
-    ]
-    chart = report.svg_chart(
-        "D(y) against SeqKL(y): held-out responses, mean per reference and method",
-        "SeqKL(y) = sum of per-token KL(ref || policy), log scale",
-        "D(y)",
-        series,
-        lines=False,
-        log_x=True,
+    trajectory = trajectory_ranges(trajectories)
+    table = report.bound_table(bound_summary(terms, constants, seeds), constants)
+    table += "\n" + report.interval_table(
+        "method", means, {"SeqKL(y)": ".3g", "D(y)": ".2g"},
+        "The mean over the held-out pairs' responses of each reference, and its 95% bootstrap "
+        "interval over references, then responses.",
     )
-    write_outputs(out, "bound", table, chart, started)
+    table += "\n" + report.trajectory_table(trajectory, len(seeds))
+    figure = figures.bound(means, trajectory, len(seeds))
+    write_outputs(out, "bound", table, figure, started)
+
+
+BOUND_MEANS = {"SeqKL(y)": "sequence_kl", "D(y)": "feature_mse"}  # column: bound_terms' key
+
+
+def trajectory_ranges(trajectories: dict[int, dict]) -> list[tuple[int, dict]]:
+    """FPO along training ({seed: fpo_trajectory}) as [(step, {"SeqKL(y)": (mean, min, max),
+    "D(y)": ...}), ...] over the references: the trajectory table's and bound.svg's numbers."""
+    by_seed = list(trajectories.values())
+    return [
+        (step, {
+            name: (statistics.fmean(values), min(values), max(values))
+            for name, key in BOUND_MEANS.items()
+            for values in [[trajectory[key][i] for trajectory in by_seed]]
+        })
+        for i, step in enumerate(by_seed[0]["step"])
+    ]
 
 
 def fpo_trajectory(ref_cfg: Config, device, settings: dict, reference, inputs) -> dict:
@@ -398,19 +474,27 @@ def fpo_trajectory(ref_cfg: Config, device, settings: dict, reference, inputs) -
         trajectory["sequence_kl"].append(terms["sequence_kl"].mean().item())
         trajectory["feature_mse"].append(terms["feature_mse"].mean().item())
         (out / f"{snapshot}.pt").unlink()
-    write_json(out / f"{tag}.json", trajectory | {"made_from": made_from})
+    write_json(out / f"{tag}.json",
+               trajectory | {"made_from": made_from, "cpu_threads": torch.get_num_threads()})
     return trajectory
 
 
 TRAJECTORY_KEYS = ("step", "sequence_kl", "feature_mse")
 
 
+def held_out_batches(inputs, device):
+    """(input_ids (2B, T), response_mask (2B, T)) of every held-out pair, 64 pairs at a time,
+    chosen rows first in each."""
+    eos = data.eos_id(inputs.enc)
+    for _, input_ids, mask in data.every_pair(inputs.test_pairs, 64, 0, eos, device):
+        yield input_ids, mask
+
+
 def held_out_bound_terms(policy, reference, inputs, ref_cfg: Config, device) -> dict:
     """bound_terms over every held-out pair, batch by batch (chosen rows first in each), on the
     CPU, with `is_chosen` per response."""
-    eos = data.eos_id(inputs.enc)
     batches = []
-    for _, input_ids, mask in data.every_pair(inputs.test_pairs, 64, 0, eos, device):
+    for input_ids, mask in held_out_batches(inputs, device):
         terms = bound_terms(policy, reference, inputs.sae, ref_cfg.sae.sae_layer, input_ids,
                             mask, ref_cfg.prefer.fpo_k)
         half = len(input_ids) // 2

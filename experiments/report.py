@@ -1,4 +1,5 @@
-"""The experiments' results as text and pictures: Markdown tables, SVG charts and text charts.
+"""The experiments' results as text: Markdown tables and text charts (figures.py draws the
+pictures from the same numbers).
 
 Standard library only, and no computing: every function formats numbers it is given.
 """
@@ -6,7 +7,6 @@ Standard library only, and no computing: every function formats numbers it is gi
 import json
 import math
 import statistics
-from html import escape
 from pathlib import Path
 
 
@@ -86,6 +86,50 @@ def difference_table(
     return "\n".join(lines)
 
 
+def interval_cell(cell, digits: str) -> str:
+    """One cell of an interval_table: (mean, low, high) -> 'mean [low, high]' in the column's
+    format ('+.3f' -> '+0.260 [+0.214, +0.305]'); a string as it is; None as '-'."""
+    if cell is None:
+        return "-"
+    if isinstance(cell, str):
+        return cell
+    mean, low, high = cell
+    return f"{mean:{digits}} [{low:{digits}}, {high:{digits}}]"
+
+
+def interval_table(
+    first_column: str, rows: dict[str, dict], formats: dict[str, str], note: str
+) -> str:
+    """Markdown: one row per label of `rows` ({label: {column: (mean, low, high), a string or
+    None}}), each column in its format of `formats` ({column: format}), then `note`."""
+    lines = [f"| {first_column} | {' | '.join(formats)} |", "|---" * (len(formats) + 1) + "|"]
+    for label, cells in rows.items():
+        shown = [interval_cell(cells[column], digits) for column, digits in formats.items()]
+        lines.append(f"| {label} | {' | '.join(shown)} |")
+    return "\n".join(lines) + f"\n\n{note}\n"
+
+
+def control_table(
+    differences: dict[str, dict], targets: dict[str, str], n_references: int, n_prompts: int
+) -> str:
+    """Markdown: each --control row's positive and on-topic changes against the reference and
+    against FPO with every w_i = 1 (paper.attribute_differences), and the attribute its set
+    targets (targets: {set: attribute}; a row is "<set>, w = ...")."""
+    rows = {
+        label: {"targets": targets.get(label.split(", w = ")[0], "-")} | cells
+        for label, cells in differences.items()
+    }
+    columns = ["positive - reference", "positive - uniform", "on topic - reference",
+               "on topic - uniform"]
+    return interval_table(
+        "FPO with", rows, {"targets": ""} | {column: "+.3f" for column in columns},
+        f"The judge's positive (on-topic) fraction of each response, the policy's minus the "
+        f"reference's or minus that of FPO with every w_i = 1 (uniform), on the same "
+        f"{n_prompts} test prompts of each of {n_references} reference(s): the mean and its 95% "
+        "bootstrap interval over references, then prompts within each.",
+    )
+
+
 def sweep_report(picks: dict, references: dict, validity_floor: float) -> str:
     """Markdown: the references, the pick rule, and each method's pick with its validation
     numbers on every reference (seed: point), so the spread shows."""
@@ -134,6 +178,34 @@ def sweep_report(picks: dict, references: dict, validity_floor: float) -> str:
         "method, a limit this sweep does not extend."
     )
     return "\n".join(lines) + "\n"
+
+
+def sweep_points(frontier: dict, along: dict, n_references: int) -> str:
+    """Markdown: every number the sweep's figures draw, each the mean over the references [the
+    smallest, the largest]: each method at its pick along training (validity.svg, win_rate.svg;
+    along: {"valid_rate" or "win_rate": {label: [(step, mean, (min, max)), ...]}}), then every
+    grid point (frontier.svg; frontier: {label: [{"setting", "steps", "kl", "judge"}, ...]})."""
+    picked = {
+        f"{label} | {step}": {"valid": (valid, *valid_range), "win rate": (win, *win_range)}
+        for label, points in along["valid_rate"].items()
+        for (step, valid, valid_range), (_, win, win_range) in zip(points, along["win_rate"][label])
+    }
+    grid = {
+        f"{label} | {point['setting']} | {point['steps']}": {
+            "KL from ref": point["kl"], "judge score": point["judge"]
+        }
+        for label, points in frontier.items()
+        for point in points
+    }
+    about = (f"Validation prompts: the mean over {n_references} reference(s) [the smallest, the "
+             "largest].")
+    return (
+        "### Each method at its pick, along training (validity.svg, win_rate.svg)\n\n"
+        + interval_table("method | steps", picked, {"valid": ".3f", "win rate": ".3f"}, about)
+        + "\n### Every grid point (frontier.svg)\n\n"
+        + interval_table("method | setting | steps", grid,
+                         {"KL from ref": ".3g", "judge score": ".3f"}, about)
+    )
 
 
 def head_to_head_table(
@@ -198,22 +270,17 @@ def bound_table(summary: dict[str, dict], constants: dict[int, float]) -> str:
     return "\n".join(lines)
 
 
-def trajectory_table(trajectories: dict[int, dict[str, list]]) -> str:
+def trajectory_table(trajectory: list[tuple[int, dict]], n_references: int) -> str:
     """Markdown: FPO's mean SeqKL(y) and D(y) on held-out responses at each measured step, the
-    mean over the references ({seed: {"step": [...], "sequence_kl": [...], "feature_mse":
-    [...]}})."""
-    lines = ["| FPO at step | SeqKL(y) | D(y) |", "|---|---|---|"]
-    by_seed = list(trajectories.values())
-    for i, step in enumerate(by_seed[0]["step"]):
-        sequence_kl = sum(trajectory["sequence_kl"][i] for trajectory in by_seed) / len(by_seed)
-        feature_mse = sum(trajectory["feature_mse"][i] for trajectory in by_seed) / len(by_seed)
-        lines.append(f"| {step} | {sequence_kl:.3f} | {feature_mse:.5f} |")
-    lines.append(
-        f"\nFPO trained once more at its pick on each reference, both measured on the held-out "
-        f"pairs' responses at every fifth of its steps: the mean over {len(by_seed)} "
-        "reference(s).\n"
+    mean over the references and their range ([(step, {"SeqKL(y)": (mean, min, max), "D(y)":
+    (...)}), ...])."""
+    return interval_table(
+        "FPO at step", {str(step): cells for step, cells in trajectory},
+        {"SeqKL(y)": ".3g", "D(y)": ".2g"},
+        "FPO trained once more at its pick on each reference, both measured on the held-out "
+        f"pairs' responses at every fifth of its steps: the mean over {n_references} "
+        "reference(s) [the smallest, the largest].",
     )
-    return "\n".join(lines)
 
 
 RUN_COLUMNS = {  # column: (results key path, digits)
@@ -277,136 +344,21 @@ def table_cell(value) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# SVG charts: one <g class="series" data-label=...> per series, so a test can count them.
-
-SVG_COLOURS = ("#1f77b4", "#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2")
-
-
-def svg_text(x: float, y: float, content: str, anchor: str = "start", extra: str = "") -> str:
-    return (
-        f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" font-size="12"{extra}>'
-        f"{escape(content)}</text>"
-    )
-
-
-def svg_plot(
-    box: tuple[float, float, float, float],
-    series: dict[str, list[tuple[float, float]]],
-    lines: bool,
-    log_x: bool = False,
-    first_colour: int = 0,
-    legend_at: tuple[float, float] | None = None,
-) -> list[str]:
-    """SVG elements of one plot in box (left, top, right, bottom), in pixels: grid lines with
-    their values, the axes, and each series' points as circles (joined when `lines`), with its
-    legend entry at legend_at (x, y), one row down per series, when given."""
-    left, top, right, bottom = box
-    scale_x = (lambda x: math.log10(max(x, 1e-3))) if log_x else (lambda x: x)
-    xs = [scale_x(x) for points in series.values() for x, _ in points]
-    ys = [y for points in series.values() for _, y in points]
-    x_low, x_high = min(xs), max(xs) + 1e-9
-    y_low, y_high = min(ys), max(ys) + 1e-9
-
-    def px(x: float) -> float:
-        return left + (scale_x(x) - x_low) / (x_high - x_low) * (right - left)
-
-    def py(y: float) -> float:
-        return bottom - (y - y_low) / (y_high - y_low) * (bottom - top)
-
-    parts = []
-    if log_x:
-        x_ticks = [10.0**e for e in range(math.ceil(x_low), math.floor(x_high) + 1)]
-    else:
-        x_ticks = [x_low + i * (x_high - x_low) / 4 for i in range(5)]
-    for tick in x_ticks:
-        parts.append(f'<path d="M{px(tick):.1f},{top} V{bottom}" stroke="#ddd"/>')
-        parts.append(svg_text(px(tick), bottom + 16, f"{tick:.3g}", "middle"))
-    for tick in (y_low + i * (y_high - y_low) / 4 for i in range(5)):
-        parts.append(f'<path d="M{left},{py(tick):.1f} H{right}" stroke="#ddd"/>')
-        parts.append(svg_text(left - 6, py(tick) + 4, f"{tick:.3g}", "end"))
-    parts.append(f'<path d="M{left},{top} V{bottom} H{right}" stroke="black" fill="none"/>')
-    for i, (label, points) in enumerate(series.items()):
-        colour = SVG_COLOURS[(first_colour + i) % len(SVG_COLOURS)]
-        parts.append(
-            f'<g class="series" data-label="{escape(label)}" fill="{colour}" stroke="{colour}">'
-        )
-        if lines and points:
-            joined = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in points)
-            parts.append(f'<polyline fill="none" points="{joined}"/>')
-        parts += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3"/>' for x, y in points]
-        if legend_at:
-            x, y = legend_at
-            parts.append(f'<rect x="{x}" y="{y + 18 * i}" width="10" height="10"/>')
-            parts.append(svg_text(x + 16, y + 18 * i + 9, label, extra=' stroke="none"'))
-        parts.append("</g>")
-    return parts
-
-
-def svg_chart(
-    title: str,
-    x_label: str,
-    y_label: str,
-    series: dict[str, list[tuple[float, float]]],
-    lines: bool,
-    log_x: bool = False,
-) -> str:
-    """One chart as SVG text: a plot of every series on shared axes, and a legend."""
-    width, height, left, right, top, bottom = 640, 400, 70, 170, 40, 50
-    middle_y = (top + height - bottom) / 2
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        'font-family="sans-serif">',
-        '<rect width="100%" height="100%" fill="white"/>',
-        svg_text(width / 2, 20, title, "middle", ' font-weight="bold"'),
-        svg_text((left + width - right) / 2, height - 12, x_label, "middle"),
-        svg_text(16, middle_y, y_label, "middle", f' transform="rotate(-90 16 {middle_y})"'),
-    ]
-    box = (left, top, width - right, height - bottom)
-    parts += svg_plot(box, series, lines, log_x, legend_at=(width - right + 12, top))
-    return "\n".join(parts + ["</svg>"]) + "\n"
-
-
-def svg_panels(title: str, x_label: str, panels: dict[str, list[tuple[float, float]]]) -> str:
-    """Small multiples as SVG text: one plot per series, two to a row, each with its own y axis
-    (the quantities of a training log differ in scale by orders of magnitude)."""
-    panel_width, panel_height, columns = 320, 220, 2
-    rows = math.ceil(len(panels) / columns)
-    width, height = columns * panel_width, 30 + rows * panel_height
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        'font-family="sans-serif">',
-        '<rect width="100%" height="100%" fill="white"/>',
-        svg_text(width / 2, 20, title, "middle", ' font-weight="bold"'),
-    ]
-    for i, (label, points) in enumerate(panels.items()):
-        x0 = (i % columns) * panel_width
-        y0 = 30 + (i // columns) * panel_height
-        parts.append(svg_text(x0 + panel_width / 2, y0 + 16, label, "middle"))
-        box = (x0 + 60, y0 + 28, x0 + panel_width - 20, y0 + panel_height - 40)
-        parts += svg_plot(box, {label: points}, lines=True, first_colour=i)
-        parts.append(svg_text(x0 + panel_width / 2, y0 + panel_height - 8, x_label, "middle"))
-    return "\n".join(parts + ["</svg>"]) + "\n"
-
-
-# ----------------------------------------------------------------------------------------------
-# Training logs as pictures
+# Training logs as text
 
 
 TRAINING_LOG_KEYS = ("loss", "margin", "accuracy", "feature_mse")
 
 
-def training_chart(log_path: Path, title: str) -> str:
-    """The SVG of a preference training log (one JSON record per step): loss, reward margin,
-    reward accuracy and D(y) (feature_mse) along the steps, one panel each."""
-    records = [json.loads(line) for line in log_path.read_text().splitlines()]
-    panels = {key: [(r["step"], r[key]) for r in records] for key in TRAINING_LOG_KEYS}
-    return svg_panels(title, "step", panels)
+def read_log(log_path: Path) -> list[dict]:
+    """A preference training log: one JSON record per step."""
+    return [json.loads(line) for line in log_path.read_text().splitlines()]
 
 
 def text_chart(label: str, log_path: Path, width: int = 60) -> str:
     """The reward margin and D(y) (feature_mse) over training, one row of block characters each: the
     steps are split into at most `width` equal spans, and each character is its span's mean."""
-    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    records = read_log(log_path)
     lines = [f"{label}: {len(records)} steps"]
     for key in ("margin", "feature_mse"):
         values = [r[key] for r in records]

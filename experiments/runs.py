@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from config import ArgumentParser, run_command
-from experiments import report
-from runtime import UsageError, read_json, write_text
+from experiments import figures, report
+from runtime import UsageError, read_json
 
 
 def read_run(out_dir: Path) -> dict:
@@ -63,20 +63,23 @@ def main(argv: list[str]) -> None:
     charts = [training_chart(out_dir) for out_dir in out_dirs] if args.chart else []
     print(report.runs_table([out_dir.name for out_dir in out_dirs], runs), end="")
     for out_dir, chart in zip(out_dirs, charts):
-        write_text(out_dir / "policy_training.svg", chart)
+        figures.save(chart, out_dir / "policy_training.svg")
         # stderr: stdout is the table, often redirected into a file
         print(f"runs: wrote {out_dir / 'policy_training.svg'}", file=sys.stderr)
 
 
-def training_chart(out_dir: Path) -> str:
-    """The SVG of out_dir/policy_log.jsonl (report.training_chart), or one `error:` line when
-    the run has no complete log."""
+def training_chart(out_dir: Path) -> figures.Figure:
+    """The picture of out_dir/policy_log.jsonl (figures.training_log: loss, reward margin, reward
+    accuracy and D(y) along the steps), or one `error:` line when the run has no complete log."""
     log_path = out_dir / "policy_log.jsonl"
     how_to_make = f"run `python train.py --out_dir {out_dir}` through its prefer stage"
     if not log_path.is_file():
         raise UsageError(f"{log_path} not found: {how_to_make}")
     try:
-        return report.training_chart(log_path, "Preference training")
+        records = report.read_log(log_path)
+        return figures.training_log(
+            records, report.TRAINING_LOG_KEYS, f"Preference training: {out_dir.name}"
+        )
     except (ValueError, KeyError, TypeError) as error:
         raise UsageError(
             f"{log_path} is not a training log ({type(error).__name__}): {how_to_make}"

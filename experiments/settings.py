@@ -24,7 +24,7 @@ class ExperimentConfig:
     sweep_references: int = 3  # how many references (whole pipelines) --sweep tunes on
     head_to_head: bool = False  # FPO judged against each method, at 5 temperatures
     ablation: bool = False  # FPO's SAE block, alpha, stop-gradient or k changed
-    control: bool = False  # FPO constrained on the sentiment or topic latents only
+    control: bool = False  # FPO with weights w_i in D(y) on sentiment, topic or random latents
     bound: bool = False  # per-token KL against SAE-code change; D(y) against SeqKL
     bench: bool = False  # time training steps of each method on identical batches
     bench_steps: int = 50  # timed steps per method in --bench

@@ -124,7 +124,27 @@ def bound_constant(reference: GPT, sae, sigma: float) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# The latents of an attribute (--control)
+# The latents of an attribute, and each latent's part of D(y) (--control)
+
+
+@torch.no_grad()
+def feature_mse_terms(
+    policy: GPT, reference: GPT, sae, layer: int, batches, k: int
+) -> torch.Tensor:
+    """Each latent's part of D(y), averaged over the responses of `batches` ((input_ids (B, T),
+    response_mask (B, T)) pairs): (pooled_theta_i - pooled_ref_i)^2 / k where latent i is in
+    I(y), else 0, as fpo.feature_mse counts it with every w_i = 1. Shape: (d_sae,); its sum is
+    the mean D(y)."""
+    total, n_responses = 0.0, 0
+    for input_ids, mask in batches:
+        _, hidden = policy(input_ids, hidden_layer=layer)
+        _, reference_hidden = reference(input_ids, hidden_layer=layer)
+        pooled = fpo.pooled_features(sae.encode(hidden.float()), mask)  # (B, d_sae)
+        reference_pooled = fpo.pooled_features(sae.encode(reference_hidden.float()), mask)
+        union = fpo.top_activated(pooled, k) | fpo.top_activated(reference_pooled, k)  # I(y)
+        total = total + ((pooled - reference_pooled).pow(2) * union).sum(0).cpu() / k
+        n_responses += len(input_ids)
+    return total / n_responses
 
 
 @torch.no_grad()
@@ -133,12 +153,13 @@ def attribute_latents(
 ) -> dict[str, list[int]]:
     """The n SAE latents that most separate each attribute the judge scores, read where the model
     decides a word: at the positions that generate a response token (as pooled(y) reads them).
-    - sentiment: positions generating a positive word against those generating a negative one,
-      by the gap of their mean activations over the pooled standard deviation;
+    - positive (negative): positions generating a positive word against those generating a
+      negative one, by how much higher (lower) their mean activation is, over the pooled
+      standard deviation;
     - topic: positions generating a noun, grouped by the noun's topic, by the variance of the
       topics' mean activations over the mean variance within a topic.
-    batches: (input_ids (B, T), response_mask (B, T)) pairs. Returns {"sentiment": [...],
-    "topic": [...]}, each sorted by latent number."""
+    batches: (input_ids (B, T), response_mask (B, T)) pairs. Returns {"positive": [...],
+    "negative": [...], "topic": [...]}, each sorted by latent number."""
     def single_tokens(words) -> list[int]:
         ids = [data.encode(enc, " " + word) for word in words]
         return [token[0] for token in ids if len(token) == 1]
@@ -156,11 +177,12 @@ def attribute_latents(
     on_positive = codes[torch.isin(next_tokens, positive)]
     on_negative = codes[torch.isin(next_tokens, negative)]
     spread = ((on_positive.var(0) + on_negative.var(0)) / 2).sqrt() + 1e-6
-    sentiment_gap = (on_positive.mean(0) - on_negative.mean(0)).abs() / spread  # (d_sae,)
+    sentiment_gap = (on_positive.mean(0) - on_negative.mean(0)) / spread  # (d_sae,)
     by_topic = [codes[torch.isin(next_tokens, nouns)] for nouns in topic_nouns]
     between = torch.stack([group.mean(0) for group in by_topic]).var(0)  # (d_sae,)
     within = torch.stack([group.var(0) for group in by_topic]).mean(0) + 1e-6
     return {
-        "sentiment": sorted(sentiment_gap.topk(n).indices.tolist()),
+        "positive": sorted(sentiment_gap.topk(n).indices.tolist()),
+        "negative": sorted((-sentiment_gap).topk(n).indices.tolist()),
         "topic": sorted((between / within).topk(n).indices.tolist()),
     }

@@ -13,9 +13,11 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
+
 import train
 from config import Config, stage_settings
-from experiments import report
+from experiments import figures, report
 from experiments.common import (
     data_settings, inputs_made_from, reference_run, saved_run, train_policy, with_method,
 )
@@ -190,7 +192,8 @@ def sweep(cfg: Config, device) -> None:
                        if run_label == label or (label == MATCHED_KL and run_label == "FPO")]
         pick["edges"] = grid_edges(pick["settings"], method_grid, every, cfg.prefer)
         pick["settings_tried"] = len(method_grid)
-    write_json(out / "sweep_picks.json", {"made_from": recipe(cfg), "picks": picks})
+    write_json(out / "sweep_picks.json",
+               {"made_from": recipe(cfg), "picks": picks, "threads": torch.get_num_threads()})
     sweep_md = report.sweep_report(picks, references, VALIDITY_FLOOR)
     write_text(out / "sweep.md", sweep_md)
     write_sweep_charts(out, grid_runs, picks)
@@ -231,6 +234,7 @@ def sweep_run(
         "points": points,
         "reference": results["reference"],
         "made_from": run_made_from,
+        "cpu_threads": torch.get_num_threads(),
     }
     write_json(path, run)
     return run
@@ -326,51 +330,44 @@ def grid_edges(settings: dict, method_grid: list[dict], every: int, pref_cfg) ->
 
 
 def write_sweep_charts(out: Path, grid_runs: dict, picks: dict) -> None:
-    """frontier.svg: judge score against KL at every point of every grid run, each the mean over
-    the references; validity.svg and win_rate.svg: along the picked setting's runs of each
-    method, the mean over the references."""
-
-    def mean_points(runs: list[dict]) -> list[dict]:  # the same run on every reference
+    """frontier.svg: judge score against KL at every point of every grid run; validity.svg and
+    win_rate.svg: along the picked setting's runs of each method. Each point is the mean over the
+    references with their range, and sweep_points.md holds every number drawn."""
+    def across(runs: list[dict], key: str) -> list[tuple[int, tuple[float, float, float]]]:
+        """(step, (mean, min, max)) of one setting's runs, one per reference, step by step."""
         return [
-            {key: statistics.fmean(points[key] for points in same_step) for key in same_step[0]}
+            (same_step[0]["step"], (statistics.fmean(values), min(values), max(values)))
             for same_step in zip(*(run["points"] for run in runs))
+            for values in [[point[key] for point in same_step]]
         ]
 
-    def run_means(runs_by_seed: dict, tag: str) -> list[dict]:
-        return mean_points([run for runs in runs_by_seed.values() for run in runs
-                            if run["tag"] == tag])
+    def runs_of(runs_by_seed: dict, tag: str) -> list[dict]:  # one run per reference
+        return [run for runs in runs_by_seed.values() for run in runs if run["tag"] == tag]
 
-    frontier = {
-        label: [
-            (point["kl_from_reference"], point["judge_score"])
-            for run in next(iter(runs_by_seed.values()))
-            for point in run_means(runs_by_seed, run["tag"])
-        ]
-        for label, runs_by_seed in grid_runs.items()
-    }
-    chart = report.svg_chart(
-        "Reward-KL frontier (validation prompts, every grid point, mean over references)",
-        "KL(policy || reference), log scale",
-        "judge score",
-        frontier,
-        lines=False,
-        log_x=True,
-    )
-    write_text(out / "frontier.svg", chart)
-    for key, name, title in (
-        ("valid_rate", "validity", "Validity"),
-        ("win_rate", "win_rate", "Win rate over the reference"),
-    ):
-        series = {
-            label: [(p["step"], p[key]) for p in run_means(grid_runs[label], pick["run"])]
+    n_references = len(next(iter(grid_runs.values())))
+    frontier = {}  # label: [{"setting", "steps", "kl", "judge"}, ...]
+    for label, runs_by_seed in grid_runs.items():
+        frontier[label] = []
+        for run in next(iter(runs_by_seed.values())):
+            same = runs_of(runs_by_seed, run["tag"])
+            setting = ", ".join(f"{key} {value:g}" for key, value in run["overrides"].items()
+                                if key != "method")
+            for (step, kl), (_, judge) in zip(across(same, "kl_from_reference"),
+                                              across(same, "judge_score")):
+                frontier[label].append({"setting": setting, "steps": step, "kl": kl,
+                                        "judge": judge})
+    along = {  # key: {label: [(step, mean, (min, max)), ...]} at each method's pick
+        key: {
+            label: [(step, mean, (low, high)) for step, (mean, low, high)
+                    in across(runs_of(grid_runs[label], pick["run"]), key)]
             for label, pick in picks.items()
             if label in grid_runs  # not MATCHED_KL, a second pick of FPO's
         }
-        chart = report.svg_chart(
-            f"{title} along training, each method at its pick's setting (mean over references)",
-            "steps",
-            key.replace("_", " "),
-            series,
-            lines=True,
-        )
-        write_text(out / f"{name}.svg", chart)
+        for key in ("valid_rate", "win_rate")
+    }
+    write_text(out / "sweep_points.md", report.sweep_points(frontier, along, n_references))
+    figures.save(figures.frontier(frontier, n_references), out / "frontier.svg")
+    for key, name, quantity in (("valid_rate", "validity", "valid rate"),
+                                ("win_rate", "win_rate", "win rate over the reference")):
+        figures.save(figures.along_training(along[key], quantity, n_references),
+                     out / f"{name}.svg")

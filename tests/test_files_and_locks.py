@@ -197,9 +197,22 @@ def test_output_survives_an_ascii_only_terminal(tiny_run):
     """The runs table's mean row prints a '±': escaped, not a UnicodeEncodeError."""
     out_dir, _ = tiny_run
     done = subprocess.run(
-        [sys.executable, "evaluate.py", str(out_dir)],
+        [sys.executable, "-m", "experiments.runs", str(out_dir)],  # the runs table
         cwd=REPO, capture_output=True, text=True, timeout=300,
         env=os.environ | {"PYTHONIOENCODING": "ascii"},
     )
     assert done.returncode == 0, done.stderr
     assert "| mean \\xb1 std |" in done.stdout
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_a_lock_path_that_is_not_a_file_is_one_error_line(tmp_path, kind):
+    """A directory (or a FIFO, which reading would wait on forever) where out_dir/.lock goes."""
+    lock = tmp_path / ".lock"
+    if kind == "directory":
+        lock.mkdir()
+    else:
+        os.mkfifo(lock)
+    with pytest.raises(runtime.UsageError) as refused, runtime.out_dir_lock(str(tmp_path)):
+        pass
+    assert str(refused.value) == f"{lock} is not a lock file: remove it (rm -r {lock}), then rerun"

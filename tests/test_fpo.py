@@ -180,6 +180,24 @@ def test_feature_mse_docstring_example():
     assert "D = (0.25 + 0.16 + 0.01) / 2 = 0.21" in docstring
 
 
+def test_feature_mse_weights_scale_each_term_and_leave_i_y_as_it_is():
+    policy = t(3.0, 2.0, 1.0, 0.0, 0.0)[None]
+    reference = t(0.0, 0.0, 0.5, 5.0, 4.0)[None]
+    # top-2: policy {0, 1}, reference {3, 4}; squared differences 9, 4, 0.25, 25, 16
+    unweighted = fpo.feature_mse(policy, reference, k=2)
+    assert torch.equal(fpo.feature_mse(policy, reference, k=2, weights=torch.ones(5)), unweighted)
+    # w = (0, 1, 100, 2, 1): feature 0 dropped, feature 3 doubled; feature 2 stays outside I(y)
+    # however heavy (the weights never choose which features enter), so 100 changes nothing
+    weights = t(0.0, 1.0, 100.0, 2.0, 1.0)
+    expected = (0 * 9.0 + 4.0 + 2 * 25.0 + 16.0) / 2
+    assert math.isclose(fpo.feature_mse(policy, reference, k=2, weights=weights).item(), expected)
+    # a weight of 0 leaves the feature's top-k slot taken: feature 2 does not move up into it
+    drop_first = t(0.0, 1.0, 1.0, 1.0, 1.0)
+    assert math.isclose(
+        fpo.feature_mse(policy, reference, k=2, weights=drop_first).item(), (4.0 + 25.0 + 16.0) / 2
+    )
+
+
 def test_feature_mse_is_differentiable_in_the_policy():
     policy = t(3.0, 2.0, 1.0, 0.0).requires_grad_()
     fpo.feature_mse(policy[None], t(1.0, 0.0, 0.0, 0.0)[None], k=1).sum().backward()
@@ -196,8 +214,8 @@ def test_feature_mse_top_k_ranges_over_activated_features_only():
     expected = (3.0**2 + 2.0**2 + 4.0**2) / 2  # feature 2's (1 - 0)^2 is not counted
     for permutation in itertools.permutations(range(5)):
         columns = list(permutation)
-        drift = fpo.feature_mse(policy[columns][None], reference[columns][None], k=2)
-        assert drift.item() == expected, columns
+        feature_mse = fpo.feature_mse(policy[columns][None], reference[columns][None], k=2)
+        assert feature_mse.item() == expected, columns
     # nothing active anywhere: D = 0
     assert fpo.feature_mse(torch.zeros(1, 5), torch.zeros(1, 5), k=2).item() == 0.0
 

@@ -35,16 +35,16 @@ def test_readme_snippet_runs_as_pasted_and_matches_an_online_reference():
         "row_ids": torch.arange(6),
     }
     exec(readme_snippet(), scope)
-    losses, drift = scope["losses"], scope["feature_mse"]
+    losses, feature_mse = scope["losses"], scope["feature_mse"]
     assert losses.shape == (3,) and torch.isfinite(losses).all()
     assert all(p.grad is not None for p in policy.parameters() if p.requires_grad)
-    assert torch.all(drift.abs() < 1e-10)  # the policy still equals the reference
+    assert torch.all(feature_mse.abs() < 1e-10)  # the policy still equals the reference
     # the cached reference terms are those of an online reference pass
     logits, hidden = reference(input_ids, hidden_layer=-1)
     sum_logps, n_tokens = fpo.sequence_logps(logits, input_ids, response_mask)
     torch.testing.assert_close(scope["cache"]["sum_logps"], sum_logps, atol=1e-5, rtol=0)
     torch.testing.assert_close(scope["cache"]["avg_logps"], sum_logps / n_tokens, atol=1e-5, rtol=0)
-    assert drift.dtype == torch.float32 and scope["reference_pooled"].device == input_ids.device
+    assert feature_mse.dtype == torch.float32 and scope["reference_pooled"].device == input_ids.device
     online_pooled = fpo.pooled_features(sae.encode(hidden), response_mask)
     torch.testing.assert_close(scope["reference_pooled"], online_pooled, atol=1e-5, rtol=0)
 

@@ -120,11 +120,11 @@ def test_pooling_from_encode_topk_equals_encode_then_pooled_features_in_values_a
     fast_pooled = fpo.pooled_topk_features(values, indices, response_mask, model.d_sae)  # (4, 12)
     torch.testing.assert_close(fast_pooled, dense_pooled, rtol=0, atol=1e-14)
 
-    dense_drift = fpo.feature_mse(dense_pooled, reference, fpo_k)
-    fast_drift = fpo.feature_mse(fast_pooled, reference, fpo_k)
-    torch.testing.assert_close(fast_drift, dense_drift, rtol=0, atol=1e-13)
-    (dense_grad,) = torch.autograd.grad(dense_drift.sum(), hidden)
-    (fast_grad,) = torch.autograd.grad(fast_drift.sum(), hidden)
+    dense_feature_mse = fpo.feature_mse(dense_pooled, reference, fpo_k)
+    fast_feature_mse = fpo.feature_mse(fast_pooled, reference, fpo_k)
+    torch.testing.assert_close(fast_feature_mse, dense_feature_mse, rtol=0, atol=1e-13)
+    (dense_grad,) = torch.autograd.grad(dense_feature_mse.sum(), hidden)
+    (fast_grad,) = torch.autograd.grad(fast_feature_mse.sum(), hidden)
     assert dense_grad.abs().sum() > 0
     torch.testing.assert_close(fast_grad, dense_grad, rtol=0, atol=1e-13)
 
@@ -368,3 +368,27 @@ def test_harvest_train_and_evaluate_on_a_tiny_gpt(tiny_gpt, capsys):
     assert metrics["dead_fraction_tokens"] == 3_000
     assert "sae step 200/200" in capsys.readouterr().out
 
+
+
+def test_encode_subtracts_b_dec_before_the_encoder_on_a_hand_worked_example():
+    """pre = (s x - b_dec) @ W_enc + b_enc: with s = 2, x = (1, 0), b_dec = (1, 3), W_enc the
+    identity and b_enc = (0.5, 0), pre = (1.5, -3), so k = 1 keeps latent 0 at 1.5 (without
+    b_dec the pre-activations would be (2.5, 0): another value)."""
+    sae = SparseAutoencoder(d_model=2, d_sae=2, k=1)
+    with torch.no_grad():
+        sae.input_scale.fill_(2.0)
+        sae.b_dec.copy_(torch.tensor([1.0, 3.0]))
+        sae.W_enc.copy_(torch.eye(2))
+        sae.b_enc.copy_(torch.tensor([0.5, 0.0]))
+    codes = sae.encode(torch.tensor([[1.0, 0.0]]))
+    assert codes.tolist() == [[1.5, 0.0]]
+    values, indices = sae.encode_topk(torch.tensor([[1.0, 0.0]]))
+    assert (values.tolist(), indices.tolist()) == ([[1.5]], [[0]])
+
+
+def test_a_latent_that_fires_has_its_dead_counter_reset_and_the_others_grow_by_the_batch():
+    """Counts (5, 0, 7) after a batch of 2 tokens in which latent 0 fires (on the second token)
+    and latent 2 does not: (0, 2, 9)."""
+    counts = torch.tensor([5, 0, 7])
+    codes = torch.tensor([[0.0, 0.0, 0.0], [0.3, 0.0, 0.0]])  # (B=2, d_sae=3)
+    assert sae_module.update_tokens_since_fired(counts, codes).tolist() == [0, 2, 9]

@@ -10,7 +10,7 @@ import data
 import evaluate
 import fpo
 import train
-from config import Config, EvalConfig, PreferenceConfig, RunConfig, latent_list
+from config import Config, EvalConfig, PreferenceConfig, RunConfig, latent_weights
 from model import GPT, GPTConfig
 from sae import train_sae
 
@@ -61,7 +61,7 @@ def training_feature_mse(inputs, hidden, mask, cache, rows, pref_cfg):
     """D(y) exactly as train.preference_losses computes it for FPO."""
     return fpo.cached_feature_mse(
         hidden, mask, inputs.sae.encode_topk, cache, rows, pref_cfg.fpo_k,
-        latents=latent_list(pref_cfg.fpo_latents),
+        weights=torch.tensor(latent_weights(pref_cfg.fpo_latent_weights, inputs.sae.d_sae)),
     )
 
 
@@ -144,34 +144,42 @@ def test_judge_stats_average_over_every_response():
     assert stats["scores"][0] > stats["scores"][1] > 0.0
     assert stats["judge_score"] == sum(stats["scores"]) / 4
     assert stats["positive_rate"] == 0.25
+    # ... and each prompt's on-topic and positive fractions, as the experiments' intervals need
+    assert sum(stats["positive"]) / 4 == stats["positive_rate"] and stats["positive"][2:] == [0, 0]
+    assert sum(stats["on_topic"]) / 4 == stats["on_topic_rate"]
 
 
-def test_fpo_latents_restrict_d_to_the_chosen_set(world):
-    """D(y) over --fpo_latents is feature_mse of those columns alone: changing the cached
-    reference codes of every other latent leaves it as it was."""
+def test_fpo_latent_weights_scale_each_latent_s_term_of_d_and_not_which_latents_enter(world):
+    """--fpo_latent_weights i:w multiplies latent i's squared difference by w in D(y); I(y) is
+    chosen as without weights, so weight 0 drops a latent's term and leaves its top-k slot taken
+    (the other latents' terms are exactly as before), and weights of 1 change nothing."""
     reference, inputs, _ = world
     policy = drifted_copy(reference, seed=3)
     rows, input_ids, mask = training_batch(inputs, n_pairs=6)
     _, hidden = policy(input_ids, hidden_layer=0)
     pooled = fpo.pooled_features(inputs.sae.encode(hidden), mask)
     reference_pooled = fpo.reference_pooled_features(inputs.cache, rows)
-    chosen = pooled.abs().sum(0).topk(5).indices.sort().values.tolist()  # latents that fire
-    pref_cfg = PreferenceConfig(fpo_k=2, fpo_latents=",".join(map(str, chosen)))
-    subset = training_feature_mse(inputs, hidden, mask, inputs.cache, rows, pref_cfg)
-    expected = fpo.feature_mse(pooled[:, chosen], reference_pooled[:, chosen], k=2)
-    assert expected.max() > 0
-    torch.testing.assert_close(subset, expected, rtol=1e-5, atol=1e-9)
-    others = torch.ones(inputs.sae.d_sae, dtype=torch.bool)
-    others[chosen] = False
-    changed_cache = dict(inputs.cache)
-    entries = others[inputs.cache["feature_indices"].long()]
-    changed_cache["feature_values"] = inputs.cache["feature_values"] + 5.0 * entries
-    again = training_feature_mse(inputs, hidden, mask, changed_cache, rows, pref_cfg)
-    assert torch.equal(again, subset)
-    all_latents = PreferenceConfig()  # the control: with every latent, the change shows
-    before = training_feature_mse(inputs, hidden, mask, inputs.cache, rows, all_latents)
-    after = training_feature_mse(inputs, hidden, mask, changed_cache, rows, all_latents)
-    assert not torch.equal(before, after)
+    union = fpo.top_activated(pooled, 2) | fpo.top_activated(reference_pooled, 2)  # I(y), k = 2
+    terms = (pooled - reference_pooled).pow(2) * union  # (B, F): each latent's part of k * D(y)
+    chosen = terms.sum(0).topk(3).indices.sort().values.tolist()  # latents whose terms count
+    assert terms[:, chosen].sum() > 0
+    uniform = PreferenceConfig(fpo_k=2)
+    plain = training_feature_mse(inputs, hidden, mask, inputs.cache, rows, uniform)
+    ones = PreferenceConfig(fpo_k=2, fpo_latent_weights=",".join(f"{i}:1" for i in chosen))
+    assert torch.equal(training_feature_mse(inputs, hidden, mask, inputs.cache, rows, ones), plain)
+    for weight in (0.0, 4.0):
+        spec = ",".join(f"{i}:{weight:g}" for i in chosen)
+        weighted_cfg = PreferenceConfig(fpo_k=2, fpo_latent_weights=spec)
+        weighted = training_feature_mse(inputs, hidden, mask, inputs.cache, rows, weighted_cfg)
+        expected = plain + (weight - 1.0) * terms[:, chosen].sum(-1) / 2
+        torch.testing.assert_close(weighted, expected, rtol=1e-5, atol=1e-9)
+
+
+def test_latent_weights_reads_the_flag_into_one_weight_per_latent():
+    assert latent_weights("", 3) == [1.0, 1.0, 1.0]
+    assert latent_weights("1:0,3:4.5", 5) == [1.0, 0.0, 1.0, 4.5, 1.0]
+    for bad in ("1", "1:", "1:0,", "5:1", "1:1,1:2", "1:-1", "-1:1", "x:1"):
+        assert latent_weights(bad, 5) == [], bad
 
 
 def test_fpo_kl_is_fpo_loss_with_seqkl_in_place_of_d(world):

@@ -42,10 +42,9 @@ PARSE_CASES = {
     "resume": [(["--resume=x"], "--resume: ignored explicit argument 'x'")],
     "skip_bad_rows": [(["--skip_bad_rows=yes"], "--skip_bad_rows: ignored explicit argument 'yes'")],
     "fpo_stop_grad": [(["--fpo_stop_grad=no"], "--fpo_stop_grad: ignored explicit argument 'no'")],
-    "fpo_latents": [
-        (["--fpo_latents", "3;4"], "--fpo_latents '3;4': must be comma-separated latent numbers"),
-        (["--fpo_latents", ","], "--fpo_latents ',': must be comma-separated latent numbers"),
-        (["--fpo_latents", "3,256"], "--fpo_latents '3,256': must be below --d_sae 256"),
+    "fpo_latent_weights": [
+        (["--fpo_latent_weights", bad], f"--fpo_latent_weights '{bad}': must be latent:weight pairs, each latent below --d_sae 256 once, e.g. 3:0,17:4")
+        for bad in ("3;4", "3", "3:", ",", "3:1,", "3:-1", "3:inf", "3:nan", "3:1e3", "3:1:2", "256:1", "3:1,3:2")
     ],
     "threads": [(["--threads", "-1"], "--threads -1: must be >= 0"), (["--threads", "two"], "--threads: invalid int value: 'two'")],
     "log_every": [(["--log_every", "-1"], "--log_every -1: must be > 0"), (["--log_every", "0"], "--log_every 0: must be > 0")],

@@ -2,11 +2,25 @@
 first reference, and guards that fail a test when training starts. Tests that train, run a
 subprocess or signal one are marked `slow`."""
 
+import importlib.util
+
 import pytest
 import torch
 
 import train
 from experiments.tests.helpers import TINY
+
+# The experiments draw with matplotlib (experiments/requirements.txt), which the core does not
+# need: on a core-only install these tests are not collected, and the header says why.
+if importlib.util.find_spec("matplotlib") is None:
+    collect_ignore_glob = ["test_*.py"]
+
+
+def pytest_report_header() -> str:
+    if importlib.util.find_spec("matplotlib") is None:
+        return ("experiments/tests: not run, matplotlib is missing "
+                "(pip install -r experiments/requirements.txt)")
+    return "experiments/tests: run (experiments/requirements.txt installed)"
 
 # The stages an experiment may start, for `no_training`: train.py's, and every preference loop
 # (train_preference and the experiments' own both begin with train.preference_models).

@@ -12,6 +12,9 @@ GENERATED = (
     "compare.md", "compare_threads1.md", "sweep.md", "seeds.md", "head_to_head.md", "ablation.md",
     "control.md", "bound.md", "bench.md",
 )
+# The paper's own numbers that are not percentages: the accuracies of its Table 4, quoted in
+# docs/paper.md's control section and docs/results.md
+PAPER_NUMBERS = {"0.46", "0.03", "0.04", "0.73"}
 
 
 def results_texts() -> dict[str, str]:
@@ -41,7 +44,9 @@ def test_results_numbers_come_from_the_generated_files():
         # the paper's own numbers are quoted as percentages, the project's never are; section
         # numbers are not data
         for number in re.findall(r"(?<![\w.])(?<!Sec\. )\d+\.\d+(?![\d%])", prose):
-            assert number in every_number, f"{number} in {name}'s prose is in no generated file"
+            assert number in every_number or number in PAPER_NUMBERS, (
+                f"{number} in {name}'s prose is in no generated file"
+            )
     for name in ("compare.md", "compare_threads1.md"):
         assert (DOCS / "results.md").read_text().count(generated[name].strip()) == 1, name
 

@@ -15,7 +15,11 @@ import train
 from experiments import common, compare, paper, sweep
 from experiments.__main__ import main
 from experiments.bench import LoopPeakMemory
-from experiments.tests.helpers import TINY, numbers_of, read, series_labels, tiny_reference
+from experiments.tests import helpers
+from experiments.tests.helpers import (
+    TINY, assert_one_colour_per_series, assert_points, drawn, numbers_of, read, record_figures,
+    tiny_reference,
+)
 
 CPU = torch.device("cpu")
 DEFAULTS = config.PreferenceConfig()
@@ -118,6 +122,7 @@ def test_head_to_head_and_bound_read_the_compare_policies(tiny_run, tmp_path, mo
     monkeypatch.setattr(compare, "COMPARE_ROWS", rows)
     main(argv + ["--compare", "--seeds", "1", "--pref_steps", "4"])
     monkeypatch.setattr(train, "preference_models", fail_if_called("head to head trained"))
+    saved = record_figures(monkeypatch)
     main(argv + ["--head_to_head"])
     table = (tmp_path / "head_to_head.md").read_text()
     lines = table.splitlines()
@@ -128,7 +133,14 @@ def test_head_to_head_and_bound_read_the_compare_policies(tiny_run, tmp_path, mo
     for line in lines[2:4]:
         cells = line.split(" | ")[1:6]
         assert all(re.fullmatch(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", cell) for cell in cells)
-    assert series_labels(tmp_path / "head_to_head.svg") == ["SimPO", "DPO", "a tie (0.5)"]
+    # The picture draws the table: each method's win rate and interval at every temperature.
+    shown = drawn(saved["head_to_head.svg"])
+    assert [label for _, label in shown] == ["SimPO", "DPO"]
+    printed = helpers.table_rows(table, "FPO against")
+    for label in ("SimPO", "DPO"):
+        temperatures = compare.HEAD_TO_HEAD_TEMPERATURES
+        assert_points(shown[0, label], [printed[label][f"T = {t:g}"] for t in temperatures])
+    assert_one_colour_per_series(saved["head_to_head.svg"])
     # A rerun samples nothing and writes the same table.
     monkeypatch.setattr(compare, "sample_responses", fail_if_called("sampled again"))
     main(argv + ["--head_to_head"])
@@ -137,18 +149,30 @@ def test_head_to_head_and_bound_read_the_compare_policies(tiny_run, tmp_path, mo
     scores = read(tmp_path / "ref_seed1337" / "head_to_head_t1.json")["scores"]
     assert set(scores) == {"FPO", "SimPO", "DPO"} and len(scores["FPO"]) == 24
     # --bound reads the same policies (and trains FPO once more, along its steps): a row per
-    # method, and the D(y)-SeqKL picture.
+    # method, and the D(y)-SeqKL picture; at the compare's settings, whatever this command's say
+    # (the rerun below, without these flags, writes the same tables).
     monkeypatch.undo()
-    main(argv + ["--bound"])
+    saved = record_figures(monkeypatch)
+    main(argv + ["--bound", "--pref_steps", "10", "--fpo_k", "4", "--pref_batch_size", "2"])
     bound = (tmp_path / "bound.md").read_text()
     lines = bound.splitlines()
     assert [line.split(" | ")[0] for line in lines[2:5]] == ["| FPO", "| SimPO", "| DPO"]
     assert lines[5] == ""
     assert all(0.0 <= float(line.split(" | ")[1]) <= 1.0 for line in lines[2:5])
-    assert series_labels(tmp_path / "bound.svg") == ["FPO", "SimPO", "DPO", "FPO along training"]
-    # ... and FPO trained once more (this command's 30 steps), measured at every fifth of them.
+    # ... and FPO trained once more (the compare's 4 steps), measured at every fifth of them.
     trajectory = [line.split(" | ")[0] for line in lines if re.match(r"\| \d", line)]
-    assert trajectory == ["| 6", "| 12", "| 18", "| 24", "| 30"]
+    assert trajectory == ["| 1", "| 2", "| 3", "| 4"]
+    # The picture draws both tables of means, with their intervals.
+    shown = drawn(saved["bound.svg"])
+    assert [label for _, label in shown] == ["FPO", "SimPO", "DPO", "FPO along training"]
+    means = helpers.table_rows(bound, "method", after="| method | SeqKL(y) | D(y) |")
+    along = helpers.table_rows(bound, "FPO at step")
+    for label, series, rows in [(label, shown[0, label], [means[label]]) for label in means] + [
+        ("FPO along training", shown[0, "FPO along training"], list(along.values()))
+    ]:
+        assert_points(series, [row["SeqKL(y)"] for row in rows], axis="x", relative=True)
+        assert_points(series, [row["D(y)"] for row in rows], relative=True)
+    assert_one_colour_per_series(saved["bound.svg"])
     assert not list((tmp_path / "ref_seed1337").glob("bound_fpo_trajectory_step*.pt"))
     # A rerun trains nothing and writes the same tables.
     monkeypatch.setattr(train, "preference_models", fail_if_called("bound trained again"))
@@ -196,6 +220,7 @@ def test_sweep_picks_each_method_over_its_references_resumes_and_feeds_compare(
     monkeypatch.setattr(sweep, "SWEEP_EXTENSIONS", {"FPO": [extension]})
     sweep_argv = argv + ["--out_dir", str(out_dir), "--pref_steps", "6", "--pref_lr", "1e-3",
                          "--sweep_references", "2"]
+    saved = record_figures(monkeypatch)
     main(sweep_argv + ["--sweep"])
     # Each reference is a whole pipeline of its own seed, made once and kept.
     references = [out_dir / "ref_seed1000", out_dir / "ref_seed1001"]
@@ -216,8 +241,22 @@ def test_sweep_picks_each_method_over_its_references_resumes_and_feeds_compare(
     for reference in references:
         assert (reference / f"{sweep.sweep_tag(extension)}_results.json").exists()
     assert not list(out_dir.glob("ref_seed*/sweep_*_step*.pt"))  # snapshots go once judged
-    for name in ("frontier", "validity", "win_rate"):
-        assert series_labels(out_dir / f"{name}.svg") == list(knobs), name
+    # Each picture draws sweep_points.md: every method, the mean and range of its references.
+    points = (out_dir / "sweep_points.md").read_text()
+    picked = helpers.table_rows(points, "method | steps")
+    for name, column in (("validity", "valid"), ("win_rate", "win rate")):
+        shown = drawn(saved[f"{name}.svg"])
+        assert [label for _, label in shown] == list(knobs), name
+        for (_, label), series in shown.items():
+            cells = [picked[f"{label} | {step}"][column] for step in series["x"]]
+            assert_points(series | {"y_bars": series["band"]}, cells)
+        assert_one_colour_per_series(saved[f"{name}.svg"])
+    shown = drawn(saved["frontier.svg"])
+    assert [label for _, label in shown] == list(knobs)
+    grid = helpers.table_rows(points, "method | setting | steps")
+    for label in knobs:
+        cells = [cell for key, cell in grid.items() if key.startswith(f"{label} | ")]
+        assert_points(shown[0, label], [cell["judge score"] for cell in cells])
     sweep_md = (out_dir / "sweep.md").read_text()
     table = sweep_md.split("| method | settings tried | picked setting |")[1]
     table = table.split("\n\n")[0].splitlines()[2:]
@@ -291,6 +330,7 @@ def test_ablation_has_a_row_per_setting_trains_each_setting_once_and_reruns_noth
         return train_preference(cfg, device, seed, tag)
 
     monkeypatch.setattr(train, "train_preference", counting)
+    saved = record_figures(monkeypatch)
     main(argv + ["--ablation"])
     text = (tmp_path / "ablation.md").read_text()
     table_rows = [line for line in text.splitlines() if line.startswith("| ")
@@ -328,7 +368,17 @@ def test_ablation_has_a_row_per_setting_trains_each_setting_once_and_reruns_noth
         f"k 32, alpha {a} (fixed) - {scaled}",
     ]
     assert f"| k 32, alpha {a} (fixed) - {scaled} | +0.000 | [+0.000, +0.000] |" in text
-    assert len(series_labels(tmp_path / "ablation.svg")) == 4
+    # The picture: win rate and validity against alpha (stop-gradient on and off) and k (alpha
+    # scaled and fixed), as the alpha and k tables print them.
+    shown = drawn(saved["ablation.svg"])
+    assert {label for _, label in shown} == {
+        "stop-gradient on", "stop-gradient off", "alpha scaled by 1/k", "alpha fixed"
+    }
+    alphas = helpers.table_rows(text, "setting", after="### alpha")
+    wins = shown[0, "stop-gradient on"]
+    assert wins["x"] == [0.0, DEFAULTS.alpha]
+    assert helpers.close(wins["y"][1], float(alphas[on]["win rate"]))
+    assert_one_colour_per_series(saved["ablation.svg"])
     # A rerun trains nothing and writes the same table.
     monkeypatch.setattr(train, "preference_models", fail_if_called("trained again"))
     monkeypatch.setattr(train, "train_sae_stage", fail_if_called("an SAE trained again"))
@@ -336,30 +386,83 @@ def test_ablation_has_a_row_per_setting_trains_each_setting_once_and_reruns_noth
     assert (tmp_path / "ablation.md").read_text() == text
 
 
+def test_comparable_weight_evens_the_set_s_part_of_d_with_the_rest_s():
+    terms = torch.tensor([0.1, 0.0, 0.3, 0.1, 0.0, 0.0, 0.0, 0.0])  # parts of D(y) per latent
+    assert paper.comparable_weight(terms, [0]) == 4.0  # 4 x 0.1 = 0.4, the other latents' part
+    assert paper.comparable_weight(terms, [2, 3]) == 1.0  # 0.4 already outweighs 0.1: at least 1
+    # a set that never enters I(y): as heavy as all the others together, (8 - 2) / 2
+    assert paper.comparable_weight(terms, [1, 4]) == 3.0
+    assert paper.comparable_weight(torch.tensor([1e-9, 1.0, 1.0]), [0]) == 2.0  # at most that
+
+
 @pytest.mark.slow
-def test_control_constrains_each_latent_set_and_reruns_nothing(tiny_run, tmp_path, monkeypatch):
+def test_control_weighs_each_latent_set_at_0_and_w_and_reruns_nothing(
+    tiny_run, tmp_path, monkeypatch
+):
     _, argv = tiny_run
     argv = argv + ["--out_dir", str(tmp_path), "--seeds", "1", "--pref_steps", "6"]
     tiny_reference(tiny_run, tmp_path)
+    saved_figures = record_figures(monkeypatch)
     main(argv + ["--control"])
     text = (tmp_path / "control.md").read_text()
-    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ")
-            and not line.startswith(("| D(y) over", "| win rate difference"))]
-    assert [row[0][2:] for row in rows] == [
-        "all latents", "sentiment latents", "topic latents", "random latents",
-        "sentiment latents - all latents", "topic latents - all latents",
-        "random latents - all latents",
-        "sentiment latents - random latents", "topic latents - random latents",
+    sets = list(paper.CONTROL_TARGETS)
+    labels = [paper.UNIFORM] + [f"{name}, w = {w}" for name in sets for w in ("0", "W")]
+    summary = helpers.table_rows(text, "FPO with")
+    changes = helpers.table_rows(text, "FPO with", after="| FPO with | targets |")
+    assert list(summary) == list(changes) == labels
+    assert [changes[label]["targets"] for label in labels[1::2]] == [
+        "positive", "positive", "on topic", "none"
     ]
-    # Each run trained D(y) over its set: 8 latents each, all of them for the first.
-    saved = {read(path)["trained_with"]["fpo_latents"]
-             for path in (tmp_path / "ref_seed1337").glob("fpo_*_results.json")}
-    assert "" in saved and len(saved) == 4
-    assert all(len(latents.split(",")) == 8 for latents in saved - {""})
-    assert "- seed 1337: all latents all; sentiment latents " in text
-    assert series_labels(tmp_path / "control.svg") == [
-        "all latents", "sentiment latents", "topic latents", "random latents"
-    ]
+    for label in labels:  # paired intervals against the reference, and against every w_i = 1
+        cells = changes[label]
+        assert all(re.fullmatch(r"[-+]\d\.\d{3} \[[-+]\d\.\d{3}, [-+]\d\.\d{3}\]", cells[column])
+                   for column in ("positive - reference", "on topic - reference")), label
+        against_uniform = (cells["positive - uniform"], cells["on topic - uniform"])
+        assert (against_uniform == ("-", "-")) == (label == paper.UNIFORM), label
+    # Each weighted run trained with w = 0 or W on its set's 8 latents, the rest at 1.
+    weights = {read(path)["trained_with"]["fpo_latent_weights"]
+               for path in (tmp_path / "ref_seed1337").glob("fpo_*_results.json")}
+    assert "" in weights and len(weights) <= 9
+    for spec in weights - {""}:
+        pairs = [pair.split(":") for pair in spec.split(",")]
+        assert len(pairs) == 8 and len({weight for _, weight in pairs}) == 1
+        assert float(pairs[0][1]) == 0.0 or float(pairs[0][1]) >= 1.0
+    match = re.search(r"- seed 1337: positive latents ([\d,]+) \(W = ([\d.]+)\)", text)
+    assert match and len(match[1].split(",")) == 8 and float(match[2]) >= 1.0
+    # The picture draws the table's intervals, both rows of panels.
+    shown = drawn(saved_figures["control.svg"])
+    assert_points(shown[0, "FPO"], [changes[paper.UNIFORM]["positive - reference"]])
+    assert_points(shown[3, "w_i = W on the set"],
+                  [changes[f"{name}, w = W"]["on topic - uniform"] for name in sets])
+    assert_one_colour_per_series(saved_figures["control.svg"])
     monkeypatch.setattr(train, "preference_models", fail_if_called("trained again"))
     main(argv + ["--control"])
     assert (tmp_path / "control.md").read_text() == text
+    # --fpo_latent_weights is --control's to set: refused before any work.
+    with pytest.raises(config.UsageError, match="--control sets the weights itself"):
+        main(argv + ["--control", "--fpo_latent_weights", "3:0"])
+
+
+def test_head_to_head_reports_fpo_s_win_rate_against_each_method():
+    """FPO's responses score above DPO's on every prompt and tie SimPO's: FPO's rate is 1 against
+    DPO and 0.5 against SimPO (a tie counts half), at every temperature."""
+    scores = {
+        (seed, temperature): {"FPO": [0.9, 0.8, 0.7], "DPO": [0.1, 0.2, 0.3],
+                              "SimPO": [0.9, 0.8, 0.7]}
+        for seed in (1, 2) for temperature in (0.2, 1.0)
+    }
+    rates = compare.head_to_head_rates(scores, ["DPO", "SimPO"], [1, 2], (0.2, 1.0))
+    assert rates == {"DPO": {0.2: (1.0, 1.0, 1.0), 1.0: (1.0, 1.0, 1.0)},
+                     "SimPO": {0.2: (0.5, 0.5, 0.5), 1.0: (0.5, 0.5, 0.5)}}
+
+
+def test_the_ablation_scales_alpha_by_default_k_over_k():
+    """D(y) sums over up to 2k latents and divides by k, so a smaller k is weighted up: at the
+    default alpha 256 and k 32, k 4 trains at alpha 2048 and k 256 at alpha 32 ("scaled"), or
+    256 ("fixed")."""
+    cfg = config.Config()
+    table = next(rows for name, rows in paper.ablation_rows(cfg).items() if "FPO's k" in name)
+    alphas = {label: changed["alpha"] for label, changed in table.items()}
+    assert alphas["k 4, alpha 2048 (scaled)"] == 2048.0
+    assert alphas["k 256, alpha 32 (scaled)"] == 32.0
+    assert alphas["k 256, alpha 256 (fixed)"] == 256.0

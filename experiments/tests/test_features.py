@@ -1,10 +1,13 @@
 """experiments/features.py: the per-latent report of top-activating tokens."""
 
+import pytest
 import torch
 import torch.nn as nn
 
+from experiments import features
 from experiments.features import top_activating_contexts
 from model import GPT, GPTConfig
+from runtime import UsageError
 
 
 def counting_batches(n_batches, seed=1):
@@ -41,3 +44,14 @@ def test_top_activating_contexts_never_reports_a_masked_out_position():
     )
     values = [float(line.split()[0]) for line in report.splitlines()[1:]]
     assert values == [10.0, 10.0, 10.0]  # position 9, the last one masked in; never 11..16
+
+
+@pytest.mark.slow
+def test_the_command_writes_the_report_of_a_finished_run_and_refuses_bad_latents(tiny_run):
+    out_dir, argv = tiny_run
+    features.main(argv + ["--latents", "0,3"])
+    report = (out_dir / "features.txt").read_text()
+    assert report.startswith("latent 0:") and "latent 3:" in report
+    for bad in ("3;4", "100000"):
+        with pytest.raises(UsageError, match="--latents"):
+            features.main(argv + ["--latents", bad])

@@ -24,11 +24,14 @@ import torch
 
 import data
 import train
-from experiments import common, sweep
+import experiments.__main__ as experiments_main
+from config import parse_args, stage_settings
+from experiments import common, paper, sweep
 from experiments.__main__ import main
 from experiments.compare import COMPARE_ROWS
+from experiments.settings import LabConfig
 from experiments.tests.helpers import REPO, TINY, tiny_reference
-from runtime import Interrupted, UsageError
+from runtime import Interrupted, UsageError, save_checkpoint
 
 ON_LINUX = Path("/proc/self/stat").exists()
 # --compare as the signal tests run it: every step logged (and saved for --resume), and 60 steps,
@@ -428,3 +431,399 @@ def test_an_out_dir_in_use_is_refused(tmp_path, no_training):
     (out_dir / ".lock").write_text(str(os.getpid()))  # this process: alive
     with pytest.raises(UsageError, match=r"--out_dir .* is in use by process \d+"):
         main(TINY + ["--out_dir", str(out_dir), "--compare"])
+
+
+# ---- a --picks file is checked before any training --------------------------------------------
+
+
+def picks_file(tmp_path: Path, argv: list[str], picks) -> Path:
+    """A picks file for the command line `argv`: --sweep's shape, made for its recipe, with
+    `picks` as its picks."""
+    cfg = parse_args(argv + ["--compare"], config_type=LabConfig)
+    path = tmp_path / "picks.json"
+    path.write_text(json.dumps({"made_from": sweep.recipe(cfg), "picks": picks}))
+    return path
+
+
+FPO_PICK = {"method": "fpo", "beta": 1.0, "alpha": 256.0, "pref_lr": 6e-5, "pref_steps": 30}
+
+
+@pytest.mark.parametrize("picks, message", [
+    ([FPO_PICK], "no 'picks' object (each method's pick by label): rerun --sweep, or pass "
+                 "docs/sweep_picks.json"),
+    ({"DPO": {"settings": FPO_PICK | {"method": "dpo"}}},
+     "no pick for FPO, which every other row is compared with"),
+    ({"FPO": FPO_PICK}, "the pick 'FPO' has no 'settings' object"),
+    ({"FPO": {"settings": FPO_PICK | {"betta": 1.0}}},
+     "FPO's setting 'betta' is no preference setting (`python train.py --help` lists them under "
+     "PreferenceConfig)"),
+    ({"FPO": {"settings": FPO_PICK | {"method": "ppo"}}},
+     "FPO's method 'ppo': must be one of fpo, fpo_kl, dpo, dpo_offline, simpo, tdpo1, tdpo2"),
+    ({"FPO": {"settings": {"beta": 1.0}}}, "FPO's settings have no method"),
+    ({"FPO": {"settings": FPO_PICK | {"pref_steps": 0}}}, "FPO's --pref_steps 0: must be > 0"),
+    ({"FPO": {"settings": FPO_PICK | {"pref_steps": 2.5}}},
+     "FPO's pref_steps 2.5: must be int, as --pref_steps is"),
+    ({"FPO": {"settings": FPO_PICK | {"fpo_stop_grad": 1}}},
+     "FPO's fpo_stop_grad 1: must be bool, as --fpo_stop_grad is"),
+    ({"FPO": {"settings": FPO_PICK | {"beta": float("nan")}}},
+     "FPO's --beta nan: must be a finite number"),
+    ({"FPO": {"settings": FPO_PICK | {"beta": -2}}}, "FPO's --beta -2.0: must be > 0"),
+    ({"FPO": {"settings": FPO_PICK}, "fpo": {"settings": FPO_PICK}},
+     "the rows 'FPO' and 'fpo' would share their files (compare_fpo_seed0): rename one"),
+    ({"FPO": {"settings": FPO_PICK, "validation": [0.5]}},
+     "FPO's 'validation' is not by reference seed"),
+])
+def test_every_entry_of_a_picks_file_is_checked_at_start(tmp_path, no_training, picks, message):
+    argv = TINY + ["--out_dir", str(tmp_path / "out")]
+    path = picks_file(tmp_path, argv, picks)
+    with pytest.raises(UsageError) as refused:
+        main(argv + ["--compare", "--picks", str(path)])
+    assert str(refused.value) == f"--picks {path}: {message}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_picks_in_the_out_dir_are_checked_as_well(tmp_path, no_training):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "sweep_picks.json").write_text(json.dumps({"made_from": {}, "picks": []}))
+    with pytest.raises(UsageError) as refused:
+        main(TINY + ["--out_dir", str(out_dir), "--compare"])
+    assert str(refused.value) == (
+        f"{out_dir / 'sweep_picks.json'}: no 'picks' object (each method's pick by label): rerun "
+        "--sweep, or pass docs/sweep_picks.json"
+    )
+
+
+def test_a_picks_directory_or_fifo_has_its_own_message(tmp_path, no_training):
+    argv = TINY + ["--out_dir", str(tmp_path / "out"), "--compare", "--picks"]
+    (tmp_path / "picks_dir").mkdir()
+    fifo = tmp_path / "picks_fifo"
+    os.mkfifo(fifo)  # reading it would wait for a writer forever
+    for path, kind in ((tmp_path / "picks_dir", "a directory"),
+                       (fifo, "not a regular file (a FIFO or a device?)")):
+        with pytest.raises(UsageError) as refused:
+            main(argv + [str(path)])
+        assert str(refused.value) == (
+            f"--picks {path}: {kind}, not a picks file (rerun --sweep, or pass "
+            "docs/sweep_picks.json)"
+        )
+
+
+def test_picks_are_not_judged_on_the_references_they_were_tuned_on(tmp_path, no_training):
+    """The docs' picks record the references they were tuned on (1000-1002): --compare refuses
+    to judge them there, whatever --sweep_seed says."""
+    argv = ["--out_dir", str(tmp_path / "out"), "--compare", "--picks", "docs/sweep_picks.json"]
+    with pytest.raises(UsageError) as refused:
+        main(argv + ["--seed", "1000", "--sweep_seed", "2000"])
+    assert str(refused.value) == (
+        "--picks docs/sweep_picks.json was tuned on references 1000, 1001, 1002, and --compare's "
+        "(seeds 1000-1004) include 1000, 1001, 1002: picks must be judged on other references; "
+        "move --seed (--seed 1003 clears them)"
+    )
+    # and a file that records none is judged against --sweep_seed's references, as before
+    path = picks_file(tmp_path, TINY, {"FPO": {"settings": FPO_PICK}})
+    with pytest.raises(UsageError, match="--seed 999: --compare's references"):
+        main(TINY + argv[:3] + ["--picks", str(path), "--seed", "999"])
+
+
+def test_a_good_picks_file_passes_the_start_up_checks(tmp_path, no_training, capsys):
+    argv = TINY + ["--out_dir", str(tmp_path / "out"), "--threads", "1"]
+    path = picks_file(tmp_path, argv, {"FPO": {"settings": FPO_PICK | {"beta": 1},
+                                               "validation": {"1000": {}}}})
+    with pytest.raises(pytest.fail.Exception, match="pretrain ran"):  # the first training
+        main(argv + ["--compare", "--picks", str(path), "--seeds", "1"])
+    # tuned with a thread count it does not record: a note, not a refusal (the docs run their
+    # 2-thread picks at 1 thread too)
+    assert (f"compare: note: {path} was tuned with a thread count it does not record; this run "
+            "has 1, which rounds differently") in capsys.readouterr().out
+
+
+# ---- --head_to_head and --bound read compare.json's policies, and nothing else ----------------
+
+
+def fake_compare(out_dir: Path, argv: list[str], seed: int = 1337) -> dict:
+    """compare.json of two rows on one reference, and the files it names: the reference's GPT,
+    SAE and cache (empty: the start-up checks only ask that they are there) and each row's policy
+    checkpoint, trained with its row's settings from its GPT and SAE (no weights)."""
+    cfg = parse_args(argv, config_type=LabConfig)
+    seed_cfg = common.with_method(cfg, {})
+    seed_cfg.run.seed = seed
+    ref_dir = out_dir / f"ref_seed{seed}"
+    ref_dir.mkdir(parents=True)
+    for name in ("gpt.pt", "sae.pt", "reference_cache.pt"):
+        (ref_dir / name).write_bytes(b"")
+    rows, settings = [], {"FPO": COMPARE_ROWS["FPO"], "DPO": COMPARE_ROWS["DPO"]}
+    for label, overrides in settings.items():
+        row_settings = stage_settings(common.with_method(seed_cfg, overrides), "prefer", seed)
+        made_from = {"GPT": "gpt-fingerprint", "SAE": "sae-fingerprint",
+                     "data": common.data_settings(seed_cfg), "eval": {}, "settings": row_settings}
+        rows.append({"label": label, "seed": seed, "made_from": made_from, "cpu_threads": 1})
+        save_checkpoint(ref_dir / f"{common.compare_tag(label, seed)}.pt", "policy",
+                        row_settings, {"reference model": "gpt-fingerprint",
+                                       "SAE": "sae-fingerprint"})
+    compare_json = {"rows": rows, "settings": settings}
+    (out_dir / "compare.json").write_text(json.dumps(compare_json))
+    return compare_json
+
+
+@pytest.mark.parametrize("experiment", ["--head_to_head", "--bound"])
+def test_compare_s_policies_as_compare_json_describes_them_pass_the_start_up_checks(
+    tmp_path, no_training, monkeypatch, experiment
+):
+    argv = TINY + ["--threads", "1", "--out_dir", str(tmp_path)]
+    fake_compare(tmp_path, argv)
+    ran = []
+    for name in ("head_to_head", "bound"):
+        monkeypatch.setattr(experiments_main, name, lambda cfg, device: ran.append(cfg))
+    main(argv + [experiment])
+    assert len(ran) == 1
+
+
+def fpo_policy_trained_at_another_rate(out_dir: Path) -> None:
+    path = out_dir / "ref_seed1337" / "compare_fpo_seed1337.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["config"]["pref_lr"] = 0.03
+    torch.save(checkpoint, path)
+
+
+@pytest.mark.parametrize("change, flags, message", [
+    ("compare.json []", [],
+     "{out}/compare.json is not what --compare writes (a JSON list, not an object): rerun "
+     "`python -m experiments --compare --resume`"),
+    ("compare.json {}", [],
+     "{out}/compare.json is not what --compare writes (no 'settings' with FPO's): rerun "
+     "`python -m experiments --compare --resume`"),
+    ("rows without seeds", [],
+     "{out}/compare.json is not what --compare writes (a row without its label, seed or what it "
+     "was made from): rerun `python -m experiments --compare --resume`"),
+    ("reference deleted", [],
+     "{out}/ref_seed1337/gpt.pt not found (compare.json's FPO on reference 1337): rerun "
+     "`python -m experiments --compare --resume`"),
+    ("policy deleted", [],
+     "{out}/ref_seed1337/compare_dpo_seed1337.pt not found (compare.json's DPO on reference "
+     "1337): rerun `python -m experiments --compare --resume`"),
+    ("policy retrained", [],
+     "{out}/ref_seed1337/compare_fpo_seed1337.pt is not compare.json's FPO (trained with "
+     "--pref_lr 0.03 (the row's: 0.001)): rerun `python -m experiments --compare --resume`"),
+    ("", ["--threads", "2"],
+     "compare.json's rows were trained with 1 CPU threads, this run has 2: rerun with "
+     "--threads 1"),
+    ("", ["--n_pairs", "100"],
+     "compare.json's rows were made from other data than this run's (--n_pairs, "
+     "--n_test_pairs): pass the flags --compare ran with"),
+    ("reference a file", [],
+     "{out}/ref_seed1337 is a file, not a reference's directory (one seed's GPT, SAE and runs): "
+     "move it away or delete it"),
+    ("reference made with 2 threads", [],
+     "{out}/ref_seed1337 was made with 2 CPU threads, this run has 1 (they round differently): "
+     "rerun with --threads 2, or pass another --out_dir"),
+    (".lock a directory", [],
+     "{out}/.lock is not a lock file: remove it (rm -r {out}/.lock), then rerun"),
+])
+def test_what_head_to_head_and_bound_read_is_checked_before_any_work(
+    tmp_path, no_training, monkeypatch, change, flags, message
+):
+    """--head_to_head and --bound share these checks (check_compare_policies): each case runs one
+    of them, in turn."""
+    experiment = "--bound" if change.startswith(("compare.json {}", "policy")) else "--head_to_head"
+    argv = TINY + ["--threads", "1", "--out_dir", str(tmp_path)]
+    compare_json = fake_compare(tmp_path, argv)
+    reference = tmp_path / "ref_seed1337"
+    if change.startswith("compare.json"):
+        (tmp_path / "compare.json").write_text(change.split()[1])
+    elif change == "rows without seeds":
+        for row in compare_json["rows"]:
+            del row["seed"]
+        (tmp_path / "compare.json").write_text(json.dumps(compare_json))
+    elif change == "reference deleted":
+        shutil.rmtree(reference)
+    elif change == "policy deleted":
+        (reference / "compare_dpo_seed1337.pt").unlink()
+    elif change == "policy retrained":
+        fpo_policy_trained_at_another_rate(tmp_path)
+    elif change == "reference a file":
+        shutil.rmtree(reference)
+        reference.write_text("")
+    elif change == "reference made with 2 threads":
+        (reference / "threads.json").write_text(json.dumps({"threads": 2}))
+    elif change == ".lock a directory":
+        (tmp_path / ".lock").mkdir()
+    for name in ("head_to_head", "bound"):
+        monkeypatch.setattr(experiments_main, name, fail_if_called(f"{name} ran"))
+    with pytest.raises(UsageError) as refused:
+        main(argv + flags + [experiment])
+    assert str(refused.value) == message.format(out=tmp_path)
+
+
+def test_an_experiment_locks_its_reference_directories(tmp_path, no_training, monkeypatch):
+    """`python train.py --out_dir out/ref_seed1337` would rebuild a cache under a running
+    experiment: refused while the experiment holds out/'s lock."""
+    argv = TINY + ["--threads", "1", "--out_dir", str(tmp_path)]
+    fake_compare(tmp_path, argv)
+    refused = []
+
+    def a_second_command(cfg, device):
+        with pytest.raises(UsageError) as error:
+            train.main(TINY + ["--out_dir", str(tmp_path / "ref_seed1337"), "--stage", "cache"])
+        refused.append(str(error.value))
+
+    monkeypatch.setattr(experiments_main, "head_to_head", a_second_command)
+    main(argv + ["--head_to_head"])
+    assert refused == [
+        f"--out_dir '{tmp_path / 'ref_seed1337'}' is in use by process {os.getpid()} (its "
+        f"{tmp_path / 'ref_seed1337' / '.lock'}): wait for it to finish, or pick another --out_dir"
+    ]
+    assert not (tmp_path / "ref_seed1337" / ".lock").exists()  # released with out/'s
+
+
+# ---- off-grid settings and impossible sizes -----------------------------------------------------
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--control", "--d_sae", "6", "--sae_k", "2"],
+     r"--d_sae 6: --control \w+ sets of 8 latents, so the SAE needs at least 8: pass --d_sae 8 "
+     "or more"),
+    (["--ablation", "--alpha", "1e308"],
+     r"--alpha 1e\+308: --ablation's row 'alpha inf, stop-gradient on' would train at alpha inf; "
+     "pass a smaller --alpha, or drop it"),
+])
+def test_impossible_experiment_settings_are_refused_at_start(tmp_path, no_training, flags,
+                                                             message):
+    with pytest.raises(UsageError) as refused:
+        main(TINY + ["--out_dir", str(tmp_path / "out"), *flags])
+    assert re.fullmatch(message, str(refused.value)), str(refused.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags", [["--alpha", "5"], ["--fpo_k", "5"], ["--alpha", "0"],
+                                   ["--alpha", "0.3", "--fpo_k", "300"]])
+def test_the_ablation_has_a_row_at_any_setting_to_compare_with(flags):
+    cfg = parse_args(TINY + flags, config_type=LabConfig)
+    for rows in paper.ablation_rows(cfg).values():
+        assert any(paper.is_default(cfg, changed) for changed in rows.values())
+
+
+# ---- Ctrl-C at any moment of a child's life ------------------------------------------------------
+
+
+def child_started(process: subprocess.Popen) -> int:
+    """The id of the compare's first child process, as soon as it exists (it is then importing
+    torch)."""
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        children = spawned_children(process.pid)
+        if children:
+            return children[0]
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.005)
+    raise AssertionError("no child process started")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ON_LINUX, reason="finds the child process through /proc")
+@pytest.mark.parametrize("delay", [0.0, 1.0])
+@pytest.mark.parametrize("to_group", [True, False], ids=["terminal", "parent only"])
+def test_ctrl_c_while_a_child_starts_is_one_line_with_the_resume_hint(
+    tiny_run, tmp_path, delay, to_group
+):
+    """A Ctrl-C while the child imports torch (before its training loop can save anything): the
+    parent's one line, exit code 130, no traceback from either process, no child left."""
+    tiny_reference(tiny_run, tmp_path)
+    compare = start_compare(tmp_path, new_session=True)
+    child = child_started(compare)
+    time.sleep(delay)
+    if to_group:
+        os.killpg(compare.pid, signal.SIGINT)
+    else:
+        os.kill(compare.pid, signal.SIGINT)
+    _, stderr = compare.communicate(timeout=60)
+    assert compare.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert stderr.splitlines()[-1] == (
+        f"{COMPARE_ROW_TAGS[0]} interrupted (Ctrl-C) outside its training loop; rerun with "
+        "--resume to continue it from its last saved step"
+    )
+    time.sleep(0.5)
+    assert not is_running(child)
+
+
+def test_a_reference_deleted_while_an_experiment_runs_says_to_rerun_it(tmp_path):
+    """The run's own message would say `python train.py --stage pretrain`; the experiment makes
+    its references, so rerunning it is the fix."""
+    ref_cfg = parse_args(["--out_dir", str(tmp_path)])
+    (tmp_path / "sae.pt").write_bytes(b"")
+    with pytest.raises(UsageError) as refused, common.reference_kept(ref_cfg):
+        raise UsageError(f"{tmp_path / 'gpt.pt'} not found: run `python train.py --stage "
+                         "pretrain` first")
+    assert str(refused.value) == (
+        f"{tmp_path / 'gpt.pt'} is gone (deleted while the experiment ran?): rerun the same "
+        "command with --resume, which makes the reference again"
+    )
+    (tmp_path / "gpt.pt").write_bytes(b"")  # both there: the run's own message stands
+    with pytest.raises(UsageError, match="not a readable checkpoint"), common.reference_kept(
+        ref_cfg
+    ):
+        raise UsageError("gpt.pt is not a readable checkpoint")
+
+
+@pytest.mark.slow
+def test_compare_resume_retrains_a_row_whose_policy_another_compare_replaced(
+    uninterrupted_compare, tmp_path, monkeypatch
+):
+    """A second --compare, stopped between training a row and writing its results, leaves the
+    first's row file beside its own policy: --resume trains that row again rather than leave a
+    policy --head_to_head would judge under the row's name."""
+    out_dir = tmp_path / "out"
+    shutil.copytree(uninterrupted_compare, out_dir)
+    fpo_policy_trained_at_another_rate(out_dir)
+    trained = []
+    monkeypatch.setattr(common, "in_child_process",
+                        lambda function, *args: trained.append(args[-1]) or function(*args))
+    main(COMPARE + ["--out_dir", str(out_dir), "--compare", "--resume"])
+    assert trained == [COMPARE_ROW_TAGS[0]]
+    assert without_step_times((out_dir / "compare.md").read_text()) == without_step_times(
+        (uninterrupted_compare / "compare.md").read_text()
+    )
+
+
+# ---- the CPU thread count is part of what a reference and a run were made from -----------------
+
+
+def test_a_reference_records_its_thread_count_and_refuses_another(tmp_path, monkeypatch):
+    """The stages that make a reference, faked: each writes its file. The reference then records
+    this process's thread count; at another count it is refused, not reused."""
+    def writes(name: str):
+        def stage(cfg, device):
+            (Path(cfg.run.out_dir) / name).write_bytes(b"")
+        return stage
+
+    (tmp_path / "ref_seed7").mkdir()
+    monkeypatch.setattr(train, "pretrain", writes("gpt.pt"))
+    monkeypatch.setattr(train, "train_sae_stage", writes("sae.pt"))
+    cfg = parse_args(["--out_dir", str(tmp_path)], config_type=LabConfig)
+    torch.set_num_threads(1)
+    common.reference_run(cfg, 7, "cpu")
+    assert json.loads((tmp_path / "ref_seed7" / "threads.json").read_text()) == {"threads": 1}
+    torch.set_num_threads(2)
+    with pytest.raises(UsageError) as refused:
+        common.reference_run(cfg, 7, "cpu")
+    assert str(refused.value) == (
+        f"{tmp_path / 'ref_seed7'} was made with 1 CPU threads, this run has 2 (they round "
+        "differently): rerun with --threads 1, or pass another --out_dir"
+    )
+
+
+def test_a_saved_run_is_reused_only_at_the_thread_count_it_was_made_with(tmp_path, capsys):
+    path = tmp_path / "run_results.json"
+    made_from = {"GPT": "g"}
+    path.write_text(json.dumps({"made_from": made_from, "cpu_threads": 2}))
+    torch.set_num_threads(2)
+    assert common.saved_run(path, made_from) is not None
+    torch.set_num_threads(1)
+    assert common.saved_run(path, made_from) is None
+    assert capsys.readouterr().out == (
+        f"{path} was made with 2 CPU threads, this run has 1 (they round differently); running "
+        "it again\n"
+    )
+    path.write_text(json.dumps({"made_from": made_from}))  # an older version's: no count
+    assert common.saved_run(path, made_from) is not None

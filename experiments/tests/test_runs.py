@@ -19,7 +19,7 @@ import pytest
 
 from config import run_command
 from experiments import report, runs
-from experiments.tests.helpers import DOCS, REPO, SVG, run_module
+from experiments.tests.helpers import DOCS, REPO, record_figures, run_module
 
 HEADER = (
     "| run | seed | threads | win rate | valid | reference valid | judge score | "
@@ -265,13 +265,17 @@ def test_chart_draws_each_run_s_training_log_and_keeps_stdout_the_table(
         for step in range(4)
     ]
     (out_dir / "policy_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    saved = record_figures(monkeypatch)
     code, out, err = runs_here(monkeypatch, capsys, "--chart", str(out_dir))
     assert code == 0 and out.startswith(HEADER), (out, err)
     assert err == f"runs: wrote {out_dir / 'policy_training.svg'}\n"
-    root = ElementTree.parse(out_dir / "policy_training.svg").getroot()
-    series = [g for g in root.iter(f"{SVG}g") if g.get("class") == "series"]
-    assert [g.get("data-label") for g in series] == list(report.TRAINING_LOG_KEYS)
-    assert all(len(g.findall(f"{SVG}circle")) == 4 for g in series)
+    assert ElementTree.parse(out_dir / "policy_training.svg").getroot().tag.endswith("svg")
+    # one panel per logged quantity, each every step of the log
+    panels = saved["policy_training.svg"].axes
+    assert [axes.get_ylabel() for axes in panels] == list(report.TRAINING_LOG_KEYS)
+    for axes, key in zip(panels, report.TRAINING_LOG_KEYS):
+        (line,) = axes.get_lines()
+        assert list(line.get_ydata()) == [record[key] for record in records]
 
 
 @pytest.mark.parametrize("log", [None, "{not json", json.dumps({"step": 0}) + "\n"])

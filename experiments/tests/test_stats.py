@@ -70,12 +70,16 @@ def test_bound_pieces_by_hand_and_the_softmax_step_on_random_models():
     # Per response: SeqKL is the sum of its positions' KL.
     torch.testing.assert_close(terms["sequence_kl"], terms["kl"].view(6, 11).sum(-1))
     assert terms["feature_mse"].shape == (6,)
+    # Each latent's part of D(y), averaged over the responses, adds up to the mean D(y).
+    parts = stats.feature_mse_terms(policy, reference, sae, -1, [(input_ids, mask)], k=4)
+    assert parts.shape == (32,) and (parts >= 0).all() and (parts == 0).any()
+    torch.testing.assert_close(parts.sum(), terms["feature_mse"].mean())
 
 
 def test_attribute_latents_finds_planted_sentiment_and_topic_latents():
-    """A stand-in GPT whose hidden state at a position is a code of the next token, with latent 3
-    planted on positive words, 5 on negative ones and 8 + i on topic i's nouns, read through an
-    identity SAE: those are the latents found, above every noise latent."""
+    """A stand-in GPT whose hidden state at a position is a code of the next token, with latents 3
+    and 4 planted on positive words, 5 and 6 on negative ones and 8 + i on topic i's nouns, read
+    through an identity SAE: those are the latents found, above every noise latent."""
     enc = data.load_tokenizer()
 
     def token(word):
@@ -88,8 +92,10 @@ def test_attribute_latents_finds_planted_sentiment_and_topic_latents():
     table = 0.1 * torch.rand(enc.n_vocab, width, generator=generator)  # every token: some noise
     for word in data.POSITIVE_ADJECTIVES + data.POSITIVE_VERBS:
         table[token(word), 3] += 1.0
+        table[token(word), 4] += 0.8
     for word in data.NEGATIVE_ADJECTIVES + data.NEGATIVE_VERBS:
         table[token(word), 5] += 1.0
+        table[token(word), 6] += 0.8
     for i, nouns in enumerate(data.TOPICS.values()):
         for noun in nouns:
             table[token(noun), 8 + i] += 1.0
@@ -111,5 +117,25 @@ def test_attribute_latents_finds_planted_sentiment_and_topic_latents():
     mask = torch.ones_like(ids)
     mask[:, 0] = 0  # the first token is the prompt
     found = stats.attribute_latents(NextTokenCode(), Identity(), -1, [(ids, mask)], enc, n=2)
-    assert found["sentiment"] == [3, 5]
+    assert found["positive"] == [3, 4] and found["negative"] == [5, 6]
     assert set(found["topic"]) <= set(range(8, 8 + n_topics)) and len(found["topic"]) == 2
+
+
+def test_paired_difference_pairs_each_prompt_with_itself():
+    """b varies a lot from prompt to prompt and a = b + 0.25 everywhere: paired, every resample
+    of the differences is 0.25, so the interval is that point; unpaired (a and b resampled on
+    their own, or matched to other prompts) it would spread as widely as b does."""
+    b = [[0.0, 1.0, 0.2, 0.9, 0.5, 0.1], [1.0, 0.0, 0.7, 0.3, 0.8, 0.4]]
+    a = [[value + 0.25 for value in prompts] for prompts in b]
+    assert stats.paired_difference(a, b) == pytest.approx((0.25, 0.25, 0.25))
+
+
+def test_the_bootstrap_draws_each_reference_s_prompts_on_its_own():
+    """Ten references with the same per-prompt values: resampling references changes nothing, so
+    the interval is that of drawing 10 x 40 prompts at independent indices (half-width about
+    1.96 x 0.5 / sqrt(400) = 0.049), not that of one draw of 40 indices shared by every
+    reference (about 0.155)."""
+    values = [[0.0, 1.0] * 20] * 10
+    mean, low, high = stats.bootstrap_mean(values)
+    assert mean == 0.5
+    assert 0.07 < high - low < 0.13

@@ -90,3 +90,14 @@ def test_grid_edges_name_each_knob_at_its_extreme_along_the_pick_s_line_and_the_
     assert sweep.grid_edges(low, extended, 50, pref_cfg) == [
         "smallest beta", "first judged step"
     ]
+
+
+def test_the_pick_is_the_best_worst_case_not_the_best_mean():
+    """a is better on average (0.775 against 0.70) but worse at worst (0.60 against 0.70): the
+    robust pick is b."""
+    def run(tag, score):
+        return {"tag": tag, "overrides": {"pref_lr": 1e-4},
+                "points": [{"step": 50, "judge_score": score, "valid_rate": 1.0}]}
+
+    runs = {1: [run("a", 0.95), run("b", 0.70)], 2: [run("a", 0.60), run("b", 0.70)]}
+    assert sweep.pick_setting(runs, reference_valid={1: 1.0, 2: 1.0})["run"] == "b"

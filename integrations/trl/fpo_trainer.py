@@ -269,6 +269,10 @@ class FPOConfig(DPOConfig):
             raise ValueError(f"{', '.join(changed)}: DPO loss options, not used by FPO")
 
 
+class NonFiniteLoss(FloatingPointError):
+    """A training batch's loss is NaN or infinite: FPOTrainer stops there, as train.py does."""
+
+
 class FPOTrainer(DPOTrainer):
     """TRL's DPOTrainer with FPO's loss and offline reference cache.
 
@@ -349,6 +353,9 @@ class FPOTrainer(DPOTrainer):
         """
         if isinstance(dataset, IterableDataset):
             raise ValueError(f"the {name} dataset is an IterableDataset; the cache needs a Dataset")
+        if len(dataset) == 0:  # DPOTrainer drops the pairs whose prompt alone fills max_length
+            raise ValueError(f"the {name} dataset has no pair left once tokenized: each prompt "
+                             f"fills max_length {self.args.max_length}; raise it")
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         if len(dataset) < world:
             raise ValueError(f"the {name} dataset has {len(dataset)} pairs, fewer than the "
@@ -398,6 +405,10 @@ class FPOTrainer(DPOTrainer):
             alpha=self.args.fpo_alpha,
         )
         mode = "train" if self.model.training else "eval"
+        if mode == "train" and not torch.isfinite(losses).all():
+            # before the update: the weights that gave it are not stepped on, nor recorded
+            raise NonFiniteLoss(f"the loss is {losses.mean().item()} at step "
+                                f"{self.state.global_step}")
         self.record_metrics(mode, chosen_rewards, rejected_rewards, avg_logps.detach(),
                             feature_mse.detach())
         loss = losses.mean()

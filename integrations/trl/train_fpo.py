@@ -13,21 +13,30 @@ line "error: ..." and exit code 2.
 
 import argparse
 import json
+import math
 import sys
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
+REQUIREMENTS = Path(__file__).resolve().parent / "requirements.txt"
+try:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-# fpo_trainer puts the repository root on sys.path: import it before data, runtime, sae.
-from fpo_trainer import FPOConfig, FPOTrainer
-from gemma_scope import load_jumprelu_npz
-import data
-from runtime import UsageError, load_checkpoint
-from sae import load_sae
+    # fpo_trainer puts the repository root on sys.path: import it before data, runtime, sae.
+    from fpo_trainer import FPOConfig, FPOTrainer, NonFiniteLoss
+    from gemma_scope import load_jumprelu_npz
+    import data
+    from runtime import UsageError, check_finite_model, load_checkpoint
+    from sae import load_sae
+except ModuleNotFoundError as missing:  # the integration's own packages, beyond the core's
+    if __name__ != "__main__":
+        raise
+    print(f"error: the package {missing.name!r} is not installed: pip install -r {REQUIREMENTS}",
+          file=sys.stderr)
+    sys.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +80,10 @@ def load_model(name: str):
     except OSError as error:
         first_line = str(error).strip().splitlines()[0]
         raise UsageError(f"--model {name}: cannot load it ({first_line})") from None
+    except (RuntimeError, ValueError) as error:  # weights of other shapes than config.json's
+        first_line = str(error).strip().splitlines()[0]
+        raise UsageError(f"--model {name}: its weights do not fit its config.json, or the config "
+                         f"no model ({first_line})") from None
     return model, tokenizer
 
 
@@ -93,6 +106,12 @@ def build_trainer(args: argparse.Namespace, callbacks=None) -> FPOTrainer:
     for flag in ("steps", "batch_size", "grad_accum", "max_length", "log_every"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    # as train.py's flags: a NaN or infinite value would train on to non-finite weights
+    for flag, least in (("lr", 0), ("beta", 0), ("alpha", None), ("max_grad_norm", None)):
+        value = getattr(args, flag)
+        if not math.isfinite(value) or (least is not None and value <= least):
+            raise UsageError(f"--{flag} must be a finite number"
+                             f"{'' if least is None else ' > 0'}, got {value}")
     train_pairs = load_pairs(args.data)
     eval_pairs = load_pairs(args.eval_data) if args.eval_data else None
     model, tokenizer = load_model(args.model)
@@ -130,8 +149,23 @@ def build_trainer(args: argparse.Namespace, callbacks=None) -> FPOTrainer:
         )
     except ValueError as error:
         raise UsageError(str(error)) from None
-    return FPOTrainer(model, sae, config, train_dataset=train_pairs, processing_class=tokenizer,
-                      eval_dataset=eval_pairs, callbacks=callbacks)
+    try:
+        return FPOTrainer(model, sae, config, train_dataset=train_pairs,
+                          processing_class=tokenizer, eval_dataset=eval_pairs, callbacks=callbacks)
+    except ValueError as error:  # the trainer's checks: no pair left once tokenized, ...
+        raise UsageError(str(error).replace("max_length", "--max_length")) from None
+
+
+class LogitsOnly(torch.nn.Module):
+    """A Hugging Face model as runtime.check_finite_model reads one: its outputs on a batch of
+    token ids, a tuple of tensors."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.model(input_ids=input_ids).logits,)
 
 
 def main(argv: list[str]) -> None:
@@ -140,7 +174,15 @@ def main(argv: list[str]) -> None:
     run = {"flags": vars(args)}
     if args.eval_data:
         run["before"] = trainer.evaluate()
-    trainer.train()
+    try:
+        trainer.train()
+    except NonFiniteLoss as error:  # as train.py: stop there, save nothing
+        raise UsageError(f"{error}; training stopped; likely cause: --lr or --beta too high; "
+                         "nothing was saved") from None
+    # An update after the last finite loss can still break the weights: save none of those.
+    probe = torch.tensor([[trainer.processing_class.eos_token_id or 0]])  # one token
+    check_finite_model(LogitsOnly(trainer.model), "fpo", "--lr or --beta too high",
+                       probe.to(trainer.model.device))
     if args.eval_data:
         run["after"] = trainer.evaluate()
     trainer.save_model(args.output_dir)

@@ -2,6 +2,7 @@
 
 import gc
 import json
+import shutil
 import subprocess
 import sys
 
@@ -266,11 +267,24 @@ def test_bad_input_stops_with_one_error_line(demo, tmp_path):
     ({"--layer": "2"}, UsageError, "--layer 2 is out of range"),
     ({"--fpo_top_k": "0"}, UsageError, "fpo_top_k must be at least 1"),
     ({"--steps": "0"}, UsageError, "--steps must be at least 1, got 0"),
+    ({"--lr": "nan"}, UsageError, "--lr must be a finite number > 0, got nan"),
+    ({"--lr": "0"}, UsageError, "--lr must be a finite number > 0, got 0.0"),
+    ({"--beta": "inf"}, UsageError, "--beta must be a finite number > 0, got inf"),
+    ({"--alpha": "inf"}, UsageError, "--alpha must be a finite number, got inf"),
+    ({"--max_length": "1"}, UsageError,
+     "the train dataset has no pair left once tokenized: each prompt fills --max_length 1"),
+    ({"--model": "wide_model"}, UsageError, "--model .*: its weights do not fit its config.json"),
 ])
 def test_bad_input_errors(demo, tmp_path, change, error, message):
     """Each bad input is refused, before any training, with an error naming what is wrong."""
     files = {"bad_json": tmp_path / "bad.jsonl", "no_rejected": tmp_path / "no_rejected.jsonl",
-             "not_npz": tmp_path / "not_npz.npz", "narrow_npz": tmp_path / "narrow.npz"}
+             "not_npz": tmp_path / "not_npz.npz", "narrow_npz": tmp_path / "narrow.npz",
+             "wide_model": tmp_path / "wide_model"}
+    # the demo's weights under a config.json that says the model is twice as wide
+    shutil.copytree(demo / "model", files["wide_model"])
+    config = json.loads((demo / "model" / "config.json").read_text())
+    config["n_embd"] *= 2
+    (files["wide_model"] / "config.json").write_text(json.dumps(config))
     files["bad_json"].write_text(open(demo / "pairs.jsonl").readline() + "{not json\n")
     files["no_rejected"].write_text('{"prompt": "a", "chosen": " b"}\n')
     files["not_npz"].write_text("not a zip file")
@@ -284,3 +298,31 @@ def test_bad_input_errors(demo, tmp_path, change, error, message):
     argv = [word for flag_and_value in flags.items() for word in flag_and_value]
     with pytest.raises(error, match=message):
         train_fpo.build_trainer(train_fpo.build_parser().parse_args(argv))
+
+
+def test_a_missing_package_is_one_error_line_naming_the_requirements():
+    """Without the integration's own packages (here: trl made unimportable), the script says what
+    to install, not a ModuleNotFoundError traceback."""
+    script = ("import runpy, sys\n"
+              "sys.modules['trl'] = None\n"
+              "sys.argv = ['train_fpo.py', '--help']\n"
+              "runpy.run_path('train_fpo.py', run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines() == [
+        f"error: the package 'trl' is not installed: pip install -r {HERE / 'requirements.txt'}"
+    ]
+
+
+def test_a_non_finite_loss_stops_training_and_saves_nothing(demo, tmp_path):
+    """As train.py: a learning rate far too high stops at the first NaN loss, before its update,
+    with one line, and no model is written."""
+    out = tmp_path / "out"
+    argv = ["--model", str(demo / "model"), "--sae", str(demo / "sae.pt"), "--data",
+            str(demo / "pairs.jsonl"), "--lr", "1e4", "--batch_size", "16", "--steps", "8",
+            "--cpu", "--output_dir", str(out)]
+    with pytest.raises(UsageError, match=r"the loss is nan at step \d+; training stopped; "
+                                         r"likely cause: --lr or --beta too high; nothing was"):
+        train_fpo.main(argv)
+    assert not list(out.glob("*.safetensors")) and not (out / "fpo_run.json").exists()
