@@ -25,7 +25,7 @@ def test_tiny_run_learns_toward_the_chosen_responses(tiny_run):
     # so accuracy > 0 means the policy has moved chosen up relative to rejected on held-out pairs
     assert results["reward_accuracy"] >= 0.7  # 0.725 at one thread with FPO's defaults; chance 0.5
     log = [json.loads(line) for line in (out_dir / "policy_log.jsonl").read_text().splitlines()]
-    assert log[-1]["margin"] > log[0]["margin"] + 1.0
+    assert log[-1]["margin"] > log[0]["margin"] + 0.1  # beta 1 times an average log-prob change
     assert log[-1]["loss"] < log[0]["loss"]
     for key, value in numbers_of(results).items():
         assert math.isfinite(value), key
