@@ -1,4 +1,5 @@
-"""The README: its snippet run as written, its reading path, its order and size, and every\nnumber, picture and command it and docs/ show."""
+"""The README: its snippet run as pasted, its reading path, its order and size, FPO's defaults
+against the sweep's pick, and the commands it and docs/ show."""
 
 import copy
 import json
@@ -44,7 +45,8 @@ def test_readme_snippet_runs_as_pasted_and_matches_an_online_reference():
     sum_logps, n_tokens = fpo.sequence_logps(logits, input_ids, response_mask)
     torch.testing.assert_close(scope["cache"]["sum_logps"], sum_logps, atol=1e-5, rtol=0)
     torch.testing.assert_close(scope["cache"]["avg_logps"], sum_logps / n_tokens, atol=1e-5, rtol=0)
-    assert feature_mse.dtype == torch.float32 and scope["reference_pooled"].device == input_ids.device
+    assert feature_mse.dtype == torch.float32
+    assert scope["reference_pooled"].device == input_ids.device
     online_pooled = fpo.pooled_features(sae.encode(hidden), response_mask)
     torch.testing.assert_close(scope["reference_pooled"], online_pooled, atol=1e-5, rtol=0)
 
@@ -73,12 +75,13 @@ def test_the_reading_path_line_ranges_hold_what_it_names_and_state_their_length(
     assert total <= 700
     assert f"{total} lines in all" in path
     # it covers the offline cache and the batch layout
-    fpo_first, fpo_last = map(int, items[0][1:3])
-    fpo_lines = "\n".join((README.parent / "fpo.py").read_text().splitlines()[fpo_first - 1 : fpo_last])
-    assert "def build_reference_cache(" in fpo_lines and "def cached_feature_mse(" in fpo_lines
-    train_first, train_last = map(int, items[1][1:3])
-    train_lines = "\n".join((README.parent / "train.py").read_text().splitlines()[train_first - 1 : train_last])
-    assert "def build_cache(" in train_lines and "A batch is 2B rows" in train_lines
+    ranges = {}
+    for file, first, last, _ in items:
+        all_lines = (README.parent / file).read_text().splitlines()
+        ranges[file] = "\n".join(all_lines[int(first) - 1 : int(last)])
+    assert "def build_reference_cache(" in ranges["fpo.py"]
+    assert "def cached_feature_mse(" in ranges["fpo.py"]
+    assert "def build_cache(" in ranges["train.py"] and "A batch is 2B rows" in ranges["train.py"]
 
 
 README_SECTIONS = [
