@@ -366,25 +366,12 @@ def judge(prompt: str, response: str, complete: bool = True) -> JudgeResult:
     on_topic = sum(t == topic for t, _ in parsed) / len(parsed)
     positive = sum(p for _, p in parsed) / len(parsed)
     score = JUDGE_FLOOR + (1 - JUDGE_FLOOR) * (0.5 * on_topic + 0.5 * positive)
-    return JudgeResult(
-        score=score,
-        valid=True,
-        reason="ok",
-        n_sentences=len(parsed),
-        on_topic=on_topic,
-        positive=positive,
-    )
+    return JudgeResult(score, True, "ok", len(parsed), on_topic, positive)
 
 
 def _invalid(reason: str) -> JudgeResult:
-    return JudgeResult(
-        score=0.0,
-        valid=False,
-        reason=reason,
-        n_sentences=0,
-        on_topic=0.0,
-        positive=0.0,
-    )
+    return JudgeResult(score=0.0, valid=False, reason=reason, n_sentences=0, on_topic=0.0,
+                       positive=0.0)
 
 # ----------------------------------------------------------------------------------------------
 # Loaders for a user's own data: every fault is a DataError naming file, line, problem

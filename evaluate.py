@@ -41,14 +41,9 @@ def sample_responses(
         idx = torch.tensor([[eos] + prompts[i] for i in members], device=device)
         new_tokens = min(eval_cfg.max_new_tokens, model.config.block_size - idx.shape[1])
         with autocast(device):
-            out = model.generate(
-                idx,
-                new_tokens,
-                eval_cfg.temperature,
-                eval_cfg.top_k or None,
-                eos,
-                step_generator(seed, length, device),
-            )
+            generator = step_generator(seed, length, device)
+            out = model.generate(idx, new_tokens, eval_cfg.temperature, eval_cfg.top_k or None,
+                                 eos, generator)
         for i, row in zip(members, out.tolist()):
             response = row[idx.shape[1] :]
             responses[i] = response[: response.index(eos) + 1] if eos in response else response

@@ -117,14 +117,8 @@ def load_trained_sae(cfg: Config, gpt_fingerprint: str, device) -> tuple[torch.n
 
 def save_policy(path: Path, settings: dict, made_from: dict, policy: GPT) -> None:
     """A policy checkpoint: its settings, what it was trained from, its weights."""
-    save_checkpoint(
-        path,
-        "policy",
-        settings,
-        made_from,
-        model_config=asdict(policy.config),
-        state_dict=policy.state_dict(),
-    )
+    save_checkpoint(path, "policy", settings, made_from, model_config=asdict(policy.config),
+                    state_dict=policy.state_dict())
 
 
 def load_policy(cfg: Config, tag: str, reference: GPT, made_from: dict, device) -> tuple[GPT, dict]:

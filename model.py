@@ -9,6 +9,7 @@ The model is a standard pre-norm decoder-only transformer:
 FPO reads the residual stream h_L after the last block, before the final norm, as the paper does;
 `forward(..., hidden_layer=...)` returns it, and `hidden_patch` replaces it (to splice in an SAE
 reconstruction when measuring the SAE). No hooks: the stream is passed around explicitly.
+`generate` samples with a KV cache: each new token attends to the keys and values kept so far.
 """
 
 import math
@@ -39,14 +40,19 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd)
         self.dropout = config.dropout
 
-    def forward(self, x):
+    def forward(self, x, kv_cache: list | None = None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # each (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if kv_cache is not None:  # sampling: earlier tokens' keys and values, kept across calls
+            if kv_cache:
+                k, v = torch.cat([kv_cache[0], k], dim=2), torch.cat([kv_cache[1], v], dim=2)
+            kv_cache[:] = [k, v]  # (B, nh, T_so_far, hs) each
         dropout_p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+        # A cached step's one query may see every earlier token: the mask is needed only for T > 1
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
         return self.proj(y)
 
@@ -70,8 +76,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, kv_cache: list | None = None):
+        x = x + self.attn(self.ln_1(x), kv_cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -105,6 +111,7 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         hidden_layer: int | None = None,
         hidden_patch: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        kv_cache: list[list] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run the model.
 
@@ -114,6 +121,9 @@ class GPT(nn.Module):
                 stream is returned; None returns no hidden state.
             hidden_patch: if given (needs hidden_layer), the residual stream after that block is
                 replaced by hidden_patch(h) before the remaining blocks run.
+            kv_cache: for sampling, one list per block ([] at first) that keeps the keys and
+                values of the tokens seen so far; idx then holds only the tokens after those
+                (the prompt at first, then one token per call).
 
         Returns:
             logits: float32. Shape: (B, T, vocab_size).
@@ -121,8 +131,11 @@ class GPT(nn.Module):
                 Shape: (B, T, n_embd).
         """
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+        seen = kv_cache[0][0].shape[2] if kv_cache and kv_cache[0] else 0  # tokens already cached
+        if seen + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of {seen + T} tokens exceeds block_size {self.config.block_size}"
+            )
         if hidden_patch is not None and hidden_layer is None:
             raise ValueError("hidden_patch needs hidden_layer")
         n_layer = self.config.n_layer
@@ -131,11 +144,11 @@ class GPT(nn.Module):
                 f"hidden_layer {hidden_layer} is not a block of this {n_layer}-block GPT"
             )
         layer = None if hidden_layer is None else hidden_layer % n_layer  # -1: the last block
-        pos = torch.arange(T, device=idx.device)
+        pos = torch.arange(seen, seen + T, device=idx.device)
         x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
         hidden = None
         for i, block in enumerate(self.blocks):
-            x = block(x)  # (B, T, C)
+            x = block(x, None if kv_cache is None else kv_cache[i])  # (B, T, C)
             if i == layer:
                 hidden = x
                 if hidden_patch is not None:
@@ -155,9 +168,13 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Sample continuations of a batch of equal-length prompts.
 
+        Each step runs only the newest token, attending to the cached keys and values of the
+        earlier ones (the prompt's are computed once), so sampling costs O(T) per token, not O(T^2).
+
         Args:
             idx: prompt token ids. Shape: (B, T0).
-            max_new_tokens: tokens to add (fewer if every row has emitted eos_id).
+            max_new_tokens: tokens to add (fewer if every row has emitted eos_id); the model
+                reads all but the last, so T0 + max_new_tokens - 1 must fit in block_size.
             temperature: softmax temperature; 0 means greedy.
             top_k: sample only among the top_k most likely tokens.
             eos_id: rows that emitted it keep emitting it, and generation stops once all have.
@@ -167,8 +184,10 @@ class GPT(nn.Module):
             prompt followed by the new tokens. Shape: (B, T0 + n_new).
         """
         done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        kv_cache = [[] for _ in self.blocks]
+        new_tokens = idx  # what the next call has not seen: the prompt, then the last token
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size :])
+            logits, _ = self(new_tokens, kv_cache=kv_cache)
             logits = logits[:, -1, :]  # (B, V)
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
@@ -183,6 +202,7 @@ class GPT(nn.Module):
                 next_id = next_id.masked_fill(done[:, None], eos_id)
                 done |= next_id[:, 0] == eos_id
             idx = torch.cat([idx, next_id], dim=1)
+            new_tokens = next_id
             if eos_id is not None and bool(done.all()):
                 break
         return idx

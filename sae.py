@@ -289,14 +289,8 @@ def train_sae(
             fvu = normalized_mse(x, x_hat)
             dead = tokens_since_fired >= dead_tokens  # (d_sae,)
             # AuxK reconstructs the main error e = x - x_hat, not x (Gao et al. 2024, A.2)
-            aux = auxk_loss(
-                pre,
-                dead,
-                residual=(x - x_hat).detach(),
-                W_dec=sae.W_dec,
-                input_scale=sae.input_scale,
-                aux_k=aux_k,
-            )
+            aux = auxk_loss(pre, dead, residual=(x - x_hat).detach(), W_dec=sae.W_dec,
+                            input_scale=sae.input_scale, aux_k=aux_k)
             loss = fvu + aux_coef * aux
             # stop before the update: the weights so far stay finite
             if not torch.isfinite(loss):

@@ -620,14 +620,7 @@ def evaluate_policy(
     results |= held_out_accuracy(trained_cfg, cfg.sae.sae_layer, policy, reference, inputs, device)
     prompt_texts, judged = held_out_prompts(cfg, inputs)
     results |= evaluate.judge_against_reference(
-        policy,
-        reference,
-        prompt_texts,
-        judged,
-        inputs.enc,
-        cfg.eval,
-        seed,
-        device,
+        policy, reference, prompt_texts, judged, inputs.enc, cfg.eval, seed, device,
         reference_samples,
     )
     results["trained_with"] = trained_with

@@ -11,6 +11,7 @@ intervals see how much the reference itself varies.
 import contextlib
 import dataclasses
 import hashlib
+import json
 import multiprocessing
 import os
 import re
@@ -18,7 +19,7 @@ import signal
 import statistics
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -288,7 +289,7 @@ def check_compare_policies(cfg: Config, compare_json: dict) -> None:
                              f"this run has {threads}: rerun with --threads {made_with}")
         seed_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seed=seed))
         if row["made_from"].get("data") != data_settings(seed_cfg):
-            raise UsageError(f"compare.json's rows were made from other data than this run's "
+            raise UsageError("compare.json's rows were made from other data than this run's "
                              "(--n_pairs, --n_test_pairs): pass the flags --compare ran with")
         path = ref_dir / f"{compare_tag(label, seed)}.pt"
         unlike = policy_unlike(path, row["made_from"])
@@ -411,12 +412,19 @@ def exit_with_parent(parent: int) -> None:
 
 
 def train_in_child(tag: str, to_continue: str, function, *args):
-    """in_child_process(function, *args) for the run `tag`, with every way it can fail as one
-    `error:` line that names the run and says how to continue (`to_continue`). Interrupted
-    (Ctrl-C) passes through: it names the run's resume file and says `--resume`; a Ctrl-C at any
-    other moment is Stopped, naming the run and `to_continue`."""
-    try:
+    """in_child_process(function, *args) for the run `tag`, failing as run_errors says."""
+    with run_errors(tag, to_continue):
         return in_child_process(function, *args)
+
+
+@contextlib.contextmanager
+def run_errors(tag: str, to_continue: str):
+    """Every way a run in another process can fail, as one `error:` line that names the run and
+    says how to continue (`to_continue`). Interrupted (Ctrl-C) passes through: it names the run's
+    resume file and says `--resume`; a Ctrl-C at any other moment is Stopped, naming the run and
+    `to_continue`."""
+    try:
+        yield
     except KeyboardInterrupt:
         raise Stopped(
             f"{tag} interrupted (Ctrl-C) outside its training loop; {to_continue}"
@@ -433,6 +441,76 @@ def train_in_child(tag: str, to_continue: str, function, *args):
         ) from None
     except (UsageError, data.DataError) as error:
         raise UsageError(f"{tag}: {error}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs side by side: --workers processes that live through an experiment
+
+
+def run_all(cfg, tasks: list[tuple], to_continue: str) -> list:
+    """[function(*args) for tag, function, *args in tasks], in the tasks' order.
+
+    With --workers 1, one after another in this process. With more, that many processes,
+    started once (each imports torch once and uses this process's CPU thread count), take the
+    tasks in turn: on a 2-core CPU, `--threads 1 --workers 2` runs two at once. A task's result
+    depends only on its own inputs and seeds, so it is the same either way. The first failure
+    cancels the tasks not yet begun (those running finish and save) and is one `error:` line
+    naming its task (`tag`), as run_errors says. Ctrl-C is passed on to every worker: a run in
+    train_preference stops at a step boundary and names its --resume file, as it would alone."""
+    if cfg.experiment.workers == 1:
+        return [function(*args) for tag, function, *args in tasks]
+
+    def pass_on_ctrl_c(signum, frame):
+        for worker in multiprocessing.active_children():
+            with contextlib.suppress(ProcessLookupError):  # it has just ended
+                os.kill(worker.pid, signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, pass_on_ctrl_c)
+    pool = ProcessPoolExecutor(
+        cfg.experiment.workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=start_child,
+        initargs=(torch.get_num_threads(), os.getpid()),
+    )
+    try:
+        # Workers start with SIGINT blocked, as in in_child_process: a Ctrl-C while one imports
+        # torch is noted by start_child rather than raised mid-import.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            futures = [pool.submit(run_in_child, function, *args) for _, function, *args in tasks]
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        wait(futures, return_when=FIRST_EXCEPTION)
+        pool.shutdown(wait=True, cancel_futures=True)
+        failed = [(task, future) for task, future in zip(tasks, futures)
+                  if not future.cancelled() and future.exception() is not None]
+        for (tag, *_), future in failed[:1]:
+            with run_errors(tag, to_continue):
+                future.result()
+        return [future.result() for future in futures]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        signal.signal(signal.SIGINT, previous)
+
+
+SAMPLES: dict[str, dict] = {}  # each reference's judged samples, made once in each process
+
+
+def reference_samples(cfg: Config) -> dict:
+    """The dict train.evaluate_policy fills with the samples of cfg's reference (out_dir) under
+    cfg's judging settings, and reads back on every later call: one per process and reference,
+    as they depend only on the seed."""
+    key = json.dumps([cfg.run.out_dir, dataclasses.asdict(cfg.eval)], sort_keys=True)
+    return SAMPLES.setdefault(key, {})
+
+
+def prepared_reference(cfg: Config, seed: int, device) -> tuple[Config, dict]:
+    """reference_run's config for one seed, with its cache built, and inputs_made_from."""
+    print(f"reference {seed}: {reference_dir(cfg, seed)}", flush=True)
+    ref_cfg = reference_run(cfg, seed, device)
+    with reference_kept(ref_cfg):
+        frozen_reference(ref_cfg, device)  # builds the cache: once, before runs read it
+        return ref_cfg, inputs_made_from(ref_cfg, device)
 
 
 # ----------------------------------------------------------------------------------------------

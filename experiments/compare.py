@@ -20,9 +20,9 @@ from config import METHODS, Config, PreferenceConfig, check_config, stage_settin
 from evaluate import encode_prompts, judge_stats, sample_responses, win_rate
 from experiments import figures, report
 from experiments.common import (
-    COMPARE_RESUME, compare_tag, frozen_reference, inputs_made_from, policy_unlike, read_compare,
-    reference_kept, reference_run, row_differences, saved_run, train_in_child, with_method,
-    write_outputs,
+    COMPARE_RESUME, compare_tag, frozen_reference, policy_unlike,
+    prepared_reference, read_compare, reference_kept, reference_run, reference_samples,
+    row_differences, run_all, saved_run, train_in_child, with_method, write_outputs,
 )
 from experiments.settings import LabConfig, compare_seeds
 from experiments.stats import bootstrap_mean
@@ -203,57 +203,33 @@ def compare(cfg: LabConfig, device) -> None:
     seeds = compare_seeds(cfg)
     print(f"\n== compare: {', '.join(settings)} on {len(seeds)} references "
           f"(seeds {seeds[0]}-{seeds[-1]}) ==")
-    rows = []
-    made_from = {}
     started = time.time()
-    for number, seed in enumerate(seeds, 1):
-        print(f"compare: reference {number}/{len(seeds)} (seed {seed}) | "
-              f"{time.time() - started:.0f}s", flush=True)
-        ref_cfg = reference_run(cfg, seed, device)
-        made_from[str(seed)] = inputs_made_from(ref_cfg, device)
-        reference_samples = {}
+    to_continue = "rerun with --resume to continue it from its last saved step"
+    references = run_all(cfg, [(f"reference {seed}", prepared_reference, cfg, seed, device)
+                               for seed in seeds], to_continue)
+    made_from = {str(seed): inputs for seed, (_, inputs) in zip(seeds, references)}
+    rows, tasks = {}, []
+    for seed, (ref_cfg, _) in zip(seeds, references):
         for label, overrides in settings.items():
             row_cfg = with_method(ref_cfg, overrides)
             tag = compare_tag(label, seed)
-            row_path = Path(ref_cfg.run.out_dir) / f"{tag}_results.json"
             # A row finished before an interruption counts only if made from this GPT, SAE and
             # data, with these training and judging settings (the picks may have changed).
             row_made_from = made_from[str(seed)] | {
                 "eval": dataclasses.asdict(cfg.eval),
                 "settings": stage_settings(row_cfg, "prefer", seed),
             }
-            saved = None
-            if cfg.run.resume:
-                saved = saved_run(row_path, row_made_from, needs=("feature_mse",))
-            policy_path = Path(ref_cfg.run.out_dir) / f"{tag}.pt"
-            if saved is not None:  # its policy, which --head_to_head and --bound read, too
-                unlike = "it is gone"
-                if policy_path.is_file():  # a later --compare, stopped midway, retrained it?
-                    unlike = policy_unlike(policy_path, row_made_from)
-                if unlike:
-                    print(f"{policy_path} is not its row's policy ({unlike}); running it again")
-                    saved = None
+            saved = finished_row(row_cfg, tag, row_made_from) if cfg.run.resume else None
             if saved is not None:
-                print(f"compare: {label}, seed {seed}: finished earlier ({row_path}); "
-                      "skipped (--resume)")
-                rows.append(saved)
-                continue
-            with reference_kept(ref_cfg):
-                cost = train_in_child(
-                    tag,
-                    "rerun with --resume to continue it from its last saved step",
-                    train.train_preference,
-                    row_cfg,
-                    device,
-                    seed,
-                    tag,
-                )
-                results = train.evaluate_policy(row_cfg, device, seed, tag, reference_samples)
-            results.update(
-                label=label, median_step_ms=1000 * cost["median_step_s"], made_from=row_made_from
-            )
-            write_json(row_path, results)
-            rows.append(results)
+                row_path = Path(ref_cfg.run.out_dir) / f"{tag}_results.json"
+                print(f"compare: {label}, seed {seed}: finished earlier ({row_path}); skipped "
+                      "(--resume)")
+                rows[tag] = saved
+            else:
+                tasks.append((tag, compare_row, row_cfg, device, label, row_made_from))
+    for (tag, *_), results in zip(tasks, run_all(cfg, tasks, to_continue)):
+        rows[tag] = results
+    rows = [rows[compare_tag(label, seed)] for seed in seeds for label in settings]
     labels = list(settings)
     table = report.compare_table(
         rows, labels, TABLE_COLUMNS, seeds, win_rate_differences(rows, labels)
@@ -273,6 +249,44 @@ def compare(cfg: LabConfig, device) -> None:
         print(report.text_chart(label, first / f"{compare_tag(label, seeds[0])}_log.jsonl"))
     print(f"compare: wrote {out / 'compare.md'} and {out / 'compare.json'} | "
           f"{(time.time() - started) / 60:.1f} min")
+
+
+def finished_row(row_cfg: Config, tag: str, row_made_from: dict) -> dict | None:
+    """A row's saved results, if made from exactly `row_made_from` and its policy, which
+    --head_to_head and --bound read, is still that row's (a later --compare stopped midway may
+    have retrained it); else None."""
+    out = Path(row_cfg.run.out_dir)
+    saved = saved_run(out / f"{tag}_results.json", row_made_from, needs=("feature_mse",))
+    policy_path = out / f"{tag}.pt"
+    if saved is not None:
+        unlike = "it is gone"
+        if policy_path.is_file():
+            unlike = policy_unlike(policy_path, row_made_from)
+        if unlike:
+            print(f"{policy_path} is not its row's policy ({unlike}); running it again")
+            return None
+    return saved
+
+
+def compare_row(row_cfg: Config, device, label: str, row_made_from: dict) -> dict:
+    """One row on one reference: its policy trained (in a child process of its own unless
+    --workers runs this in a worker already) and judged; saved as <tag>_results.json."""
+    seed = row_cfg.run.seed
+    tag = compare_tag(label, seed)
+    to_continue = "rerun with --resume to continue it from its last saved step"
+    with reference_kept(row_cfg):
+        if row_cfg.experiment.workers > 1:
+            cost = train.train_preference(row_cfg, device, seed, tag)
+        else:
+            cost = train_in_child(tag, to_continue, train.train_preference, row_cfg, device,
+                                  seed, tag)
+        samples = reference_samples(row_cfg)
+        results = train.evaluate_policy(row_cfg, device, seed, tag, samples)
+    results.update(
+        label=label, median_step_ms=1000 * cost["median_step_s"], made_from=row_made_from
+    )
+    write_json(Path(row_cfg.run.out_dir) / f"{tag}_results.json", results)
+    return results
 
 
 def win_rate_differences(rows: list[dict], labels: list[str]) -> dict:

@@ -24,8 +24,8 @@ from config import Config, PreferenceConfig, settings_section, stage_settings
 from experiments import figures, report
 from experiments.common import (
     COMPARE_RESUME, compare_settings, compare_tag, frozen_reference, inputs_made_from, make_once,
-    read_compare, reference_run, row_differences, saved_run, train_policy, with_method,
-    write_outputs,
+    prepared_reference, read_compare, reference_run, row_differences, run_all, saved_run,
+    train_policy, with_method, write_outputs,
 )
 from experiments.settings import LabConfig, compare_seeds
 from experiments.stats import (
@@ -98,15 +98,25 @@ def ablation(cfg: LabConfig, device) -> None:
     n_rows = sum(map(len, tables.values()))
     print(f"\n== ablation: {n_rows} rows of FPO on {len(seeds)} references "
           f"(seeds {seeds[0]}-{seeds[-1]}) ==")
-    rows = {table: [] for table in tables}
     started = time.time()
-    for seed in seeds:
-        ref_cfg = reference_run(cfg, seed, device)
+    to_continue = "rerun the same command: finished runs are read back"
+    references = run_all(cfg, [(f"reference {seed}", prepared_reference, cfg, seed, device)
+                               for seed in seeds], to_continue)
+    # Rows with the same settings (the default, in every table) are one run.
+    tasks = {}  # (seed, run tag): task
+    for seed, (ref_cfg, _) in zip(seeds, references):
         for table, changes in tables.items():
             for label, changed in changes.items():
-                print(f"ablation: seed {seed}, {label} | {time.time() - started:.0f}s", flush=True)
-                results = fpo_variant(ref_cfg, device, changed)
-                rows[table].append(results | {"label": label})
+                key = (seed, variant_tag(ref_cfg, changed))
+                tasks.setdefault(key, (f"{label} on reference {seed}", fpo_variant, ref_cfg,
+                                       device, changed))
+    runs = dict(zip(tasks, run_all(cfg, list(tasks.values()), to_continue)))
+    rows = {
+        table: [runs[seed, variant_tag(ref_cfg, changed)] | {"label": label}
+                for seed, (ref_cfg, _) in zip(seeds, references)
+                for label, changed in changes.items()]
+        for table, changes in tables.items()
+    }
     pref_cfg = cfg.prefer
     sections = [
         f"Every row is FPO at beta {pref_cfg.beta:g}, alpha {pref_cfg.alpha:g}, k "
@@ -142,6 +152,7 @@ def fpo_variant(ref_cfg: Config, device, changed: dict) -> dict:
     """FPO trained and judged on one reference with `changed` settings (the SAE's block, or any
     of the preference settings): evaluate_policy's results and the reward accuracy on training
     pairs; read back when a run of the same settings from the same inputs finished."""
+    print(f"FPO with {changed or 'the defaults'} on reference {ref_cfg.run.seed}", flush=True)
     run_cfg, tag = variant_run(ref_cfg, device, changed)
     path = Path(run_cfg.run.out_dir) / f"{tag}_results.json"
     made_from = inputs_made_from(run_cfg, device) | {
@@ -164,20 +175,31 @@ def variant_run(ref_cfg: Config, device, changed: dict) -> tuple[Config, str]:
     """The config and the tag (out_dir/<tag>.pt) of FPO with `changed` settings on one
     reference. A change of the SAE's block trains an SAE (and its cache) on that block, in its
     own directory beside the reference's."""
-    pref_changes = {key: value for key, value in changed.items() if key != "sae_layer"}
-    if pref_changes.get("alpha") == 0.0:  # no constraint: the stop-gradient changes nothing
-        pref_changes["fpo_stop_grad"] = True
-    run_cfg = with_method(ref_cfg, {"method": "fpo"} | pref_changes)
+    run_cfg = with_method(ref_cfg, variant_settings(changed))
     block = changed.get("sae_layer", ref_cfg.sae.sae_layer) % ref_cfg.pretrain.n_layer
     if block != ref_cfg.sae.sae_layer % ref_cfg.pretrain.n_layer:
         run_cfg = sae_on_block(run_cfg, block, device)
-    pref_cfg = run_cfg.prefer
+    return run_cfg, variant_tag(ref_cfg, changed)
+
+
+def variant_settings(changed: dict) -> dict:
+    """The preference settings of FPO with `changed` settings (the SAE's block aside)."""
+    pref_changes = {key: value for key, value in changed.items() if key != "sae_layer"}
+    if pref_changes.get("alpha") == 0.0:  # no constraint: the stop-gradient changes nothing
+        pref_changes["fpo_stop_grad"] = True
+    return {"method": "fpo"} | pref_changes
+
+
+def variant_tag(ref_cfg: Config, changed: dict) -> str:
+    """The file name of FPO's run with `changed` settings: one per distinct run."""
+    pref_cfg = with_method(ref_cfg, variant_settings(changed)).prefer
+    block = changed.get("sae_layer", ref_cfg.sae.sae_layer) % ref_cfg.pretrain.n_layer
     tag = (f"fpo_block{block}_alpha{pref_cfg.alpha:g}_k{pref_cfg.fpo_k}"
            f"_stopgrad{int(pref_cfg.fpo_stop_grad)}")
     if pref_cfg.fpo_latent_weights:
         weights = pref_cfg.fpo_latent_weights.encode()
         tag += "_weights" + hashlib.sha256(weights).hexdigest()[:8]
-    return run_cfg, tag
+    return tag
 
 
 @torch.no_grad()
@@ -280,13 +302,16 @@ def control(cfg: LabConfig, device) -> None:
     out = Path(cfg.run.out_dir)
     seeds = compare_seeds(cfg)
     print(f"\n== control: FPO with weights on chosen latents, on {len(seeds)} references ==")
-    rows = []
     chosen = {}  # seed: {set: (latents, W)}
     started = time.time()
-    for seed in seeds:
-        ref_cfg = reference_run(cfg, seed, device)
-        print(f"control: seed {seed}, every w_i = 1 | {time.time() - started:.0f}s", flush=True)
-        rows.append(fpo_variant(ref_cfg, device, {}) | {"label": UNIFORM})
+    to_continue = "rerun the same command: finished runs are read back"
+    references = run_all(cfg, [(f"reference {seed}", prepared_reference, cfg, seed, device)
+                               for seed in seeds], to_continue)
+    uniform = [(f"{UNIFORM} on reference {seed}", fpo_variant, ref_cfg, device, {})
+               for seed, (ref_cfg, _) in zip(seeds, references)]
+    rows = [results | {"label": UNIFORM} for results in run_all(cfg, uniform, to_continue)]
+    tasks, labels = [], []
+    for seed, (ref_cfg, _) in zip(seeds, references):
         terms = uniform_feature_mse_terms(ref_cfg, device)
         chosen[seed] = {
             name: (latents, comparable_weight(terms, latents))
@@ -294,12 +319,12 @@ def control(cfg: LabConfig, device) -> None:
         }
         for name, (latents, heavy) in chosen[seed].items():
             for weight_label, weight in (("0", 0.0), ("W", heavy)):
-                label = f"{name}, w = {weight_label}"
+                labels.append(f"{name}, w = {weight_label}")
                 weights = ",".join(f"{latent}:{weight:.3f}" for latent in latents)
-                print(f"control: seed {seed}, {label} ({weights}) | "
-                      f"{time.time() - started:.0f}s", flush=True)
-                results = fpo_variant(ref_cfg, device, {"fpo_latent_weights": weights})
-                rows.append(results | {"label": label})
+                tasks.append((f"{labels[-1]} on reference {seed}", fpo_variant, ref_cfg, device,
+                              {"fpo_latent_weights": weights}))
+    runs = run_all(cfg, tasks, to_continue)
+    rows += [results | {"label": label} for label, results in zip(labels, runs)]
     labels = [UNIFORM] + [f"{name}, w = {w}" for name in CONTROL_TARGETS for w in ("0", "W")]
     n_prompts = len(rows[0]["prompt_wins"])
     differences = attribute_differences(rows, labels, seeds)

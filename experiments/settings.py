@@ -11,6 +11,7 @@ from runtime import UsageError
 
 MAX_REFERENCES = 100  # each reference is a whole pipeline: a few minutes of training at least
 MAX_BENCH_STEPS = 10_000
+MAX_WORKERS = 64
 SEEDS_BELOW = 2**32  # torch and the toy world take seeds below 2**32
 
 
@@ -28,6 +29,7 @@ class ExperimentConfig:
     bound: bool = False  # per-token KL against SAE-code change; D(y) against SeqKL
     bench: bool = False  # time training steps of each method on identical batches
     bench_steps: int = 50  # timed steps per method in --bench
+    workers: int = 1  # runs trained side by side, one process each (use --threads 1 with 2+)
 
 
 @dataclass
@@ -50,13 +52,14 @@ def check_experiment_flags(cfg: LabConfig) -> None:
         if not ok:
             raise UsageError(f"--{name} {getattr(lab, name)!r}: must be {allowed}")
 
-    for name in ("seeds", "sweep_references", "bench_steps"):
+    for name in ("seeds", "sweep_references", "bench_steps", "workers"):
         require(name, getattr(lab, name) > 0, "> 0")
     require("sweep_seed", lab.sweep_seed >= 0, ">= 0")
     require("sweep_seed", lab.sweep_seed < SEEDS_BELOW, "below 2**32")
     require("seeds", lab.seeds <= MAX_REFERENCES, f"at most {MAX_REFERENCES}")
     require("sweep_references", lab.sweep_references <= MAX_REFERENCES, f"at most {MAX_REFERENCES}")
     require("bench_steps", lab.bench_steps <= MAX_BENCH_STEPS, f"at most {MAX_BENCH_STEPS}")
+    require("workers", lab.workers <= MAX_WORKERS, f"at most {MAX_WORKERS}")
     # the last reference's seed, too, must be a seed
     room = SEEDS_BELOW - cfg.run.seed
     require("seeds", lab.seeds <= room, f"at most {room} with --seed {cfg.run.seed}")

@@ -19,7 +19,8 @@ import train
 from config import Config, stage_settings
 from experiments import figures, report
 from experiments.common import (
-    data_settings, inputs_made_from, reference_run, saved_run, train_policy, with_method,
+    data_settings, prepared_reference, reference_samples, run_all, saved_run, train_policy,
+    with_method,
 )
 from experiments.settings import sweep_seeds
 from runtime import write_json, write_text
@@ -153,25 +154,22 @@ def sweep(cfg: Config, device) -> None:
     print(f"\n== sweep: {len(grid)} runs of {2 * cfg.prefer.pref_steps} steps on each of "
           f"{len(seeds)} references (seeds {seeds[0]}-{seeds[-1]}), judged every {every} steps "
           "on validation prompts ==")
-    runs = {}  # seed: {tag: run}
-    references = {}  # seed: the reference's judged validation numbers
     started = time.time()
-    for number, seed in enumerate(seeds, 1):
-        print(f"sweep: reference {number}/{len(seeds)} (seed {seed}) | "
-              f"{time.time() - started:.0f}s", flush=True)
-        ref_cfg = reference_run(cfg, seed, device)
-        made_from = inputs_made_from(ref_cfg, device)
+    to_continue = "rerun the same command: finished runs are read back"
+    references = run_all(cfg, [(f"reference {seed}", prepared_reference, cfg, seed, device)
+                               for seed in seeds], to_continue)
+    tasks = []
+    for seed, (ref_cfg, made_from) in zip(seeds, references):
         # A finished run counts only for this reference's GPT and SAE, the data, its training
         # settings and the judging.
-        made_from |= {"eval": dataclasses.asdict(cfg.eval)}
-        reference_samples = {}
-        runs[seed] = {}
-        for run_number, (label, overrides) in enumerate(grid, 1):
-            print(f"sweep: seed {seed}, run {run_number}/{len(grid)} ({label}, {overrides}) | "
-                  f"{time.time() - started:.0f}s", flush=True)
-            run = sweep_run(ref_cfg, device, made_from, label, overrides, reference_samples)
-            runs[seed][run["tag"]] = run
-        references[seed] = run["reference"]
+        made_from = made_from | {"eval": dataclasses.asdict(cfg.eval)}
+        tasks += [(f"{sweep_tag(overrides)} on reference {seed}", sweep_run, ref_cfg, device,
+                   made_from, label, overrides) for label, overrides in grid]
+    runs = {seed: {} for seed in seeds}  # seed: {tag: run}
+    for (_, _, ref_cfg, *_), run in zip(tasks, run_all(cfg, tasks, to_continue)):
+        runs[ref_cfg.run.seed][run["tag"]] = run
+    # seed: the reference's judged validation numbers
+    references = {seed: next(iter(runs[seed].values()))["reference"] for seed in seeds}
     grid_runs = {
         label: {
             seed: [runs[seed][sweep_tag(overrides)] for run_label, overrides in grid
@@ -202,9 +200,7 @@ def sweep(cfg: Config, device) -> None:
           f"{(time.time() - started) / 60:.1f} min")
 
 
-def sweep_run(
-    ref_cfg: Config, device, made_from: dict, label: str, overrides: dict, reference_samples: dict
-) -> dict:
+def sweep_run(ref_cfg: Config, device, made_from: dict, label: str, overrides: dict) -> dict:
     """One grid run on one reference, judged at every third of --pref_steps up to twice it; a
     finished one saved from the same inputs is read back instead."""
     out = Path(ref_cfg.run.out_dir)
@@ -217,13 +213,12 @@ def sweep_run(
     if saved is not None:
         return saved
     seed = ref_cfg.run.seed
+    print(f"sweep: seed {seed}, {label}, {overrides}", flush=True)
     train_policy(run_cfg, device, seed, tag, snapshot_every=every)
     points = []
     for step in range(every, run_cfg.prefer.pref_steps + 1, every):
         snapshot = f"{tag}_step{step}"
-        results = train.evaluate_policy(
-            run_cfg, device, seed, snapshot, reference_samples
-        )
+        results = train.evaluate_policy(run_cfg, device, seed, snapshot, reference_samples(run_cfg))
         point = {key: report.nested(results, key_path) for key, key_path in POINT_KEYS.items()}
         points.append({"step": step} | point)
         (out / f"{snapshot}.pt").unlink()

@@ -87,6 +87,40 @@ def test_generate_with_top_k_one_is_greedy():
     assert torch.equal(sampled, model.generate(prompt, max_new_tokens=6, temperature=0.0))
 
 
+def uncached_generate(model, idx, max_new_tokens, temperature, top_k, generator):
+    """The plain way to sample: rerun the whole sequence for every new token."""
+    for _ in range(max_new_tokens):
+        logits = model(idx)[0][:, -1, :] / temperature
+        kth = torch.topk(logits, top_k).values[:, -1:]
+        probs = torch.softmax(logits.masked_fill(logits < kth, float("-inf")), dim=-1)
+        idx = torch.cat([idx, torch.multinomial(probs, 1, generator=generator)], dim=1)
+    return idx
+
+
+def test_the_kv_cache_gives_the_full_forwards_logits_and_tokens():
+    model = tiny_gpt()
+    idx = torch.randint(0, 50, (3, 12), generator=torch.Generator().manual_seed(5))
+    kv_cache = [[] for _ in model.blocks]
+    prompt_logits, _ = model(idx[:, :4], kv_cache=kv_cache)  # the prompt at once
+    step_logits = [model(idx[:, t : t + 1], kv_cache=kv_cache)[0] for t in range(4, 12)]
+    cached = torch.cat([prompt_logits, *step_logits], dim=1)
+    torch.testing.assert_close(cached, model(idx)[0], rtol=1e-5, atol=1e-5)
+    assert kv_cache[0][0].shape == (3, 2, 12, 8)  # (B, n_head, tokens seen, head size)
+    prompt = idx[:, :4]
+    for seed in range(5):
+        sampled = model.generate(prompt, 12, 1.0, 5, generator=torch.Generator().manual_seed(seed))
+        plain = uncached_generate(model, prompt, 12, 1.0, 5, torch.Generator().manual_seed(seed))
+        assert torch.equal(sampled, plain)
+
+
+def test_generate_refuses_to_run_past_the_context():
+    model = tiny_gpt()  # block_size 16
+    with pytest.raises(ValueError, match="sequence of 17 tokens exceeds block_size 16"):
+        model.generate(torch.zeros(1, 4, dtype=torch.long), max_new_tokens=14)
+    # the last token sampled is never read: 4 + 13 tokens, of which the model reads 16
+    assert model.generate(torch.zeros(1, 4, dtype=torch.long), max_new_tokens=13).shape == (1, 17)
+
+
 def test_hidden_layer_out_of_range_is_refused_not_wrapped():
     model = GPT(GPTConfig(vocab_size=10, block_size=8, n_layer=2, n_head=2, n_embd=8))
     idx = torch.zeros(1, 4, dtype=torch.long)

@@ -4,6 +4,8 @@ import ast
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, TINY
 
 PROJECT_MODULES = {path.stem: path for path in REPO.glob("*.py")}
@@ -56,6 +58,7 @@ def test_no_line_over_100_characters_in_any_top_level_python_file():
     assert not long_lines, long_lines
 
 
+@pytest.mark.slow  # a subprocess that imports torch: 2-4 s
 def test_python_train_py_executes_train_py_once(tmp_path):
     """Run as a script up to its first stage (which stops: no gpt.pt), then ask whether any
     module imported train.py a second time, as `train`."""

@@ -3,6 +3,7 @@ rerun on its finished out_dir trains nothing and writes the same tables. Also th
 own training loop (train.py's policy, bit for bit), its memory meter and its child processes.
 """
 
+import dataclasses
 import json
 import math
 import re
@@ -11,15 +12,18 @@ import pytest
 import torch
 
 import config
+import runtime
 import train
 from experiments import common, compare, paper, sweep
 from experiments.__main__ import main
 from experiments.bench import LoopPeakMemory
+from experiments.settings import LabConfig
 from experiments.tests import helpers
 from experiments.tests.helpers import (
     TINY, assert_one_colour_per_series, assert_points, drawn, numbers_of, read, record_figures,
     tiny_reference,
 )
+from runtime import UsageError
 
 CPU = torch.device("cpu")
 DEFAULTS = config.PreferenceConfig()
@@ -72,12 +76,47 @@ def test_loop_memory_sees_a_tensor_allocated_inside_and_not_one_from_before():
     assert memory.rss_mb > 0
 
 
+@pytest.mark.slow  # a child process that imports torch: 2-4 s
 def test_a_child_process_uses_this_process_thread_count():
     torch.set_num_threads(1)  # keep_thread_count puts it back
     assert common.in_child_process(torch.get_num_threads) == 1
 
 
 # ---- --compare, --head_to_head, --bound, --bench ---------------------------------------------
+
+
+@pytest.mark.slow  # starts two worker processes, each importing torch
+def test_workers_return_results_in_order_and_a_failure_is_one_line_naming_its_task(tmp_path):
+    cfg = LabConfig()
+    cfg = dataclasses.replace(cfg, experiment=dataclasses.replace(cfg.experiment, workers=2))
+    tasks = [(f"square root of {x}", math.sqrt, x) for x in (16.0, 9.0, 4.0)]
+    assert common.run_all(cfg, tasks, "rerun") == [4.0, 3.0, 2.0]
+    missing = tmp_path / "missing.json"
+    tasks.insert(1, ("reading a file", runtime.read_json, missing, "make it"))
+    with pytest.raises(UsageError) as refused:
+        common.run_all(cfg, tasks, "rerun")
+    assert str(refused.value) == f"reading a file: {missing} not found: make it"
+
+
+@pytest.mark.slow
+def test_workers_side_by_side_train_the_same_rows_as_one_after_another(tiny_run, tmp_path):
+    """--workers 2 (two processes taking the rows in turn) against --workers 1, from scratch on
+    two references: the same rows, in the same order, with the same numbers."""
+    _, argv = tiny_run
+    rows = {}
+    for workers in (1, 2):
+        out = tmp_path / f"workers{workers}"
+        main(argv + ["--out_dir", str(out), "--compare", "--seeds", "2", "--pref_steps", "4",
+                     "--threads", "1", "--workers", str(workers)])
+        timing = ("median_step_ms", "config.ExperimentConfig.workers")
+        rows[workers] = [{key: value for key, value in numbers_of(row).items()
+                          if key not in timing} | {"label": row["label"]}
+                         for row in read(out / "compare.json")["rows"]]
+    assert len(rows[1]) == len(rows[2]) == 2 * len(compare.COMPARE_ROWS)
+    for alone, side_by_side in zip(rows[1], rows[2]):
+        differ = {key for key in alone | side_by_side if alone.get(key) != side_by_side.get(key)}
+        assert not differ, (alone["label"], {key: (alone.get(key), side_by_side.get(key))
+                                             for key in sorted(differ)})
 
 
 @pytest.mark.slow

@@ -53,6 +53,10 @@ CASES = {
         (["--bench", "--bench_steps", "0"], "--bench_steps 0: must be > 0"),
         (["--bench", "--bench_steps", "1000000"], "--bench_steps 1000000: must be at most 10000"),
     ],
+    "workers": [
+        (["--compare", "--workers", "0"], "--workers 0: must be > 0"),
+        (["--compare", "--workers", "65"], "--workers 65: must be at most 64"),
+    ],
 }
 FLAG_CASES = [(flag, argv, text) for flag in EXPERIMENT_FLAGS for argv, text in CASES.get(flag, [])]
 
