@@ -17,12 +17,14 @@ import torch
 
 import train
 from config import Config, stage_settings
+from evaluate import judge_against_reference
 from experiments import figures, report
 from experiments.common import (
-    data_settings, prepared_reference, reference_samples, run_all, saved_run, train_policy,
-    with_method,
+    data_settings, frozen_reference, prepared_reference, reference_samples, run_all, saved_run,
+    train_policy, with_method,
 )
 from experiments.settings import sweep_seeds
+from loading import load_policy
 from runtime import write_json, write_text
 
 # Every method starts from the same budget: 3 learning rates x 3 settings of its other knobs
@@ -215,10 +217,16 @@ def sweep_run(ref_cfg: Config, device, made_from: dict, label: str, overrides: d
     seed = ref_cfg.run.seed
     print(f"sweep: seed {seed}, {label}, {overrides}", flush=True)
     train_policy(run_cfg, device, seed, tag, snapshot_every=every)
+    # Judged as train.evaluate_policy judges, without the held-out accuracy no pick reads, and
+    # with the reference and the pairs loaded once for all the run's snapshots.
+    reference, inputs = frozen_reference(run_cfg, device)
+    prompt_texts, judged = train.held_out_prompts(run_cfg, inputs)
     points = []
     for step in range(every, run_cfg.prefer.pref_steps + 1, every):
         snapshot = f"{tag}_step{step}"
-        results = train.evaluate_policy(run_cfg, device, seed, snapshot, reference_samples(run_cfg))
+        policy, _ = load_policy(run_cfg, snapshot, reference, inputs.made_from, device)
+        results = judge_against_reference(policy, reference, prompt_texts, judged, inputs.enc,
+                                          run_cfg.eval, seed, device, reference_samples(run_cfg))
         point = {key: report.nested(results, key_path) for key, key_path in POINT_KEYS.items()}
         points.append({"step": step} | point)
         (out / f"{snapshot}.pt").unlink()

@@ -14,7 +14,7 @@ import torch
 import config
 import runtime
 import train
-from experiments import common, compare, paper, sweep
+from experiments import common, compare, paper, report, sweep
 from experiments.__main__ import main
 from experiments.bench import LoopPeakMemory
 from experiments.settings import LabConfig
@@ -280,6 +280,14 @@ def test_sweep_picks_each_method_over_its_references_resumes_and_feeds_compare(
     for reference in references:
         assert (reference / f"{sweep.sweep_tag(extension)}_results.json").exists()
     assert not list(out_dir.glob("ref_seed*/sweep_*_step*.pt"))  # snapshots go once judged
+    # A point is what train.evaluate_policy reports for its snapshot: the last is the saved policy.
+    fpo_run = picks["FPO"]["run"]
+    ref_cfg = config.parse_args(argv + ["--out_dir", str(references[0]), "--seed", "1000",
+                                        "--eval_split", "validation"])
+    evaluated = train.evaluate_policy(ref_cfg, CPU, 1000, fpo_run)
+    last = read(references[0] / f"{fpo_run}_results.json")["points"][-1]
+    for key, path in sweep.POINT_KEYS.items():
+        assert last[key] == report.nested(evaluated, path), key
     # Each picture draws sweep_points.md: every method, the mean and range of its references.
     points = (out_dir / "sweep_points.md").read_text()
     picked = helpers.table_rows(points, "method | steps")
