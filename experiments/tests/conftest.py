@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train
-from experiments.tests.helpers import TINY
+from tests.helpers import TINY
 
 # The experiments draw with matplotlib (experiments/requirements.txt), which the core does not
 # need: on a core-only install these tests are not collected, and the header says why.

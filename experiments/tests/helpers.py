@@ -1,6 +1,7 @@
-"""What the experiments' tests share: a tiny pipeline config, its first reference ready made, the
-command line as a subprocess, and readers of what a figure draws and a table prints. (A copy of
-tests/conftest.py's TINY: this package's tests import nothing from the core's tests.)"""
+"""What the experiments' tests share: the tiny pipeline's first reference ready made, a stand-in
+that fails the test when called, the command line as a subprocess, and readers of what a figure
+draws and a table prints. The tiny pipeline config itself (TINY) and numbers_of are the core's, in
+tests/helpers.py."""
 
 import json
 import math
@@ -10,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from matplotlib.colors import to_hex
 
 import train
@@ -18,20 +20,6 @@ from experiments import figures
 REPO = Path(train.__file__).parent
 DOCS = REPO / "docs"
 PACKAGE = REPO / "experiments"
-
-# Every stage, shrunk: a 1-block 32-wide GPT, a 128-latent SAE, a few hundred pairs.
-TINY = [
-    "--device", "cpu", "--log_every", "10",
-    "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "48",
-    "--n_docs", "600", "--pretrain_steps", "120", "--pretrain_batch_size", "16",
-    "--pretrain_lr", "3e-3",
-    "--d_sae", "128", "--sae_k", "4", "--sae_tokens", "6000", "--sae_eval_tokens", "2000",
-    "--sae_steps", "60", "--sae_batch_size", "256",
-    "--n_pairs", "200", "--n_test_pairs", "40", "--pref_steps", "30", "--pref_batch_size", "8",
-    "--pref_lr", "1e-3",
-    "--n_eval_prompts", "24", "--max_new_tokens", "24",
-]
-
 
 def tiny_reference(tiny_run, out_dir: Path, seed: int = 1337) -> Path:
     """out_dir/ref_seed<seed>/ holding the tiny run's GPT, SAE and cache: the reference an
@@ -43,17 +31,8 @@ def tiny_reference(tiny_run, out_dir: Path, seed: int = 1337) -> Path:
     return reference
 
 
-def numbers_of(results: dict) -> dict:
-    """The numeric leaves of a results dict, for exact comparison; wall-clock seconds left out."""
-    flat = {}
-    for key, value in results.items():
-        if key == "seconds":
-            continue
-        if isinstance(value, dict):
-            flat.update({f"{key}.{k}": v for k, v in numbers_of(value).items()})
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat[key] = value
-    return flat
+def fail_if_called(what: str):
+    return lambda *args, **kwargs: pytest.fail(what)
 
 
 def read(path: Path):

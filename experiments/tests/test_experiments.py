@@ -20,17 +20,14 @@ from experiments.bench import LoopPeakMemory
 from experiments.settings import LabConfig
 from experiments.tests import helpers
 from experiments.tests.helpers import (
-    TINY, assert_one_colour_per_series, assert_points, drawn, numbers_of, read, record_figures,
+    assert_one_colour_per_series, assert_points, drawn, fail_if_called, read, record_figures,
     tiny_reference,
 )
 from runtime import UsageError
+from tests.helpers import TINY, numbers_of
 
 CPU = torch.device("cpu")
 DEFAULTS = config.PreferenceConfig()
-
-
-def fail_if_called(what: str):
-    return lambda *args, **kwargs: pytest.fail(what)
 
 
 # ---- the experiments' training loop, its memory meter, its child process ----------------------

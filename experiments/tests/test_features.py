@@ -8,14 +8,7 @@ from experiments import features
 from experiments.features import top_activating_contexts
 from model import GPT, GPTConfig
 from runtime import UsageError
-
-
-def counting_batches(n_batches, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    # each row counts up by one from a random start, mod 32; (8, 16) per batch
-    return [
-        (torch.randint(32, (8, 1), generator=g) + torch.arange(16)) % 32 for _ in range(n_batches)
-    ]
+from tests.helpers import counting_batches
 
 
 class PositionSAE(nn.Module):

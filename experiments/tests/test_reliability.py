@@ -30,8 +30,9 @@ from experiments import common, paper, sweep
 from experiments.__main__ import main
 from experiments.compare import COMPARE_ROWS
 from experiments.settings import LabConfig
-from experiments.tests.helpers import REPO, TINY, tiny_reference
+from experiments.tests.helpers import REPO, fail_if_called, tiny_reference
 from runtime import Interrupted, UsageError, save_checkpoint
+from tests.helpers import TINY
 
 ON_LINUX = Path("/proc/self/stat").exists()
 # --compare as the signal tests run it: every step logged (and saved for --resume), and 60 steps,
@@ -129,10 +130,6 @@ def at_most(seconds: int):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
-
-
-def fail_if_called(what: str):
-    return lambda *args, **kwargs: pytest.fail(what)
 
 
 @pytest.fixture(scope="module")
