@@ -1,4 +1,5 @@
-"""Shared fixtures and helpers: a tiny pipeline config that runs end to end in seconds on the CPU.
+"""Shared fixtures and helpers: a tiny pipeline config (helpers.py's TINY) that runs end to end
+in seconds on the CPU.
 
 Tests that train a tiny pipeline, start a subprocess or train a planted SAE are marked `slow`:
 `python -m pytest -q -m "not slow"` is the quick edit loop, `python -m pytest -q` runs everything.
@@ -17,22 +18,11 @@ from pathlib import Path
 import pytest
 
 import train
+from helpers import TINY, numbers_of
 
 REPO = Path(train.__file__).parent
 README = REPO / "README.md"
 DOCS = REPO / "docs"
-
-# Every stage, shrunk: a 1-block 32-wide GPT, a 128-latent SAE, a few hundred pairs.
-TINY = [
-    "--device", "cpu", "--log_every", "10",
-    "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "48",
-    "--n_docs", "600", "--pretrain_steps", "120", "--pretrain_batch_size", "16", "--pretrain_lr", "3e-3",
-    "--d_sae", "128", "--sae_k", "4", "--sae_tokens", "6000", "--sae_eval_tokens", "2000",
-    "--sae_steps", "60", "--sae_batch_size", "256",
-    "--n_pairs", "200", "--n_test_pairs", "40", "--pref_steps", "30", "--pref_batch_size", "8", "--pref_lr", "1e-3",
-    "--n_eval_prompts", "24", "--max_new_tokens", "24",
-]
-
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
@@ -43,25 +33,13 @@ def tiny_run(tmp_path_factory):
     return out_dir, argv
 
 
-def numbers_of(results: dict) -> dict:
-    """The numeric leaves of a results dict, for exact comparison; wall-clock seconds left out."""
-    flat = {}
-    for key, value in results.items():
-        if key == "seconds":
-            continue
-        if isinstance(value, dict):
-            flat.update({f"{key}.{k}": v for k, v in numbers_of(value).items()})
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat[key] = value
-    return flat
-
-
 def results_of(out_dir: Path) -> dict:
     return numbers_of(json.loads((out_dir / "results.json").read_text()))
 
 
 def copy_outputs(tiny_run, tmp_path: Path, *names: str) -> Path:
-    """A fresh out_dir holding copies of some of the tiny run's outputs (the tiny run stays untouched)."""
+    """A fresh out_dir holding copies of some of the tiny run's outputs (the tiny run stays
+    untouched)."""
     out_dir, _ = tiny_run
     for name in names:
         shutil.copy(out_dir / name, tmp_path / name)
@@ -88,14 +66,19 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 # Every training stage's entry point, for `no_training`.
-STAGE_FUNCTIONS = ((train, "pretrain"), (train, "train_sae_stage"), (train, "build_cache"), (train, "train_preference"), (train, "evaluate_policy"))
+STAGE_FUNCTIONS = (
+    (train, "pretrain"), (train, "train_sae_stage"), (train, "build_cache"),
+    (train, "train_preference"), (train, "evaluate_policy"),
+)
 
 
 @pytest.fixture
 def no_training(monkeypatch):
     """Every stage fails the test if it starts: faults must be found before any training."""
     for module, name in STAGE_FUNCTIONS:
-        monkeypatch.setattr(module, name, lambda *args, _name=name, **kwargs: pytest.fail(f"{_name} ran"))
+        monkeypatch.setattr(
+            module, name, lambda *args, _name=name, **kwargs: pytest.fail(f"{_name} ran")
+        )
 
 
 def run_main_as_script(monkeypatch, capsys, *args: str) -> tuple[int, str]:

@@ -29,7 +29,8 @@ CPU_AUTOCAST = torch.autocast
 
 
 class DeviceMismatch(AssertionError):
-    """What the real device would have raised (an AssertionError: no `except RuntimeError` hides it)."""
+    """What the real device would have raised (an AssertionError: no `except RuntimeError` hides
+    it)."""
 
 
 class PretendDevice(TorchFunctionMode):
@@ -50,11 +51,15 @@ class PretendDevice(TorchFunctionMode):
     def tag(self, tensors) -> None:
         for tensor in tensors:
             if self.device.type == "mps" and tensor.dtype == torch.float64:
-                raise DeviceMismatch(f"a float64 tensor {tuple(tensor.shape)} on mps, which has no float64")
+                raise DeviceMismatch(
+                    f"a float64 tensor {tuple(tensor.shape)} on mps, which has no float64"
+                )
             storage = tensor.untyped_storage()
             self.on_device[storage._cdata] = StorageWeakRef(storage)
         if len(self.on_device) > self.purge_at:
-            self.on_device = {address: ref for address, ref in self.on_device.items() if not ref.expired()}
+            self.on_device = {
+                address: ref for address, ref in self.on_device.items() if not ref.expired()
+            }
             self.purge_at = 2 * len(self.on_device) + 10_000
 
     def on_pretend_device(self, device) -> bool:
@@ -77,7 +82,10 @@ class PretendDevice(TorchFunctionMode):
         on_cpu = [tensor for tensor in tensors if tensor.dim() > 0 and not self.tagged(tensor)]
         if on_device and on_cpu:
             shapes = lambda group: ", ".join(str(tuple(tensor.shape)) for tensor in group)
-            raise DeviceMismatch(f"{func.__name__} mixes tensors on {self.device} ({shapes(on_device)}) with CPU tensors ({shapes(on_cpu)})")
+            raise DeviceMismatch(
+                f"{func.__name__} mixes tensors on {self.device} ({shapes(on_device)}) "
+                f"with CPU tensors ({shapes(on_cpu)})"
+            )
         if on_device and func is torch.Tensor.numpy:
             raise DeviceMismatch(f".numpy() of a tensor on {self.device}: move it to the CPU first")
         placed = bool(on_device)
@@ -85,7 +93,11 @@ class PretendDevice(TorchFunctionMode):
             placed, kwargs = self.on_pretend_device(kwargs["device"]), kwargs | {"device": CPU}
         generator = kwargs.get("generator")
         if generator is not None and (generator.device.type == self.device.type) != placed:
-            raise DeviceMismatch(f"{func.__name__} samples a {'tensor on ' + str(self.device) if placed else 'CPU tensor'} with a {generator.device} generator")
+            raise DeviceMismatch(
+                f"{func.__name__} samples a "
+                f"{'tensor on ' + str(self.device) if placed else 'CPU tensor'} "
+                f"with a {generator.device} generator"
+            )
         out = func(*args, **kwargs)
         if placed:
             self.tag(leaf for leaf in tree_leaves(out) if isinstance(leaf, torch.Tensor))
@@ -97,14 +109,16 @@ class PretendDevice(TorchFunctionMode):
         source, dtype = args[0], None
         if func is torch.Tensor.cpu:
             target = CPU
-        elif len(args) > 1 and isinstance(args[1], torch.Tensor):  # tensor.to(other): other's device and dtype
+        elif len(args) > 1 and isinstance(args[1], torch.Tensor):
+            # tensor.to(other): other's device and dtype
             target, dtype = self.device if self.tagged(args[1]) else CPU, args[1].dtype
         else:
             target, dtype, _, _ = torch._C._nn._parse_to(*args[1:], **kwargs)
         was_placed = self.tagged(source)
         placed = was_placed if target is None else self.on_pretend_device(target)
         result = source if dtype is None else source.to(dtype)
-        if placed != was_placed and result.untyped_storage()._cdata == source.untyped_storage()._cdata:
+        if (placed != was_placed
+                and result.untyped_storage()._cdata == source.untyped_storage()._cdata):
             result = result.clone()
         if placed:
             self.tag([result])
@@ -112,7 +126,8 @@ class PretendDevice(TorchFunctionMode):
 
 
 class PretendGenerator(torch.Generator):
-    """torch.Generator(device=...) under `pretend`: a CPU generator that reports the device it was made for."""
+    """torch.Generator(device=...) under `pretend`: a CPU generator that reports the device it was
+    made for."""
 
     def __new__(cls, device="cpu"):
         generator = super().__new__(cls)
@@ -126,15 +141,22 @@ class PretendGenerator(torch.Generator):
 
 @contextlib.contextmanager
 def pretend(device_type: str, monkeypatch):
-    """Run as on `device_type`: it is available, torch.Generator(device=...) makes a PretendGenerator,
-    autocast on it is autocast on the CPU (so a CUDA run computes in bfloat16, as on CUDA), the
-    torch.cuda / torch.mps calls of the pipeline do nothing. Yields the PretendDevice mode."""
+    """Run as on `device_type`: it is available, torch.Generator(device=...) makes a
+    PretendGenerator, autocast on it is autocast on the CPU (so a CUDA run computes in bfloat16, as
+    on CUDA), the torch.cuda / torch.mps calls of the pipeline do nothing. Yields the PretendDevice
+    mode."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: device_type == "cuda")
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: device_type == "mps")
     monkeypatch.setattr(torch, "Generator", PretendGenerator)
-    monkeypatch.setattr(torch, "autocast", lambda device_type, *args, **kwargs: CPU_AUTOCAST("cpu", *args, **kwargs))
-    for module, name, result in ((torch.cuda, "synchronize", None), (torch.mps, "synchronize", None), (torch.cuda, "reset_peak_memory_stats", None),
-                                 (torch.cuda, "memory_allocated", 0), (torch.cuda, "max_memory_allocated", 2**20)):
+    monkeypatch.setattr(
+        torch, "autocast",
+        lambda device_type, *args, **kwargs: CPU_AUTOCAST("cpu", *args, **kwargs),
+    )
+    for module, name, result in (
+        (torch.cuda, "synchronize", None), (torch.mps, "synchronize", None),
+        (torch.cuda, "reset_peak_memory_stats", None), (torch.cuda, "memory_allocated", 0),
+        (torch.cuda, "max_memory_allocated", 2**20),
+    ):
         monkeypatch.setattr(module, name, lambda *args, result=result: result)
     with PretendDevice(device_type) as mode:
         yield mode

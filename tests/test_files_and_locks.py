@@ -13,7 +13,8 @@ import torch
 import data
 import runtime
 import train
-from conftest import REPO, TINY, copy_outputs, run_cli
+from conftest import REPO, copy_outputs, run_cli
+from helpers import TINY
 
 
 class RunsCode:

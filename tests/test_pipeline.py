@@ -11,7 +11,7 @@ import torch
 import config
 import data
 import train
-from conftest import TINY, numbers_of
+from helpers import TINY, numbers_of
 from model import GPT
 
 CPU = torch.device("cpu")
@@ -83,7 +83,9 @@ def test_frozen_sae_and_reference_get_no_gradient(tiny_run):
     for method in ("fpo", "tdpo2"):  # the SAE is in FPO's graph, the reference in TDPO's
         policy.zero_grad(set_to_none=True)
         cfg.prefer.method = method
-        losses, *_ = train.preference_losses(cfg.prefer, cfg.sae.sae_layer, policy, batch, inputs, reference)
+        losses, *_ = train.preference_losses(
+            cfg.prefer, cfg.sae.sae_layer, policy, batch, inputs, reference
+        )
         losses.mean().backward()
         assert all(p.grad is not None for p in policy.parameters())
     assert all(p.grad is None for p in [*sae.parameters(), *reference.parameters()])
@@ -93,13 +95,20 @@ def test_frozen_sae_and_reference_get_no_gradient(tiny_run):
 
 def test_command_line_overrides_are_type_checked():
     cfg = train.parse_args(["--beta", "0.5", "--n_layer", "2", "--resume", "--skip-bad-rows"])
-    assert cfg.prefer.beta == 0.5 and cfg.pretrain.n_layer == 2 and cfg.run.resume is True and cfg.run.skip_bad_rows is True
+    assert (cfg.prefer.beta == 0.5 and cfg.pretrain.n_layer == 2 and cfg.run.resume is True
+            and cfg.run.skip_bad_rows is True)
     assert train.parse_args([]) == train.Config()  # no flags: every default
-    with pytest.raises(train.UsageError, match=r"unknown option\(s\) --betta 0.5; `python train.py --help` lists them"):
+    with pytest.raises(
+        train.UsageError,
+        match=r"unknown option\(s\) --betta 0.5; `python train.py --help` lists them",
+    ):
         train.parse_args(["--betta", "0.5"])
     with pytest.raises(train.UsageError, match="--n_layer: invalid int value: 'two'"):
         train.parse_args(["--n_layer", "two"])
-    with pytest.raises(train.UsageError, match=r"--method: invalid choice: 'ppo' \(choose from 'fpo', 'fpo_kl', 'dpo'"):
+    with pytest.raises(
+        train.UsageError,
+        match=r"--method: invalid choice: 'ppo' \(choose from 'fpo', 'fpo_kl', 'dpo'",
+    ):
         train.parse_args(["--method", "ppo"])
 
 

@@ -11,6 +11,7 @@ from torch.overrides import TorchFunctionMode
 import fpo
 import sae as sae_module
 from runtime import Interrupted, UsageError
+from helpers import counting_batches
 from model import GPT, GPTConfig
 from sae import (
     SparseAutoencoder,
@@ -312,14 +313,6 @@ def tiny_gpt():
         loss.backward()
         optimizer.step()
     return model
-
-
-def counting_batches(n_batches, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    # each row counts up by one from a random start, mod 32; (8, 16) per batch
-    return [
-        (torch.randint(32, (8, 1), generator=g) + torch.arange(16)) % 32 for _ in range(n_batches)
-    ]
 
 
 class IdentitySAE(nn.Module):

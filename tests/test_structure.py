@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from conftest import REPO, TINY
+from conftest import REPO
+from helpers import TINY
 
 PROJECT_MODULES = {path.stem: path for path in REPO.glob("*.py")}
 LIBRARY = {"fpo", "model", "sae", "data", "runtime", "config", "loading"}

@@ -121,7 +121,7 @@ def documented_commands() -> list[tuple[str, list[str]]]:
 def test_every_documented_command_parses_and_no_old_script_is_named():
     commands = documented_commands()
     assert {module for module, _ in commands} <= {"experiments", "experiments.runs",
-                                                   "experiments.features"}
+                                                   "experiments.features", "experiments.profile"}
     shown = {flag for module, argv in commands if module == "experiments" for flag in argv}
     assert {f"--{name}" for name in EXPERIMENTS} <= shown  # every experiment is shown
     parser = build_parser("", config_type=LabConfig)
