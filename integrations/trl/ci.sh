@@ -3,10 +3,7 @@
 # Called from the repository's .ci/run; set VENV to build the venv elsewhere (default .venv-ci).
 set -euo pipefail
 cd "$(dirname "$0")"
-VENV="${VENV:-.venv-ci}"
-started=$SECONDS
-python3 -m venv --clear "$VENV"
-"$VENV/bin/pip" install -r requirements.txt
+source ../fresh_venv.sh
 installed=$SECONDS
 "$VENV/bin/python" -m pytest -q
 echo "integrations/trl ci.sh: install $((installed - started))s, tests $((SECONDS - installed))s"
