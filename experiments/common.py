@@ -482,11 +482,10 @@ def run_all(cfg, tasks: list[tuple], to_continue: str) -> list:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         wait(futures, return_when=FIRST_EXCEPTION)
         pool.shutdown(wait=True, cancel_futures=True)
-        failed = [(task, future) for task, future in zip(tasks, futures)
-                  if not future.cancelled() and future.exception() is not None]
-        for (tag, *_), future in failed[:1]:
-            with run_errors(tag, to_continue):
-                future.result()
+        for (tag, *_), future in zip(tasks, futures):  # the first failure, in the tasks' order
+            if not future.cancelled() and future.exception() is not None:
+                with run_errors(tag, to_continue):
+                    future.result()
         return [future.result() for future in futures]
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -502,6 +501,15 @@ def reference_samples(cfg: Config) -> dict:
     as they depend only on the seed."""
     key = json.dumps([cfg.run.out_dir, dataclasses.asdict(cfg.eval)], sort_keys=True)
     return SAMPLES.setdefault(key, {})
+
+
+RERUN = "rerun the same command: finished runs are read back"  # how an experiment continues
+
+
+def prepared_references(cfg, seeds: list[int], device, to_continue: str = RERUN) -> list[tuple]:
+    """[prepared_reference(cfg, seed, device) for seed in seeds], by run_all."""
+    tasks = [(f"reference {seed}", prepared_reference, cfg, seed, device) for seed in seeds]
+    return run_all(cfg, tasks, to_continue)
 
 
 def prepared_reference(cfg: Config, seed: int, device) -> tuple[Config, dict]:

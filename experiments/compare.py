@@ -21,7 +21,7 @@ from evaluate import encode_prompts, judge_stats, sample_responses, win_rate
 from experiments import figures, report
 from experiments.common import (
     COMPARE_RESUME, compare_tag, frozen_reference, policy_unlike,
-    prepared_reference, read_compare, reference_kept, reference_run, reference_samples,
+    prepared_references, read_compare, reference_kept, reference_run, reference_samples,
     row_differences, run_all, saved_run, train_in_child, with_method, write_outputs,
 )
 from experiments.settings import LabConfig, compare_seeds
@@ -204,9 +204,7 @@ def compare(cfg: LabConfig, device) -> None:
     print(f"\n== compare: {', '.join(settings)} on {len(seeds)} references "
           f"(seeds {seeds[0]}-{seeds[-1]}) ==")
     started = time.time()
-    to_continue = "rerun with --resume to continue it from its last saved step"
-    references = run_all(cfg, [(f"reference {seed}", prepared_reference, cfg, seed, device)
-                               for seed in seeds], to_continue)
+    references = prepared_references(cfg, seeds, device, ROW_CONTINUE)
     made_from = {str(seed): inputs for seed, (_, inputs) in zip(seeds, references)}
     rows, tasks = {}, []
     for seed, (ref_cfg, _) in zip(seeds, references):
@@ -227,7 +225,7 @@ def compare(cfg: LabConfig, device) -> None:
                 rows[tag] = saved
             else:
                 tasks.append((tag, compare_row, row_cfg, device, label, row_made_from))
-    for (tag, *_), results in zip(tasks, run_all(cfg, tasks, to_continue)):
+    for (tag, *_), results in zip(tasks, run_all(cfg, tasks, ROW_CONTINUE)):
         rows[tag] = results
     rows = [rows[compare_tag(label, seed)] for seed in seeds for label in settings]
     labels = list(settings)
@@ -249,6 +247,9 @@ def compare(cfg: LabConfig, device) -> None:
         print(report.text_chart(label, first / f"{compare_tag(label, seeds[0])}_log.jsonl"))
     print(f"compare: wrote {out / 'compare.md'} and {out / 'compare.json'} | "
           f"{(time.time() - started) / 60:.1f} min")
+
+
+ROW_CONTINUE = "rerun with --resume to continue it from its last saved step"
 
 
 def finished_row(row_cfg: Config, tag: str, row_made_from: dict) -> dict | None:
@@ -273,12 +274,11 @@ def compare_row(row_cfg: Config, device, label: str, row_made_from: dict) -> dic
     --workers runs this in a worker already) and judged; saved as <tag>_results.json."""
     seed = row_cfg.run.seed
     tag = compare_tag(label, seed)
-    to_continue = "rerun with --resume to continue it from its last saved step"
     with reference_kept(row_cfg):
         if row_cfg.experiment.workers > 1:
             cost = train.train_preference(row_cfg, device, seed, tag)
         else:
-            cost = train_in_child(tag, to_continue, train.train_preference, row_cfg, device,
+            cost = train_in_child(tag, ROW_CONTINUE, train.train_preference, row_cfg, device,
                                   seed, tag)
         samples = reference_samples(row_cfg)
         results = train.evaluate_policy(row_cfg, device, seed, tag, samples)

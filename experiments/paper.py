@@ -24,8 +24,8 @@ from config import Config, PreferenceConfig, settings_section, stage_settings
 from experiments import figures, report
 from experiments.common import (
     COMPARE_RESUME, compare_settings, compare_tag, frozen_reference, inputs_made_from, make_once,
-    prepared_reference, read_compare, reference_run, row_differences, run_all, saved_run,
-    train_policy, with_method, write_outputs,
+    RERUN, prepared_references, read_compare, reference_run, row_differences, run_all,
+    saved_run, train_policy, with_method, write_outputs,
 )
 from experiments.settings import LabConfig, compare_seeds
 from experiments.stats import (
@@ -99,9 +99,7 @@ def ablation(cfg: LabConfig, device) -> None:
     print(f"\n== ablation: {n_rows} rows of FPO on {len(seeds)} references "
           f"(seeds {seeds[0]}-{seeds[-1]}) ==")
     started = time.time()
-    to_continue = "rerun the same command: finished runs are read back"
-    references = run_all(cfg, [(f"reference {seed}", prepared_reference, cfg, seed, device)
-                               for seed in seeds], to_continue)
+    references = prepared_references(cfg, seeds, device)
     # Rows with the same settings (the default, in every table) are one run.
     tasks = {}  # (seed, run tag): task
     for seed, (ref_cfg, _) in zip(seeds, references):
@@ -110,7 +108,7 @@ def ablation(cfg: LabConfig, device) -> None:
                 key = (seed, variant_tag(ref_cfg, changed))
                 tasks.setdefault(key, (f"{label} on reference {seed}", fpo_variant, ref_cfg,
                                        device, changed))
-    runs = dict(zip(tasks, run_all(cfg, list(tasks.values()), to_continue)))
+    runs = dict(zip(tasks, run_all(cfg, list(tasks.values()), RERUN)))
     rows = {
         table: [runs[seed, variant_tag(ref_cfg, changed)] | {"label": label}
                 for seed, (ref_cfg, _) in zip(seeds, references)
@@ -176,8 +174,8 @@ def variant_run(ref_cfg: Config, device, changed: dict) -> tuple[Config, str]:
     reference. A change of the SAE's block trains an SAE (and its cache) on that block, in its
     own directory beside the reference's."""
     run_cfg = with_method(ref_cfg, variant_settings(changed))
-    block = changed.get("sae_layer", ref_cfg.sae.sae_layer) % ref_cfg.pretrain.n_layer
-    if block != ref_cfg.sae.sae_layer % ref_cfg.pretrain.n_layer:
+    block = variant_block(ref_cfg, changed)
+    if block != variant_block(ref_cfg, {}):
         run_cfg = sae_on_block(run_cfg, block, device)
     return run_cfg, variant_tag(ref_cfg, changed)
 
@@ -190,11 +188,15 @@ def variant_settings(changed: dict) -> dict:
     return {"method": "fpo"} | pref_changes
 
 
+def variant_block(ref_cfg: Config, changed: dict) -> int:
+    """The block (0..n_layer-1) whose SAE FPO with `changed` settings reads."""
+    return changed.get("sae_layer", ref_cfg.sae.sae_layer) % ref_cfg.pretrain.n_layer
+
+
 def variant_tag(ref_cfg: Config, changed: dict) -> str:
     """The file name of FPO's run with `changed` settings: one per distinct run."""
     pref_cfg = with_method(ref_cfg, variant_settings(changed)).prefer
-    block = changed.get("sae_layer", ref_cfg.sae.sae_layer) % ref_cfg.pretrain.n_layer
-    tag = (f"fpo_block{block}_alpha{pref_cfg.alpha:g}_k{pref_cfg.fpo_k}"
+    tag = (f"fpo_block{variant_block(ref_cfg, changed)}_alpha{pref_cfg.alpha:g}_k{pref_cfg.fpo_k}"
            f"_stopgrad{int(pref_cfg.fpo_stop_grad)}")
     if pref_cfg.fpo_latent_weights:
         weights = pref_cfg.fpo_latent_weights.encode()
@@ -304,13 +306,11 @@ def control(cfg: LabConfig, device) -> None:
     print(f"\n== control: FPO with weights on chosen latents, on {len(seeds)} references ==")
     chosen = {}  # seed: {set: (latents, W)}
     started = time.time()
-    to_continue = "rerun the same command: finished runs are read back"
-    references = run_all(cfg, [(f"reference {seed}", prepared_reference, cfg, seed, device)
-                               for seed in seeds], to_continue)
+    references = prepared_references(cfg, seeds, device)
     uniform = [(f"{UNIFORM} on reference {seed}", fpo_variant, ref_cfg, device, {})
                for seed, (ref_cfg, _) in zip(seeds, references)]
-    rows = [results | {"label": UNIFORM} for results in run_all(cfg, uniform, to_continue)]
-    tasks, labels = [], []
+    rows = [results | {"label": UNIFORM} for results in run_all(cfg, uniform, RERUN)]
+    tasks, task_labels = [], []
     for seed, (ref_cfg, _) in zip(seeds, references):
         terms = uniform_feature_mse_terms(ref_cfg, device)
         chosen[seed] = {
@@ -319,12 +319,12 @@ def control(cfg: LabConfig, device) -> None:
         }
         for name, (latents, heavy) in chosen[seed].items():
             for weight_label, weight in (("0", 0.0), ("W", heavy)):
-                labels.append(f"{name}, w = {weight_label}")
+                task_labels.append(f"{name}, w = {weight_label}")
                 weights = ",".join(f"{latent}:{weight:.3f}" for latent in latents)
-                tasks.append((f"{labels[-1]} on reference {seed}", fpo_variant, ref_cfg, device,
-                              {"fpo_latent_weights": weights}))
-    runs = run_all(cfg, tasks, to_continue)
-    rows += [results | {"label": label} for label, results in zip(labels, runs)]
+                tasks.append((f"{task_labels[-1]} on reference {seed}", fpo_variant, ref_cfg,
+                              device, {"fpo_latent_weights": weights}))
+    runs = run_all(cfg, tasks, RERUN)
+    rows += [results | {"label": label} for label, results in zip(task_labels, runs)]
     labels = [UNIFORM] + [f"{name}, w = {w}" for name in CONTROL_TARGETS for w in ("0", "W")]
     n_prompts = len(rows[0]["prompt_wins"])
     differences = attribute_differences(rows, labels, seeds)

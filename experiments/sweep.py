@@ -20,8 +20,8 @@ from config import Config, stage_settings
 from evaluate import judge_against_reference
 from experiments import figures, report
 from experiments.common import (
-    data_settings, frozen_reference, prepared_reference, reference_samples, run_all, saved_run,
-    train_policy, with_method,
+    RERUN, data_settings, frozen_reference, prepared_references, reference_samples, run_all,
+    saved_run, train_policy, with_method,
 )
 from experiments.settings import sweep_seeds
 from loading import load_policy
@@ -157,18 +157,15 @@ def sweep(cfg: Config, device) -> None:
           f"{len(seeds)} references (seeds {seeds[0]}-{seeds[-1]}), judged every {every} steps "
           "on validation prompts ==")
     started = time.time()
-    to_continue = "rerun the same command: finished runs are read back"
-    references = run_all(cfg, [(f"reference {seed}", prepared_reference, cfg, seed, device)
-                               for seed in seeds], to_continue)
     tasks = []
-    for seed, (ref_cfg, made_from) in zip(seeds, references):
+    for seed, (ref_cfg, made_from) in zip(seeds, prepared_references(cfg, seeds, device)):
         # A finished run counts only for this reference's GPT and SAE, the data, its training
         # settings and the judging.
         made_from = made_from | {"eval": dataclasses.asdict(cfg.eval)}
         tasks += [(f"{sweep_tag(overrides)} on reference {seed}", sweep_run, ref_cfg, device,
                    made_from, label, overrides) for label, overrides in grid]
     runs = {seed: {} for seed in seeds}  # seed: {tag: run}
-    for (_, _, ref_cfg, *_), run in zip(tasks, run_all(cfg, tasks, to_continue)):
+    for (_, _, ref_cfg, *_), run in zip(tasks, run_all(cfg, tasks, RERUN)):
         runs[ref_cfg.run.seed][run["tag"]] = run
     # seed: the reference's judged validation numbers
     references = {seed: next(iter(runs[seed].values()))["reference"] for seed in seeds}
