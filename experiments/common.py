@@ -19,7 +19,7 @@ import signal
 import statistics
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -448,7 +448,14 @@ def run_errors(tag: str, to_continue: str):
 
 
 def run_all(cfg, tasks: list[tuple], to_continue: str) -> list:
-    """[function(*args) for tag, function, *args in tasks], in the tasks' order.
+    """[function(*args) for tag, function, *args in tasks], in the tasks' order, by run_after."""
+    return [result for result, _ in run_after(cfg, tasks, lambda result: [], to_continue)]
+
+
+def run_after(cfg, tasks: list[tuple], then, to_continue: str) -> list[tuple]:
+    """[(function(*args), [the results of then(that result)'s tasks]) for tag, function, *args
+    in tasks], in the tasks' order. A task's follow-ups (a list of tasks like `tasks`) start as
+    soon as it has ended: a reference's runs need not wait for the other references.
 
     With --workers 1, one after another in this process. With more, that many processes,
     started once (each imports torch once and uses this process's CPU thread count), take the
@@ -458,12 +465,25 @@ def run_all(cfg, tasks: list[tuple], to_continue: str) -> list:
     naming its task (`tag`), as run_errors says. Ctrl-C is passed on to every worker: a run in
     train_preference stops at a step boundary and names its --resume file, as it would alone."""
     if cfg.experiment.workers == 1:
-        return [function(*args) for tag, function, *args in tasks]
+        return [
+            (result, [function(*args) for tag, function, *args in then(result)])
+            for tag, function, *args in tasks
+            for result in [function(*args)]
+        ]
 
     def pass_on_ctrl_c(signum, frame):
         for worker in multiprocessing.active_children():
             with contextlib.suppress(ProcessLookupError):  # it has just ended
                 os.kill(worker.pid, signal.SIGINT)
+
+    def submit(tag, function, *args) -> tuple:
+        # Workers start with SIGINT blocked, as in in_child_process: a Ctrl-C while one imports
+        # torch is noted by start_child rather than raised mid-import.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            return tag, pool.submit(run_in_child, function, *args)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
     previous = signal.signal(signal.SIGINT, pass_on_ctrl_c)
     pool = ProcessPoolExecutor(
@@ -473,20 +493,24 @@ def run_all(cfg, tasks: list[tuple], to_continue: str) -> list:
         initargs=(torch.get_num_threads(), os.getpid()),
     )
     try:
-        # Workers start with SIGINT blocked, as in in_child_process: a Ctrl-C while one imports
-        # torch is noted by start_child rather than raised mid-import.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            futures = [pool.submit(run_in_child, function, *args) for _, function, *args in tasks]
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-        wait(futures, return_when=FIRST_EXCEPTION)
+        firsts = [submit(*task) for task in tasks]
+        follow_ups = {future: [] for _, future in firsts}  # a task's future: its follow-ups'
+        pending = set(follow_ups)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            if any(future.exception() is not None for future in done):
+                break
+            for future in done & follow_ups.keys():
+                follow_ups[future] = [submit(*task) for task in then(future.result())]
+                pending |= {follow_up for _, follow_up in follow_ups[future]}
         pool.shutdown(wait=True, cancel_futures=True)
-        for (tag, *_), future in zip(tasks, futures):  # the first failure, in the tasks' order
+        in_order = [each for first in firsts for each in [first, *follow_ups[first[1]]]]
+        for tag, future in in_order:  # the first failure, in the tasks' order
             if not future.cancelled() and future.exception() is not None:
                 with run_errors(tag, to_continue):
                     future.result()
-        return [future.result() for future in futures]
+        return [(future.result(), [follow_up.result() for _, follow_up in follow_ups[future]])
+                for _, future in firsts]
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         signal.signal(signal.SIGINT, previous)
@@ -506,10 +530,13 @@ def reference_samples(cfg: Config) -> dict:
 RERUN = "rerun the same command: finished runs are read back"  # how an experiment continues
 
 
-def prepared_references(cfg, seeds: list[int], device, to_continue: str = RERUN) -> list[tuple]:
-    """[prepared_reference(cfg, seed, device) for seed in seeds], by run_all."""
+def references_and_runs(cfg, seeds: list[int], device, runs_of, to_continue: str = RERUN
+                        ) -> list[tuple]:
+    """[((ref_cfg, made_from), [the results of runs_of(ref_cfg, made_from)'s tasks]) for each
+    seed], where (ref_cfg, made_from) is prepared_reference(cfg, seed, device). By run_after: a
+    reference's runs start as soon as it is ready."""
     tasks = [(f"reference {seed}", prepared_reference, cfg, seed, device) for seed in seeds]
-    return run_all(cfg, tasks, to_continue)
+    return run_after(cfg, tasks, lambda reference: runs_of(*reference), to_continue)
 
 
 def prepared_reference(cfg: Config, seed: int, device) -> tuple[Config, dict]:

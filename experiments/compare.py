@@ -21,8 +21,8 @@ from evaluate import encode_prompts, judge_stats, sample_responses, win_rate
 from experiments import figures, report
 from experiments.common import (
     COMPARE_RESUME, compare_tag, frozen_reference, policy_unlike,
-    prepared_references, read_compare, reference_kept, reference_run, reference_samples,
-    row_differences, run_all, saved_run, train_in_child, with_method, write_outputs,
+    read_compare, reference_kept, reference_run, reference_samples,
+    references_and_runs, row_differences, saved_run, train_in_child, with_method, write_outputs,
 )
 from experiments.settings import LabConfig, compare_seeds
 from experiments.stats import bootstrap_mean
@@ -204,16 +204,17 @@ def compare(cfg: LabConfig, device) -> None:
     print(f"\n== compare: {', '.join(settings)} on {len(seeds)} references "
           f"(seeds {seeds[0]}-{seeds[-1]}) ==")
     started = time.time()
-    references = prepared_references(cfg, seeds, device, ROW_CONTINUE)
-    made_from = {str(seed): inputs for seed, (_, inputs) in zip(seeds, references)}
-    rows, tasks = {}, []
-    for seed, (ref_cfg, _) in zip(seeds, references):
+    rows, training = {}, {}  # tag: results; seed: the tags of its rows to train, in order
+
+    def rows_of(ref_cfg: Config, inputs: dict) -> list[tuple]:
+        seed = ref_cfg.run.seed
+        tasks = []
         for label, overrides in settings.items():
             row_cfg = with_method(ref_cfg, overrides)
             tag = compare_tag(label, seed)
             # A row finished before an interruption counts only if made from this GPT, SAE and
             # data, with these training and judging settings (the picks may have changed).
-            row_made_from = made_from[str(seed)] | {
+            row_made_from = inputs | {
                 "eval": dataclasses.asdict(cfg.eval),
                 "settings": stage_settings(row_cfg, "prefer", seed),
             }
@@ -225,8 +226,14 @@ def compare(cfg: LabConfig, device) -> None:
                 rows[tag] = saved
             else:
                 tasks.append((tag, compare_row, row_cfg, device, label, row_made_from))
-    for (tag, *_), results in zip(tasks, run_all(cfg, tasks, ROW_CONTINUE)):
-        rows[tag] = results
+        training[seed] = [tag for tag, *_ in tasks]
+        return tasks
+
+    made_from = {}  # seed: the inputs its rows were made from
+    for (ref_cfg, inputs), results in references_and_runs(cfg, seeds, device, rows_of,
+                                                          ROW_CONTINUE):
+        made_from[str(ref_cfg.run.seed)] = inputs
+        rows |= dict(zip(training[ref_cfg.run.seed], results))
     rows = [rows[compare_tag(label, seed)] for seed in seeds for label in settings]
     labels = list(settings)
     table = report.compare_table(

@@ -24,7 +24,7 @@ from config import Config, PreferenceConfig, settings_section, stage_settings
 from experiments import figures, report
 from experiments.common import (
     COMPARE_RESUME, compare_settings, compare_tag, frozen_reference, inputs_made_from, make_once,
-    RERUN, prepared_references, read_compare, reference_run, row_differences, run_all,
+    RERUN, read_compare, reference_run, references_and_runs, row_differences, run_all,
     saved_run, train_policy, with_method, write_outputs,
 )
 from experiments.settings import LabConfig, compare_seeds
@@ -99,19 +99,25 @@ def ablation(cfg: LabConfig, device) -> None:
     print(f"\n== ablation: {n_rows} rows of FPO on {len(seeds)} references "
           f"(seeds {seeds[0]}-{seeds[-1]}) ==")
     started = time.time()
-    references = prepared_references(cfg, seeds, device)
-    # Rows with the same settings (the default, in every table) are one run.
-    tasks = {}  # (seed, run tag): task
-    for seed, (ref_cfg, _) in zip(seeds, references):
-        for table, changes in tables.items():
+    def runs_of(ref_cfg: Config, _) -> list[tuple]:
+        tasks = {}  # run tag: task; rows with the same settings (the default, in every table)
+        for table, changes in tables.items():  # are one run
             for label, changed in changes.items():
-                key = (seed, variant_tag(ref_cfg, changed))
-                tasks.setdefault(key, (f"{label} on reference {seed}", fpo_variant, ref_cfg,
-                                       device, changed))
-    runs = dict(zip(tasks, run_all(cfg, list(tasks.values()), RERUN)))
+                tasks.setdefault(variant_tag(ref_cfg, changed), (
+                    f"{label} on reference {ref_cfg.run.seed}", fpo_variant, ref_cfg, device,
+                    changed))
+        return list(tasks.values())
+
+    references = []  # ref_cfg of each seed
+    runs = {}  # (seed, run tag): results
+    for (ref_cfg, _), results in references_and_runs(cfg, seeds, device, runs_of):
+        references.append(ref_cfg)
+        tags = dict.fromkeys(variant_tag(ref_cfg, changed)
+                             for changes in tables.values() for changed in changes.values())
+        runs |= {(ref_cfg.run.seed, tag): run for tag, run in zip(tags, results)}
     rows = {
-        table: [runs[seed, variant_tag(ref_cfg, changed)] | {"label": label}
-                for seed, (ref_cfg, _) in zip(seeds, references)
+        table: [runs[ref_cfg.run.seed, variant_tag(ref_cfg, changed)] | {"label": label}
+                for ref_cfg in references
                 for label, changed in changes.items()]
         for table, changes in tables.items()
     }
@@ -306,12 +312,13 @@ def control(cfg: LabConfig, device) -> None:
     print(f"\n== control: FPO with weights on chosen latents, on {len(seeds)} references ==")
     chosen = {}  # seed: {set: (latents, W)}
     started = time.time()
-    references = prepared_references(cfg, seeds, device)
-    uniform = [(f"{UNIFORM} on reference {seed}", fpo_variant, ref_cfg, device, {})
-               for seed, (ref_cfg, _) in zip(seeds, references)]
-    rows = [results | {"label": UNIFORM} for results in run_all(cfg, uniform, RERUN)]
+    def uniform_of(ref_cfg: Config, _) -> list[tuple]:
+        return [(f"{UNIFORM} on reference {ref_cfg.run.seed}", fpo_variant, ref_cfg, device, {})]
+
+    references = references_and_runs(cfg, seeds, device, uniform_of)
+    rows = [results | {"label": UNIFORM} for _, (results,) in references]
     tasks, task_labels = [], []
-    for seed, (ref_cfg, _) in zip(seeds, references):
+    for seed, ((ref_cfg, _), _) in zip(seeds, references):
         terms = uniform_feature_mse_terms(ref_cfg, device)
         chosen[seed] = {
             name: (latents, comparable_weight(terms, latents))

@@ -20,87 +20,37 @@ from config import Config, stage_settings
 from evaluate import judge_against_reference
 from experiments import figures, report
 from experiments.common import (
-    RERUN, data_settings, frozen_reference, prepared_references, reference_samples, run_all,
-    saved_run, train_policy, with_method,
+    data_settings, frozen_reference, reference_samples, references_and_runs, saved_run,
+    train_policy, with_method,
 )
 from experiments.settings import sweep_seeds
 from loading import load_policy
 from runtime import write_json, write_text
 
-# Every method starts from the same budget: 3 learning rates x 3 settings of its other knobs
-# (beta, and gamma for SimPO or alpha for FPO, FPO-KL and TDPO-2; FPO without its constraint,
-# alpha 0, has beta alone) = 9 runs on each reference, each judged at 6 points along twice
-# --pref_steps, so the pick also chooses when to stop; SWEEP_EXTENSIONS then adds 3 per round
-# where a pick sat on an edge. beta is on the scale of each method's log-probs: summed
-# for DPO and TDPO, averaged (about 15x smaller) for FPO and SimPO. FPO's D(y) scales with the
-# SAE's activations, so its alpha is searched over decades rather than taken from the paper.
-# FPO-KL's SeqKL is in nats summed over the response, so its alphas are smaller: its weight on
-# SeqKL, alpha x beta, spans 0.08 to 0.64, as TDPO-2's grid spans 0.05 to 0.6. DPO (offline
-# cache) computes DPO's loss (tests check they are equal), so it takes DPO's pick rather than
-# training the same runs twice.
-SWEEP_LRS = (2e-5, 6e-5, 1.8e-4)
-SWEEP_KNOBS = {
-    "FPO": [
-        {"method": "fpo", "beta": beta, "alpha": alpha}
-        for beta, alpha in ((2.0, 4.0), (2.0, 16.0), (4.0, 16.0))
-    ],
-    "FPO (alpha=0)": [{"method": "fpo", "beta": beta, "alpha": 0.0} for beta in (1.0, 2.0, 4.0)],
-    "FPO-KL": [
-        {"method": "fpo_kl", "beta": beta, "alpha": alpha}
-        for beta, alpha in ((2.0, 0.04), (2.0, 0.16), (4.0, 0.16))
-    ],
-    "DPO": [{"method": "dpo", "beta": beta} for beta in (0.05, 0.1, 0.3)],
-    "SimPO": [
-        {"method": "simpo", "beta": beta, "gamma": gamma}
-        for beta, gamma in ((2.0, 0.5), (2.0, 1.5), (4.0, 1.0))
-    ],
-    "TDPO-1": [{"method": "tdpo1", "beta": beta} for beta in (0.05, 0.1, 0.3)],
-    "TDPO-2": [
-        {"method": "tdpo2", "beta": beta, "alpha": alpha}
-        for beta, alpha in ((0.1, 0.5), (0.1, 2.0), (0.3, 2.0))
-    ],
-}
-# Settings added where a sweep's pick sat on an edge of its method's grid (grid_edges), 3 per
-# method and round, each the pick moved one step past one of its edges (beta, alpha or gamma by
-# the grid's own factor, pref_lr by 3x), past two at once, or along a knob the pick's line did not
-# vary yet. Round 1 extended every method; rounds 2 to 4 every method still on an edge other
-# than the first or last judged step (rounds 3 and 4: FPO alone). FPO without its constraint
-# joined at round 2.
-SWEEP_EXTENSIONS = {
-    "FPO": [
-        {"method": "fpo", "beta": beta, "alpha": alpha, "pref_lr": 6e-5}
-        for beta, alpha in ((8.0, 16.0), (4.0, 64.0), (8.0, 64.0),  # round 1
-                            (2.0, 64.0), (4.0, 256.0), (2.0, 256.0),  # round 2
-                            (1.0, 256.0), (2.0, 1024.0), (1.0, 1024.0),  # round 3
-                            (0.5, 256.0), (1.0, 64.0), (0.5, 64.0))  # round 4
-    ],
-    "FPO (alpha=0)": [
-        {"method": "fpo", "beta": beta, "alpha": 0.0, "pref_lr": lr}
-        for beta, lr in ((0.5, 2e-5), (1.0, 6.7e-6), (0.5, 6.7e-6))  # round 2
-    ],
-    "FPO-KL": [
-        {"method": "fpo_kl", "beta": beta, "alpha": alpha, "pref_lr": lr}
-        for beta, alpha, lr in ((1.0, 0.16, 1.8e-4), (2.0, 0.64, 1.8e-4), (2.0, 0.16, 5.4e-4),
-                                (2.0, 0.16, 1.6e-3), (2.0, 0.04, 5.4e-4), (2.0, 0.64, 5.4e-4))
-    ],
-    "DPO": [
-        {"method": "dpo", "beta": beta, "pref_lr": lr}
-        for beta, lr in ((0.02, 2e-5), (0.05, 6.7e-6), (0.02, 6.7e-6))
-    ],
-    "SimPO": [
-        {"method": "simpo", "beta": 2.0, "gamma": gamma, "pref_lr": lr}
-        for gamma, lr in ((2.5, 2e-5), (1.5, 6.7e-6), (2.5, 6.7e-6),
-                          (3.5, 2e-5), (2.5, 6e-5), (3.5, 6e-5))
-    ],
-    "TDPO-1": [
-        {"method": "tdpo1", "beta": beta, "pref_lr": lr}
-        for beta, lr in ((0.02, 2e-5), (0.05, 6.7e-6), (0.02, 6.7e-6))
-    ],
-    "TDPO-2": [
-        {"method": "tdpo2", "beta": beta, "alpha": alpha, "pref_lr": lr}
-        for beta, alpha, lr in ((0.03, 2.0, 1.8e-4), (0.1, 8.0, 1.8e-4), (0.1, 2.0, 5.4e-4),
-                                (0.1, 2.0, 1.6e-3), (0.1, 0.5, 5.4e-4), (0.1, 8.0, 5.4e-4))
-    ],
+# Every method gets the same budget: 3 learning rates x 3 values of its other knob = 9 runs on
+# each reference, each judged at 6 points along twice --pref_steps, so the pick also chooses when
+# to stop. Each grid is centred on where its method's pick landed in an earlier, wider sweep
+# (102 settings, extended in rounds wherever a pick sat on an edge), one step of the grid's own
+# factor either side: 3x for pref_lr, 4x for alpha, 2x-2.5x for beta, 1 for SimPO's gamma.
+# beta is on the scale of each method's log-probs: summed for DPO and TDPO, averaged (about 15x
+# smaller) for FPO and SimPO. FPO's D(y) scales with the SAE's activations, so its alpha is far
+# from the paper's. FPO-KL's SeqKL is in nats summed over the response, so its alphas are
+# smaller. DPO (offline cache) computes DPO's loss (tests check they are equal), so it takes
+# DPO's pick rather than training the same runs twice.
+SWEEP_GRIDS = {  # label: (the 3 pref_lr, the 3 settings of the other knobs)
+    "FPO": ((2e-5, 6e-5, 1.8e-4),
+            [{"method": "fpo", "beta": 1.0, "alpha": alpha} for alpha in (64.0, 256.0, 1024.0)]),
+    "FPO (alpha=0)": ((2.2e-6, 6.7e-6, 2e-5),
+                      [{"method": "fpo", "beta": beta, "alpha": 0.0} for beta in (0.5, 1.0, 2.0)]),
+    "FPO-KL": ((1.8e-4, 5.4e-4, 1.6e-3),
+               [{"method": "fpo_kl", "beta": 2.0, "alpha": alpha} for alpha in (0.04, 0.16, 0.64)]),
+    "DPO": ((6.7e-6, 2e-5, 6e-5), [{"method": "dpo", "beta": beta} for beta in (0.02, 0.05, 0.1)]),
+    "SimPO": ((6.7e-6, 2e-5, 6e-5),
+              [{"method": "simpo", "beta": 2.0, "gamma": gamma} for gamma in (1.5, 2.5, 3.5)]),
+    "TDPO-1": ((6.7e-6, 2e-5, 6e-5),
+               [{"method": "tdpo1", "beta": beta} for beta in (0.02, 0.05, 0.1)]),
+    "TDPO-2": ((1.8e-4, 5.4e-4, 1.6e-3),
+               [{"method": "tdpo2", "beta": 0.1, "alpha": alpha} for alpha in (0.5, 2.0, 8.0)]),
 }
 VALIDITY_FLOOR = 0.9  # a pick must keep this share of each reference's own valid rate
 MATCHED_KL = "FPO at TDPO-2's KL"  # a second pick of FPO's, nearest TDPO-2's pick in KL
@@ -157,16 +107,18 @@ def sweep(cfg: Config, device) -> None:
           f"{len(seeds)} references (seeds {seeds[0]}-{seeds[-1]}), judged every {every} steps "
           "on validation prompts ==")
     started = time.time()
-    tasks = []
-    for seed, (ref_cfg, made_from) in zip(seeds, prepared_references(cfg, seeds, device)):
+
+    def runs_of(ref_cfg: Config, made_from: dict) -> list[tuple]:
         # A finished run counts only for this reference's GPT and SAE, the data, its training
         # settings and the judging.
         made_from = made_from | {"eval": dataclasses.asdict(cfg.eval)}
-        tasks += [(f"{sweep_tag(overrides)} on reference {seed}", sweep_run, ref_cfg, device,
-                   made_from, label, overrides) for label, overrides in grid]
-    runs = {seed: {} for seed in seeds}  # seed: {tag: run}
-    for (_, _, ref_cfg, *_), run in zip(tasks, run_all(cfg, tasks, RERUN)):
-        runs[ref_cfg.run.seed][run["tag"]] = run
+        return [(f"{sweep_tag(overrides)} on reference {ref_cfg.run.seed}", sweep_run, ref_cfg,
+                 device, made_from, label, overrides) for label, overrides in grid]
+
+    runs = {  # seed: {tag: run}
+        ref_cfg.run.seed: {run["tag"]: run for run in ref_runs}
+        for (ref_cfg, _), ref_runs in references_and_runs(cfg, seeds, device, runs_of)
+    }
     # seed: the reference's judged validation numbers
     references = {seed: next(iter(runs[seed].values()))["reference"] for seed in seeds}
     grid_runs = {
@@ -175,7 +127,7 @@ def sweep(cfg: Config, device) -> None:
                    if run_label == label]
             for seed in seeds
         }
-        for label in SWEEP_KNOBS
+        for label in SWEEP_GRIDS
     }
     reference_valid = {seed: reference["valid_rate"] for seed, reference in references.items()}
     picks = {
@@ -294,18 +246,12 @@ def validity_margin(candidate: dict, reference_valid: dict[int, float]) -> float
 
 
 def sweep_grid() -> list[tuple[str, dict]]:
-    """Every (method label, overrides) the sweep trains: SWEEP_LRS x SWEEP_KNOBS, then
-    SWEEP_EXTENSIONS."""
-    grid = [
+    """Every (method label, overrides) the sweep trains: each method's knobs x its pref_lr."""
+    return [
         (label, knobs | {"pref_lr": lr})
-        for label, all_knobs in SWEEP_KNOBS.items()
+        for label, (learning_rates, all_knobs) in SWEEP_GRIDS.items()
         for knobs in all_knobs
-        for lr in SWEEP_LRS
-    ]
-    return grid + [
-        (label, overrides)
-        for label, extensions in SWEEP_EXTENSIONS.items() if label in SWEEP_KNOBS
-        for overrides in extensions
+        for lr in learning_rates
     ]
 
 

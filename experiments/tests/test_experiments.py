@@ -7,6 +7,8 @@ import dataclasses
 import json
 import math
 import re
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ import torch
 import config
 import runtime
 import train
-from experiments import common, compare, paper, report, sweep
+from experiments import bench, common, compare, paper, report, sweep
 from experiments.__main__ import main
 from experiments.bench import LoopPeakMemory
 from experiments.settings import LabConfig
@@ -93,13 +95,46 @@ def test_workers_return_results_in_order_and_a_failure_is_one_line_naming_its_ta
     with pytest.raises(UsageError) as refused:
         common.run_all(cfg, tasks, "rerun")
     assert str(refused.value) == f"reading a file: {missing} not found: make it"
+    with pytest.raises(UsageError) as refused:  # a follow-up's failure, the same
+        common.run_after(cfg, tasks[:1], lambda result: tasks[1:2], "rerun")
+    assert str(refused.value) == f"reading a file: {missing} not found: make it"
+
+
+def appeared(path: Path) -> bool:
+    """Whether `path` exists within 60 s."""
+    deadline = time.time() + 60
+    while not path.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    return path.exists()
+
+
+@pytest.mark.slow  # starts two worker processes, each importing torch
+@pytest.mark.parametrize("workers", [1, 2])
+def test_follow_ups_start_once_their_task_ends_and_come_back_in_order(tmp_path, workers):
+    cfg = LabConfig()
+    cfg = dataclasses.replace(cfg, experiment=dataclasses.replace(cfg.experiment, workers=workers))
+    written = tmp_path / "written by the first task's follow-up"
+    # The second task waits for a file that only the first task's follow-up writes: with 2
+    # workers it appears only if that follow-up starts before every first task has ended.
+    tasks = [("first", str, written), ("second", appeared, written)]
+
+    def then(result):
+        return [("follow-up", Path.write_text, written, "")] if result == str(written) else []
+
+    results = common.run_after(cfg, tasks, then, "rerun")
+    assert results == [(str(written), [0]), (True, [])]
 
 
 @pytest.mark.slow
-def test_workers_side_by_side_train_the_same_rows_as_one_after_another(tiny_run, tmp_path):
+def test_workers_side_by_side_train_the_same_rows_as_one_after_another(
+    tiny_run, tmp_path, monkeypatch
+):
     """--workers 2 (two processes taking the rows in turn) against --workers 1, from scratch on
     two references: the same rows, in the same order, with the same numbers."""
     _, argv = tiny_run
+    # Three rows: the offline cache, the reference online, and TDPO's per-token KL.
+    rows_tried = {label: compare.COMPARE_ROWS[label] for label in ("FPO", "DPO", "TDPO-2")}
+    monkeypatch.setattr(compare, "COMPARE_ROWS", rows_tried)
     rows = {}
     for workers in (1, 2):
         out = tmp_path / f"workers{workers}"
@@ -120,7 +155,8 @@ def test_workers_side_by_side_train_the_same_rows_as_one_after_another(tiny_run,
 def test_compare_writes_a_finite_row_for_every_method(tiny_run, tmp_path):
     _, argv = tiny_run
     tiny_reference(tiny_run, tmp_path)
-    main(argv + ["--out_dir", str(tmp_path), "--compare", "--seeds", "1", "--pref_steps", "4"])
+    main(argv + ["--out_dir", str(tmp_path), "--compare", "--seeds", "1", "--pref_steps", "4",
+                 "--threads", "1", "--workers", "2"])
     table = (tmp_path / "compare.md").read_text()
     rows = read(tmp_path / "compare.json")["rows"]
     assert {row["label"] for row in rows} == set(compare.COMPARE_ROWS)
@@ -152,11 +188,11 @@ def test_compare_writes_a_finite_row_for_every_method(tiny_run, tmp_path):
 @pytest.mark.slow
 def test_head_to_head_and_bound_read_the_compare_policies(tiny_run, tmp_path, monkeypatch):
     _, argv = tiny_run
-    argv = argv + ["--out_dir", str(tmp_path)]
+    argv = argv + ["--out_dir", str(tmp_path), "--threads", "1"]
     tiny_reference(tiny_run, tmp_path)
     rows = {label: compare.COMPARE_ROWS[label] for label in ("FPO", "SimPO", "DPO")}
     monkeypatch.setattr(compare, "COMPARE_ROWS", rows)
-    main(argv + ["--compare", "--seeds", "1", "--pref_steps", "4"])
+    main(argv + ["--compare", "--seeds", "1", "--pref_steps", "4", "--workers", "2"])
     monkeypatch.setattr(train, "preference_models", fail_if_called("head to head trained"))
     saved = record_figures(monkeypatch)
     main(argv + ["--head_to_head"])
@@ -217,24 +253,30 @@ def test_head_to_head_and_bound_read_the_compare_policies(tiny_run, tmp_path, mo
 
 
 @pytest.mark.slow
-def test_bench_reports_every_method_and_the_ratios(tiny_run, tmp_path, capsys):
+def test_bench_reports_every_method_and_the_ratios(tiny_run, tmp_path, capsys, monkeypatch):
     _, argv = tiny_run
     tiny_reference(tiny_run, tmp_path)
+    # FPO and the three methods its ratios are taken against; each is measured in a process of
+    # its own, which costs a torch import.
+    rows = {label: compare.COMPARE_ROWS[label] for label in ("FPO", "SimPO", "DPO", "TDPO-2")}
+    monkeypatch.setattr(compare, "COMPARE_ROWS", rows)
+    monkeypatch.setattr(bench, "COMPARE_ROWS", rows)
     main(argv + ["--out_dir", str(tmp_path), "--bench", "--bench_steps", "3"])
-    bench = read(tmp_path / "bench.json")
-    assert set(bench["methods"]) == set(compare.COMPARE_ROWS)
-    assert set(bench["ratios"]) == {f"FPO/{other} {measure}" for other in ("SimPO", "DPO", "TDPO-2")
-                                    for measure in ("time", "loop memory")}
-    assert all(value > 0 for value in bench["ratios"].values())
-    loop_mb = {label: values["loop_memory_mb"] for label, values in bench["methods"].items()}
+    benched = read(tmp_path / "bench.json")
+    assert set(benched["methods"]) == set(rows)
+    assert set(benched["ratios"]) == {f"FPO/{other} {measure}"
+                                      for other in ("SimPO", "DPO", "TDPO-2")
+                                      for measure in ("time", "loop memory")}
+    assert all(value > 0 for value in benched["ratios"].values())
+    loop_mb = {label: values["loop_memory_mb"] for label, values in benched["methods"].items()}
     # the online reference's logits and TDPO's full-vocabulary KL are allocated inside the loop;
     # FPO needs neither
     assert loop_mb["FPO"] < loop_mb["DPO"] < loop_mb["TDPO-2"], loop_mb
     assert "FPO/SimPO time" in capsys.readouterr().out
     bench_md = (tmp_path / "bench.md").read_text()  # the table docs/cost.md quotes
-    rows = [line.split(" | ")[0][2:] for line in bench_md.splitlines()
-            if line.startswith("| ") and "median" not in line]
-    assert rows == list(compare.COMPARE_ROWS)
+    table_rows = [line.split(" | ")[0][2:] for line in bench_md.splitlines()
+                  if line.startswith("| ") and "median" not in line]
+    assert table_rows == list(rows)
 
 
 # ---- --sweep, then --compare at its picks -------------------------------------------------------
@@ -248,16 +290,13 @@ def test_sweep_picks_each_method_over_its_references_resumes_and_feeds_compare(
     out_dir = tmp_path
     tiny_reference(tiny_run, out_dir)  # --compare's first reference; the sweep pretrains its own
     # A smaller grid, the same code: 2 learning rates x 1 knob setting per method, 2 references.
-    monkeypatch.setattr(sweep, "SWEEP_LRS", (1e-3, 3e-3))
-    knobs = {label: grid[:1] for label, grid in sweep.SWEEP_KNOBS.items()}
-    monkeypatch.setattr(sweep, "SWEEP_KNOBS", knobs)
-    # ... and one setting past FPO's grid, which the sweep trains and picks among like the rest.
-    extension = {"method": "fpo", "beta": 8.0, "alpha": 64.0, "pref_lr": 2e-3}
-    monkeypatch.setattr(sweep, "SWEEP_EXTENSIONS", {"FPO": [extension]})
+    knobs = {label: ((1e-3, 3e-3), all_knobs[:1])
+             for label, (_, all_knobs) in sweep.SWEEP_GRIDS.items()}
+    monkeypatch.setattr(sweep, "SWEEP_GRIDS", knobs)
     sweep_argv = argv + ["--out_dir", str(out_dir), "--pref_steps", "6", "--pref_lr", "1e-3",
-                         "--sweep_references", "2"]
+                         "--sweep_references", "2", "--threads", "1"]
     saved = record_figures(monkeypatch)
-    main(sweep_argv + ["--sweep"])
+    main(sweep_argv + ["--sweep", "--workers", "2"])
     # Each reference is a whole pipeline of its own seed, made once and kept.
     references = [out_dir / "ref_seed1000", out_dir / "ref_seed1001"]
     gpts = [torch.load(reference / "gpt.pt", weights_only=True) for reference in references]
@@ -274,8 +313,6 @@ def test_sweep_picks_each_method_over_its_references_resumes_and_feeds_compare(
             assert [point["step"] for point in run["points"]] == [2, 4, 6, 8, 10, 12]
             assert run["label"] == label.replace(" at TDPO-2's KL", "")
             assert pick["validation"][reference.name.removeprefix("ref_seed")] in run["points"]
-    for reference in references:
-        assert (reference / f"{sweep.sweep_tag(extension)}_results.json").exists()
     assert not list(out_dir.glob("ref_seed*/sweep_*_step*.pt"))  # snapshots go once judged
     # A point is what train.evaluate_policy reports for its snapshot: the last is the saved policy.
     fpo_run = picks["FPO"]["run"]
@@ -305,12 +342,10 @@ def test_sweep_picks_each_method_over_its_references_resumes_and_feeds_compare(
     table = sweep_md.split("| method | settings tried | picked setting |")[1]
     table = table.split("\n\n")[0].splitlines()[2:]
     assert [row.split(" | ")[0] for row in table] == [f"| {label}" for label in picks]
-    # FPO's grid (and its matched-KL pick's) holds the extension: 2 learning rates + 1.
-    extended = {"FPO", "FPO at TDPO-2's KL"}
-    tried = [row.split(" | ")[1] for row in table]
-    assert tried == ["3" if label in extended else "2" for label in picks]
+    assert [row.split(" | ")[1] for row in table] == ["2"] * len(picks)  # settings tried
     assert "the highest worst-case judge score" in sweep_md
-    # A rerun trains nothing: every reference and every run's results are on disk.
+    # A rerun trains nothing: every reference and every run's results are on disk (in this
+    # process, --workers 1, where the guards below hold).
     monkeypatch.setattr(train, "pretrain", fail_if_called("a reference was pretrained again"))
     monkeypatch.setattr(train, "preference_models",
                         fail_if_called("a finished sweep run was trained again"))
@@ -326,7 +361,7 @@ def test_sweep_picks_each_method_over_its_references_resumes_and_feeds_compare(
     picks_file = tmp_path / "kept" / "sweep_picks.json"
     picks_file.parent.mkdir()
     (out_dir / "sweep_picks.json").rename(picks_file)
-    main(sweep_argv + ["--compare", "--seeds", "2", "--picks", str(picks_file)])
+    main(sweep_argv + ["--compare", "--seeds", "2", "--picks", str(picks_file), "--workers", "2"])
     compared = read(out_dir / "compare.json")
     settings = compared["settings"]
     assert settings["FPO"] == picks["FPO"]["settings"]

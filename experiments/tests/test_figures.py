@@ -167,7 +167,7 @@ def test_ablation_draws_the_mean_and_spread_of_its_alpha_and_k_tables():
 
 def test_the_colour_and_marker_of_every_series_has_one_source():
     # Every method an experiment can label has its own colour, and so has every other series.
-    methods = {*compare.COMPARE_ROWS, *sweep.SWEEP_KNOBS, sweep.MATCHED_KL,
+    methods = {*compare.COMPARE_ROWS, *sweep.SWEEP_GRIDS, sweep.MATCHED_KL,
                "FPO (alpha=0) at FPO's pick", "FPO along training"}
     assert methods <= set(figures.STYLES)
     colours = [colour for colour, _ in figures.STYLES.values()]

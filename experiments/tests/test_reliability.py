@@ -28,17 +28,20 @@ import experiments.__main__ as experiments_main
 from config import parse_args, stage_settings
 from experiments import common, paper, sweep
 from experiments.__main__ import main
-from experiments.compare import COMPARE_ROWS
+from experiments.compare import COMPARE_ROWS, picked_rows
 from experiments.settings import LabConfig
 from experiments.tests.helpers import REPO, fail_if_called, tiny_reference
 from runtime import Interrupted, UsageError, save_checkpoint
 from tests.helpers import TINY
 
 ON_LINUX = Path("/proc/self/stat").exists()
-# --compare as the signal tests run it: every step logged (and saved for --resume), and 60 steps,
-# so a row trains long enough to be signalled mid-loop.
-COMPARE = TINY + ["--threads", "1", "--log_every", "1", "--pref_steps", "60", "--seeds", "1"]
-COMPARE_ROW_TAGS = [common.compare_tag(label, 1337) for label in COMPARE_ROWS]
+# --compare as the signal tests run it: every step logged (and saved for --resume), and the rows
+# of one pick (FPO's, and FPO with alpha 0 at it) of 20 steps: long enough to be signalled
+# mid-loop, short enough that the whole comparison takes seconds.
+COMPARE = TINY + ["--threads", "1", "--log_every", "1", "--seeds", "1"]
+SIGNAL_PICKS = {"FPO": {"method": "fpo", "beta": 1.0, "alpha": 256.0, "pref_lr": 1e-3,
+                        "pref_steps": 20}}
+COMPARE_ROW_TAGS = [common.compare_tag(label, 1337) for label in picked_rows(SIGNAL_PICKS)]
 
 
 STARTED = []  # every compare subprocess a test started, ended by `no_process_left_behind`
@@ -59,6 +62,15 @@ def no_process_left_behind():
 
 
 def start_compare(out_dir: Path, *flags: str, new_session: bool = False) -> subprocess.Popen:
+    """`python -m experiments --compare` with COMPARE's flags, at SIGNAL_PICKS (out_dir's
+    sweep_picks.json)."""
+    picks = out_dir / "sweep_picks.json"
+    if not picks.exists():
+        cfg = parse_args(COMPARE + ["--compare"], config_type=LabConfig)
+        picks.write_text(json.dumps({
+            "made_from": sweep.recipe(cfg),
+            "picks": {label: {"settings": settings} for label, settings in SIGNAL_PICKS.items()},
+        }))
     compare = subprocess.Popen(
         [sys.executable, "-m", "experiments", *COMPARE, "--out_dir", str(out_dir), "--compare",
          *flags],
@@ -315,9 +327,8 @@ def test_sweep_runs_and_picks_are_used_only_from_the_same_inputs(
     out_dir = tmp_path
     tiny_reference(tiny_run, out_dir)  # --compare's; --sweep pretrains its own, seed 1000
     # The smallest sweep, the same code: FPO at one setting, on one reference.
-    monkeypatch.setattr(sweep, "SWEEP_LRS", (1e-3,))
-    monkeypatch.setattr(sweep, "SWEEP_KNOBS", {"FPO": sweep.SWEEP_KNOBS["FPO"][:1]})
-    monkeypatch.setattr(sweep, "SWEEP_EXTENSIONS", {})
+    _, fpo_knobs = sweep.SWEEP_GRIDS["FPO"]
+    monkeypatch.setattr(sweep, "SWEEP_GRIDS", {"FPO": ((1e-3,), fpo_knobs[:1])})
     argv = TINY + ["--threads", "1", "--out_dir", str(out_dir), "--pref_steps", "3",
                    "--sweep_references", "1"]
     main(argv + ["--sweep"])
