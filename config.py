@@ -67,9 +67,9 @@ class PreferenceConfig:
     fpo_latent_weights: str = ""  # FPO: w_i in D(y) as latent:weight,... (e.g. 3:0,17:4); others 1
     fpo_stop_grad: bool = True  # FPO: no gradient through D(y_w) (the paper); --no-...: let it flow
     gamma: float = 0.5  # SimPO target margin
-    pref_steps: int = 300  # optimizer steps; FPO's sweep pick
+    pref_steps: int = 200  # optimizer steps; FPO's sweep pick
     pref_batch_size: int = 16  # pairs per step
-    pref_lr: float = 6e-5  # AdamW learning rate (constant after warm-up); FPO's sweep pick
+    pref_lr: float = 1.8e-4  # AdamW learning rate (constant after warm-up); FPO's sweep pick
     warmup_steps: int = 10  # linear warm-up steps
     grad_clip: float = 1.0  # max gradient norm
 

@@ -73,7 +73,7 @@ def compare_rows(cfg: LabConfig) -> dict[str, dict]:
     print(f"compare: the settings --sweep picked, from {path}")
     if threads != torch.get_num_threads():
         # A note, not a refusal: the picks are a recipe judged on other references, and the
-        # docs run them at 1 thread too; the table's numbers are this run's own.
+        # docs run them at another thread count too; the table's numbers are this run's own.
         tuned = f"{threads} CPU threads" if threads else "a thread count it does not record"
         print(f"compare: note: {path} was tuned with {tuned}; this run has "
               f"{torch.get_num_threads()}, which rounds differently")

@@ -99,6 +99,7 @@ def ablation(cfg: LabConfig, device) -> None:
     print(f"\n== ablation: {n_rows} rows of FPO on {len(seeds)} references "
           f"(seeds {seeds[0]}-{seeds[-1]}) ==")
     started = time.time()
+    run_tags = {}  # seed: the run tag of each task runs_of gave, in order
     def runs_of(ref_cfg: Config, _) -> list[tuple]:
         tasks = {}  # run tag: task; rows with the same settings (the default, in every table)
         for table, changes in tables.items():  # are one run
@@ -106,15 +107,15 @@ def ablation(cfg: LabConfig, device) -> None:
                 tasks.setdefault(variant_tag(ref_cfg, changed), (
                     f"{label} on reference {ref_cfg.run.seed}", fpo_variant, ref_cfg, device,
                     changed))
+        run_tags[ref_cfg.run.seed] = list(tasks)
         return list(tasks.values())
 
     references = []  # ref_cfg of each seed
     runs = {}  # (seed, run tag): results
     for (ref_cfg, _), results in references_and_runs(cfg, seeds, device, runs_of):
         references.append(ref_cfg)
-        tags = dict.fromkeys(variant_tag(ref_cfg, changed)
-                             for changes in tables.values() for changed in changes.values())
-        runs |= {(ref_cfg.run.seed, tag): run for tag, run in zip(tags, results)}
+        seed = ref_cfg.run.seed
+        runs |= {(seed, tag): run for tag, run in zip(run_tags[seed], results)}
     rows = {
         table: [runs[ref_cfg.run.seed, variant_tag(ref_cfg, changed)] | {"label": label}
                 for ref_cfg in references

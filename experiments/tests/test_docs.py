@@ -9,7 +9,7 @@ from experiments.tests.helpers import DOCS, REPO
 README = REPO / "README.md"
 # The files the evidence commands wrote, copied into docs/ (docs/results.md lists the commands).
 GENERATED = (
-    "compare.md", "compare_threads1.md", "sweep.md", "seeds.md", "head_to_head.md", "ablation.md",
+    "compare.md", "compare_threads2.md", "sweep.md", "seeds.md", "head_to_head.md", "ablation.md",
     "control.md", "bound.md", "bench.md",
 )
 # The paper's own numbers that are not percentages: the accuracies of its Table 4, quoted in
@@ -47,7 +47,7 @@ def test_results_numbers_come_from_the_generated_files():
             assert number in every_number or number in PAPER_NUMBERS, (
                 f"{number} in {name}'s prose is in no generated file"
             )
-    for name in ("compare.md", "compare_threads1.md"):
+    for name in ("compare.md", "compare_threads2.md"):
         assert (DOCS / "results.md").read_text().count(generated[name].strip()) == 1, name
 
 
