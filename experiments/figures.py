@@ -309,6 +309,7 @@ def bound(
         [numbers["D(y)"][0] for _, numbers in trajectory],
         y_intervals=[numbers["D(y)"][1:] for _, numbers in trajectory],
         x_intervals=[numbers["SeqKL(y)"][1:] for _, numbers in trajectory],
+        zorder=1,  # under the methods' points: FPO's own sits on its last step
     )
     for step, numbers in trajectory:
         ax.annotate(f"step {step}", (numbers["SeqKL(y)"][0], numbers["D(y)"][0]),
