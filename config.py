@@ -7,6 +7,7 @@ The comment after each field is its `--help` text. `python train.py --beta 1.0` 
 
 import argparse
 import dataclasses
+import functools
 import inspect
 import math
 import os
@@ -161,6 +162,7 @@ class QuietWhenClosed:
 # The command line: generated from the dataclasses above.
 
 
+@functools.cache  # inspect parses the whole file to find a class: once per class, not per parse
 def field_help(cls) -> dict[str, str]:
     """The trailing comment of each field in a config class's source: its --help text."""
     source = inspect.getsource(cls)

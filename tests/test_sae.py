@@ -49,6 +49,14 @@ def planted():
     return x, atoms, trained
 
 
+@pytest.fixture(scope="module")
+def briefly_trained():
+    """A few steps on planted data: enough for what must hold after any update (the fast tier)."""
+    x, atoms = planted_activations(n=2_000)
+    trained = train_sae(x, d_sae=128, k=4, steps=20, batch_size=256, lr=4e-3, log_every=10_000)
+    return x, atoms, trained
+
+
 @pytest.mark.slow
 def test_planted_dictionary_is_recovered(planted):
     x, atoms, trained = planted
@@ -56,8 +64,8 @@ def test_planted_dictionary_is_recovered(planted):
     assert cosines.max(dim=1).values.mean() >= 0.9
 
 
-def test_decoder_rows_stay_unit_norm(planted):
-    _, _, trained = planted
+def test_decoder_rows_stay_unit_norm(briefly_trained):
+    _, _, trained = briefly_trained
     torch.testing.assert_close(trained.W_dec.detach().norm(dim=1), torch.ones(128))
 
 
@@ -71,8 +79,8 @@ def test_remove_parallel_grads_leaves_grad_orthogonal_to_each_row():
     assert (model.W_dec.grad * model.W_dec).sum(dim=1).abs().max() < 1e-7
 
 
-def test_encode_is_topk_nonnegative_and_forward_has_no_side_effects(planted):
-    x, _, trained = planted
+def test_encode_is_topk_nonnegative_and_forward_has_no_side_effects(briefly_trained):
+    x, _, trained = briefly_trained
     before = {name: t.clone() for name, t in trained.state_dict().items()}
     x_hat, codes = trained(x[:100])
     assert codes.min() >= 0 and ((codes != 0).sum(dim=1) <= 4).all()
@@ -156,7 +164,7 @@ def test_auxk_revives_latents_dead_at_initialisation(monkeypatch):
 
     def alive_after_training(aux_k):
         trained = train_sae(
-            x, d_sae=64, k=4, steps=300, batch_size=256, lr=4e-3, dead_tokens=1_000, aux_k=aux_k,
+            x, d_sae=64, k=4, steps=100, batch_size=256, lr=4e-3, dead_tokens=1_000, aux_k=aux_k,
             log_every=10_000
         )
         return (firing_counts(trained.encode(x)) > 0).sum().item()
@@ -239,8 +247,8 @@ def test_training_is_deterministic_and_resumes_bit_identically(monkeypatch, tmp_
         train_sae(x, **settings, resume_path=resume_path, settings={"lr": 1e-3}, resume=True)
 
 
-def test_save_load_round_trip_gives_identical_codes(planted, tmp_path):
-    x, _, trained = planted
+def test_save_load_round_trip_gives_identical_codes(briefly_trained, tmp_path):
+    x, _, trained = briefly_trained
     # extra keys are fine
     torch.save({"kind": "sae", **trained.checkpoint(), "metrics": {}}, tmp_path / "sae.pt")
     loaded = load_sae(torch.load(tmp_path / "sae.pt"))
