@@ -13,7 +13,7 @@ import torch
 import data
 import runtime
 import train
-from conftest import REPO, copy_outputs, run_cli
+from conftest import REPO, copy_outputs, run_main_as_script
 from helpers import TINY
 
 
@@ -41,29 +41,33 @@ LOAD_SITES = [
 @pytest.mark.slow
 @pytest.mark.parametrize("name, stage", LOAD_SITES)
 def test_a_checkpoint_carrying_code_runs_none_and_is_refused_in_one_line(
-    tiny_run, tmp_path, name, stage
+    tiny_run, tmp_path, monkeypatch, capsys, name, stage
 ):
     names = ("gpt.pt", "sae.pt", "reference_cache.pt", "policy.pt")
     out_dir = copy_outputs(tiny_run, tmp_path, *names)
     marker = tmp_path / "code_ran"
     torch.save({"kind": name.split(".")[0], "config": {}, "made_from": {}, "x": RunsCode(marker)},
                out_dir / name)
-    done = run_cli(*tiny_run[1], "--out_dir", str(out_dir), *stage)
+    code, stderr = run_main_as_script(monkeypatch, capsys, *tiny_run[1], "--out_dir",
+                                      str(out_dir), *stage)
     assert not marker.exists()
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
-    assert done.stderr.startswith(f"error: {out_dir / name} is not a readable checkpoint")
+    assert code == 2, stderr
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr
+    assert stderr.startswith(f"error: {out_dir / name} is not a readable checkpoint")
 
 
 @pytest.mark.slow
-def test_a_checkpoint_of_another_code_version_is_one_error_line(tiny_run, tmp_path):
+def test_a_checkpoint_of_another_code_version_is_one_error_line(
+    tiny_run, tmp_path, monkeypatch, capsys
+):
     out_dir = copy_outputs(tiny_run, tmp_path, "gpt.pt", "sae.pt")
     ckpt = torch.load(out_dir / "gpt.pt", weights_only=True)
     ckpt["state_dict"]["renamed.weight"] = ckpt["state_dict"].pop("lm_head.weight")
     torch.save(ckpt, out_dir / "gpt.pt")
-    done = run_cli(*tiny_run[1], "--out_dir", str(out_dir), "--stage", "sae")
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.startswith(f"error: {out_dir / 'gpt.pt'} does not fit this code's model")
+    code, stderr = run_main_as_script(monkeypatch, capsys, *tiny_run[1], "--out_dir",
+                                      str(out_dir), "--stage", "sae")
+    assert code == 2 and "Traceback" not in stderr
+    assert stderr.startswith(f"error: {out_dir / 'gpt.pt'} does not fit this code's model")
 
 
 def test_write_is_whole_or_absent_and_a_directory_in_the_way_is_one_error(tmp_path):
@@ -168,13 +172,14 @@ def test_pairs_that_become_identical_once_cut_are_dropped_with_a_count(capsys):
     ],
 )
 def test_non_finite_weights_stop_their_stage_blaming_its_flag(
-    tiny_run, tmp_path, flags, stage, message, unsaved
+    tiny_run, tmp_path, monkeypatch, capsys, flags, stage, message, unsaved
 ):
     out_dir = copy_outputs(tiny_run, tmp_path, "gpt.pt", "sae.pt", "reference_cache.pt")
     (out_dir / unsaved).unlink(missing_ok=True)
-    done = run_cli(*tiny_run[1], "--out_dir", str(out_dir), "--stage", stage, *flags)
-    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-    assert done.stderr.startswith(f"error: {stage}: ") and message in done.stderr
+    code, stderr = run_main_as_script(monkeypatch, capsys, *tiny_run[1], "--out_dir",
+                                      str(out_dir), "--stage", stage, *flags)
+    assert code == 2 and "Traceback" not in stderr, stderr
+    assert stderr.startswith(f"error: {stage}: ") and message in stderr
     assert not (out_dir / unsaved).exists()
 
 

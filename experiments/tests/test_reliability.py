@@ -54,7 +54,7 @@ def no_process_left_behind():
     yield
     while STARTED:
         compare = STARTED.pop()
-        for child in spawned_children(compare.pid):
+        for child in spawned_children(compare.pid) + fork_servers(compare.pid, processes()):
             os.kill(child, signal.SIGKILL)
         if compare.poll() is None:
             compare.kill()
@@ -84,19 +84,31 @@ def start_compare(out_dir: Path, *flags: str, new_session: bool = False) -> subp
     return compare
 
 
-def spawned_children(pid: int) -> list[int]:
-    """The multiprocessing workers process `pid` started (its resource tracker, also its child,
-    is left out), found by the parent id in every /proc/<pid>/stat."""
-    found = []
+def processes() -> dict[int, tuple[int, bytes]]:
+    """{pid: (parent id, command line)} of every process, from /proc/<pid>/stat and cmdline."""
+    found = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid
-            cmdline = (stat.parent / "cmdline").read_bytes()
+            found[int(stat.parent.name)] = (int(fields[1]), (stat.parent / "cmdline").read_bytes())
         except OSError:  # the process ended meanwhile
             continue
-        if int(fields[1]) == pid and b"spawn_main" in cmdline:
-            found.append(int(stat.parent.name))
     return found
+
+
+def fork_servers(pid: int, running: dict) -> list[int]:
+    """The multiprocessing fork servers process `pid` started (common.child_processes)."""
+    return [child for child, (parent, cmdline) in running.items()
+            if parent == pid and b"forkserver" in cmdline]
+
+
+def spawned_children(pid: int) -> list[int]:
+    """The processes that run process `pid`'s tasks: the children of its fork server, or
+    (without one) the workers it spawned; its resource tracker is left out."""
+    running = processes()
+    servers = fork_servers(pid, running)
+    return [child for child, (parent, cmdline) in running.items()
+            if parent in servers or (parent == pid and b"spawn_main" in cmdline)]
 
 
 def is_running(pid: int) -> bool:
@@ -715,11 +727,11 @@ def test_the_ablation_has_a_row_at_any_setting_to_compare_with(flags):
 
 
 def child_started(process: subprocess.Popen) -> int:
-    """The id of the compare's first child process, as soon as it exists (it is then importing
-    torch)."""
+    """The id of the compare's fork server (or, without one, its first child), as soon as it
+    exists: it is then importing torch, and no child has reached a training loop."""
     deadline = time.time() + 60
     while time.time() < deadline:
-        children = spawned_children(process.pid)
+        children = fork_servers(process.pid, processes()) or spawned_children(process.pid)
         if children:
             return children[0]
         assert process.poll() is None, process.communicate()
@@ -729,13 +741,14 @@ def child_started(process: subprocess.Popen) -> int:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not ON_LINUX, reason="finds the child process through /proc")
-@pytest.mark.parametrize("delay", [0.0, 1.0])
-@pytest.mark.parametrize("to_group", [True, False], ids=["terminal", "parent only"])
+@pytest.mark.parametrize("to_group, delay", [(True, 0.0), (False, 1.0)],
+                         ids=["terminal at once", "parent only after 1 s"])
 def test_ctrl_c_while_a_child_starts_is_one_line_with_the_resume_hint(
     tiny_run, tmp_path, delay, to_group
 ):
-    """A Ctrl-C while the child imports torch (before its training loop can save anything): the
-    parent's one line, exit code 130, no traceback from either process, no child left."""
+    """A Ctrl-C while the child starts (the fork server, or a spawned child, imports torch;
+    nothing can be saved yet): the parent's one line, exit code 130, no traceback from any
+    process, none left running."""
     tiny_reference(tiny_run, tmp_path)
     compare = start_compare(tmp_path, new_session=True)
     child = child_started(compare)
