@@ -76,8 +76,8 @@ def test_the_readme_snippet_runs_unchanged_with_every_input_on_a_device_and_the_
 SMALL = TINY + [
     "--n_docs", "200", "--pretrain_steps", "4", "--sae_tokens", "2000", "--sae_eval_tokens", "500",
     "--sae_steps", "4",
-    "--n_pairs", "40", "--n_test_pairs", "16", "--pref_steps", "3", "--n_eval_prompts", "4",
-    "--max_new_tokens", "8", "--log_every", "2",
+    "--n_pairs", "40", "--n_test_pairs", "16", "--pref_steps", "2", "--n_eval_prompts", "2",
+    "--max_new_tokens", "4", "--log_every", "1",
 ]
 
 

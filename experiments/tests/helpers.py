@@ -21,6 +21,11 @@ REPO = Path(train.__file__).parent
 DOCS = REPO / "docs"
 PACKAGE = REPO / "experiments"
 
+# Judging on fewer, shorter samples than the tiny run's, for the tests of an experiment's
+# bookkeeping (which rows, which files, what a rerun reuses) rather than of what it finds.
+QUICK_JUDGE = ["--n_eval_prompts", "8", "--max_new_tokens", "12"]
+
+
 def tiny_reference(tiny_run, out_dir: Path, seed: int = 1337) -> Path:
     """out_dir/ref_seed<seed>/ holding the tiny run's GPT, SAE and cache: the reference an
     experiment builds for that seed (the tiny run is seed 1337), ready made."""

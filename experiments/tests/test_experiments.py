@@ -22,8 +22,8 @@ from experiments.bench import LoopPeakMemory
 from experiments.settings import LabConfig
 from experiments.tests import helpers
 from experiments.tests.helpers import (
-    assert_one_colour_per_series, assert_points, drawn, fail_if_called, read, record_figures,
-    tiny_reference,
+    QUICK_JUDGE, assert_one_colour_per_series, assert_points, drawn, fail_if_called, read,
+    record_figures, tiny_reference,
 )
 from runtime import UsageError
 from tests.helpers import TINY, numbers_of
@@ -75,7 +75,7 @@ def test_loop_memory_sees_a_tensor_allocated_inside_and_not_one_from_before():
     assert memory.rss_mb > 0
 
 
-@pytest.mark.slow  # a child process that imports torch: 2-4 s
+@pytest.mark.slow  # a child process (the first of a session starts the fork server: seconds)
 def test_a_child_process_uses_this_process_thread_count():
     torch.set_num_threads(1)  # keep_thread_count puts it back
     assert common.in_child_process(torch.get_num_threads) == 1
@@ -84,7 +84,7 @@ def test_a_child_process_uses_this_process_thread_count():
 # ---- --compare, --head_to_head, --bound, --bench ---------------------------------------------
 
 
-@pytest.mark.slow  # starts two worker processes, each importing torch
+@pytest.mark.slow  # starts worker processes
 def test_workers_return_results_in_order_and_a_failure_is_one_line_naming_its_task(tmp_path):
     cfg = LabConfig()
     cfg = dataclasses.replace(cfg, experiment=dataclasses.replace(cfg.experiment, workers=2))
@@ -108,7 +108,7 @@ def appeared(path: Path) -> bool:
     return path.exists()
 
 
-@pytest.mark.slow  # starts two worker processes, each importing torch
+@pytest.mark.slow  # starts worker processes
 @pytest.mark.parametrize("workers", [1, 2])
 def test_follow_ups_start_once_their_task_ends_and_come_back_in_order(tmp_path, workers):
     cfg = LabConfig()
@@ -138,8 +138,9 @@ def test_workers_side_by_side_train_the_same_rows_as_one_after_another(
     rows = {}
     for workers in (1, 2):
         out = tmp_path / f"workers{workers}"
-        main(argv + ["--out_dir", str(out), "--compare", "--seeds", "2", "--pref_steps", "4",
-                     "--threads", "1", "--workers", str(workers)])
+        main(argv + QUICK_JUDGE + ["--out_dir", str(out), "--compare", "--seeds", "2",
+                                   "--pref_steps", "4", "--threads", "1", "--workers",
+                                   str(workers)])
         timing = ("median_step_ms", "config.ExperimentConfig.workers")
         rows[workers] = [{key: value for key, value in numbers_of(row).items()
                           if key not in timing} | {"label": row["label"]}
@@ -188,7 +189,7 @@ def test_compare_writes_a_finite_row_for_every_method(tiny_run, tmp_path):
 @pytest.mark.slow
 def test_head_to_head_and_bound_read_the_compare_policies(tiny_run, tmp_path, monkeypatch):
     _, argv = tiny_run
-    argv = argv + ["--out_dir", str(tmp_path), "--threads", "1"]
+    argv = argv + QUICK_JUDGE + ["--out_dir", str(tmp_path), "--threads", "1"]
     tiny_reference(tiny_run, tmp_path)
     rows = {label: compare.COMPARE_ROWS[label] for label in ("FPO", "SimPO", "DPO")}
     monkeypatch.setattr(compare, "COMPARE_ROWS", rows)
@@ -219,7 +220,7 @@ def test_head_to_head_and_bound_read_the_compare_policies(tiny_run, tmp_path, mo
     assert (tmp_path / "head_to_head.md").read_text() == table
     # The judge's scores are kept per reference and temperature: one per method and test prompt.
     scores = read(tmp_path / "ref_seed1337" / "head_to_head_t1.json")["scores"]
-    assert set(scores) == {"FPO", "SimPO", "DPO"} and len(scores["FPO"]) == 24
+    assert set(scores) == {"FPO", "SimPO", "DPO"} and len(scores["FPO"]) == 8
     # --bound reads the same policies (and trains FPO once more, along its steps): a row per
     # method, and the D(y)-SeqKL picture; at the compare's settings, whatever this command's say
     # (the rerun below, without these flags, writes the same tables).
@@ -293,6 +294,7 @@ def test_sweep_picks_each_method_over_its_references_resumes_and_feeds_compare(
     knobs = {label: ((1e-3, 3e-3), all_knobs[:1])
              for label, (_, all_knobs) in sweep.SWEEP_GRIDS.items()}
     monkeypatch.setattr(sweep, "SWEEP_GRIDS", knobs)
+    argv = argv + QUICK_JUDGE
     sweep_argv = argv + ["--out_dir", str(out_dir), "--pref_steps", "6", "--pref_lr", "1e-3",
                          "--sweep_references", "2", "--threads", "1"]
     saved = record_figures(monkeypatch)
@@ -397,8 +399,8 @@ def test_ablation_has_a_row_per_setting_trains_each_setting_once_and_reruns_noth
     tmp_path, monkeypatch
 ):
     # A 2-block GPT, so one row needs an SAE of its own on the other block.
-    argv = TINY + ["--out_dir", str(tmp_path), "--n_layer", "2", "--seeds", "1", "--pref_steps",
-                   "6"]
+    argv = TINY + QUICK_JUDGE + ["--out_dir", str(tmp_path), "--n_layer", "2", "--seeds", "1",
+                                 "--pref_steps", "6"]
     monkeypatch.setattr(paper, "ABLATION_ALPHA_FACTORS", (0.0, 1.0))  # 0 and the default
     monkeypatch.setattr(paper, "ABLATION_FPO_KS", (16, 32))
     trained = []
@@ -479,7 +481,7 @@ def test_control_weighs_each_latent_set_at_0_and_w_and_reruns_nothing(
     tiny_run, tmp_path, monkeypatch
 ):
     _, argv = tiny_run
-    argv = argv + ["--out_dir", str(tmp_path), "--seeds", "1", "--pref_steps", "6"]
+    argv = argv + QUICK_JUDGE + ["--out_dir", str(tmp_path), "--seeds", "1", "--pref_steps", "6"]
     tiny_reference(tiny_run, tmp_path)
     saved_figures = record_figures(monkeypatch)
     main(argv + ["--control"])

@@ -64,13 +64,7 @@ def no_process_left_behind():
 def start_compare(out_dir: Path, *flags: str, new_session: bool = False) -> subprocess.Popen:
     """`python -m experiments --compare` with COMPARE's flags, at SIGNAL_PICKS (out_dir's
     sweep_picks.json)."""
-    picks = out_dir / "sweep_picks.json"
-    if not picks.exists():
-        cfg = parse_args(COMPARE + ["--compare"], config_type=LabConfig)
-        picks.write_text(json.dumps({
-            "made_from": sweep.recipe(cfg),
-            "picks": {label: {"settings": settings} for label, settings in SIGNAL_PICKS.items()},
-        }))
+    write_signal_picks(out_dir)
     compare = subprocess.Popen(
         [sys.executable, "-m", "experiments", *COMPARE, "--out_dir", str(out_dir), "--compare",
          *flags],
@@ -82,6 +76,17 @@ def start_compare(out_dir: Path, *flags: str, new_session: bool = False) -> subp
     )
     STARTED.append(compare)
     return compare
+
+
+def write_signal_picks(out_dir: Path) -> None:
+    """out_dir/sweep_picks.json holding SIGNAL_PICKS, unless it is there already."""
+    picks = out_dir / "sweep_picks.json"
+    if not picks.exists():
+        cfg = parse_args(COMPARE + ["--compare"], config_type=LabConfig)
+        picks.write_text(json.dumps({
+            "made_from": sweep.recipe(cfg),
+            "picks": {label: {"settings": settings} for label, settings in SIGNAL_PICKS.items()},
+        }))
 
 
 def processes() -> dict[int, tuple[int, bytes]]:
@@ -158,12 +163,14 @@ def at_most(seconds: int):
 
 @pytest.fixture(scope="module")
 def uninterrupted_compare(tiny_run, tmp_path_factory):
-    """The out_dir of an uninterrupted `python -m experiments --compare` with COMPARE's flags."""
+    """The out_dir of an uninterrupted --compare with COMPARE's flags, run in this process (its
+    rows train in child processes, as under `python -m experiments`)."""
     out_dir = tmp_path_factory.mktemp("uninterrupted")
     tiny_reference(tiny_run, out_dir)
-    finished = start_compare(out_dir)
-    _, stderr = finished.communicate(timeout=600)
-    assert finished.returncode == 0, stderr
+    write_signal_picks(out_dir)
+    threads = torch.get_num_threads()
+    main(COMPARE + ["--out_dir", str(out_dir), "--compare"])
+    torch.set_num_threads(threads)
     return out_dir
 
 
