@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import train
-from helpers import TINY, numbers_of
+from helpers import finished_tiny_run, numbers_of
 
 REPO = Path(train.__file__).parent
 README = REPO / "README.md"
@@ -27,10 +27,7 @@ DOCS = REPO / "docs"
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A finished tiny `python train.py` run: (out_dir, its argv)."""
-    out_dir = tmp_path_factory.mktemp("tiny_run")
-    argv = TINY + ["--out_dir", str(out_dir)]
-    train.main(argv)
-    return out_dir, argv
+    return finished_tiny_run(tmp_path_factory.getbasetemp())
 
 
 def results_of(out_dir: Path) -> dict:

@@ -4,8 +4,11 @@ experiments' tests as `tests.helpers` (as they import tests/pretend_device.py); 
 the conftest.py files."""
 
 import json
+from pathlib import Path
 
 import torch
+
+import train
 
 # Every stage, shrunk: a 1-block 32-wide GPT, a 128-latent SAE, a few hundred pairs.
 TINY = [
@@ -19,6 +22,17 @@ TINY = [
     "--pref_lr", "1e-3",
     "--n_eval_prompts", "24", "--max_new_tokens", "24",
 ]
+
+
+def finished_tiny_run(base_temp: Path) -> tuple[Path, list[str]]:
+    """The tiny pipeline run to the end in base_temp/tiny_run: (out_dir, its argv). The core's
+    and the experiments' `tiny_run` fixtures both pass the session's base temporary directory,
+    so the run is made once a session (its eval stage writes results.json last)."""
+    out_dir = base_temp / "tiny_run"
+    argv = TINY + ["--out_dir", str(out_dir)]
+    if not (out_dir / "results.json").exists():
+        train.main(argv)
+    return out_dir, argv
 
 
 def numbers_of(results: dict) -> dict:

@@ -184,7 +184,7 @@ def test_non_finite_weights_stop_their_stage_blaming_its_flag(
 
 
 MICRO = TINY + ["--pretrain_steps", "20", "--sae_steps", "10", "--pref_steps", "4"]
-MICRO += ["--log_every", "1"]
+MICRO += ["--log_every", "1", "--n_eval_prompts", "4", "--max_new_tokens", "8"]
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train
-from tests.helpers import TINY
+from tests.helpers import finished_tiny_run
 
 # The experiments draw with matplotlib (experiments/requirements.txt), which the core does not
 # need: on a core-only install these tests are not collected, and the header says why.
@@ -30,13 +30,8 @@ STAGE_FUNCTIONS = ("pretrain", "train_sae_stage", "build_cache", "preference_mod
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-    """A finished tiny `python train.py` run: (out_dir, its argv)."""
-    out_dir = tmp_path_factory.mktemp("tiny_run")
-    argv = TINY + ["--out_dir", str(out_dir)]
-    threads = torch.get_num_threads()
-    train.main(argv)
-    torch.set_num_threads(threads)
-    return out_dir, argv
+    """A finished tiny `python train.py` run: (out_dir, its argv), the core tests' own."""
+    return finished_tiny_run(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(autouse=True)

@@ -30,7 +30,7 @@ from experiments import common, paper, sweep
 from experiments.__main__ import main
 from experiments.compare import COMPARE_ROWS, picked_rows
 from experiments.settings import LabConfig
-from experiments.tests.helpers import REPO, fail_if_called, tiny_reference
+from experiments.tests.helpers import QUICK_JUDGE, REPO, fail_if_called, tiny_reference
 from runtime import Interrupted, UsageError, save_checkpoint
 from tests.helpers import TINY
 
@@ -348,8 +348,8 @@ def test_sweep_runs_and_picks_are_used_only_from_the_same_inputs(
     # The smallest sweep, the same code: FPO at one setting, on one reference.
     _, fpo_knobs = sweep.SWEEP_GRIDS["FPO"]
     monkeypatch.setattr(sweep, "SWEEP_GRIDS", {"FPO": ((1e-3,), fpo_knobs[:1])})
-    argv = TINY + ["--threads", "1", "--out_dir", str(out_dir), "--pref_steps", "3",
-                   "--sweep_references", "1"]
+    argv = TINY + QUICK_JUDGE + ["--threads", "1", "--out_dir", str(out_dir), "--pref_steps",
+                                 "3", "--sweep_references", "1"]
     main(argv + ["--sweep"])
     main(argv + ["--compare", "--seeds", "1"])
     picks_file = out_dir / "sweep_picks.json"
