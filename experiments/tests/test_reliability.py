@@ -38,7 +38,7 @@ ON_LINUX = Path("/proc/self/stat").exists()
 # --compare as the signal tests run it: every step logged (and saved for --resume), and the rows
 # of one pick (FPO's, and FPO with alpha 0 at it) of 20 steps: long enough to be signalled
 # mid-loop, short enough that the whole comparison takes seconds.
-COMPARE = TINY + ["--threads", "1", "--log_every", "1", "--seeds", "1"]
+COMPARE = TINY + QUICK_JUDGE + ["--threads", "1", "--log_every", "1", "--seeds", "1"]
 SIGNAL_PICKS = {"FPO": {"method": "fpo", "beta": 1.0, "alpha": 256.0, "pref_lr": 1e-3,
                         "pref_steps": 20}}
 COMPARE_ROW_TAGS = [common.compare_tag(label, 1337) for label in picked_rows(SIGNAL_PICKS)]
