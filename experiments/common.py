@@ -378,8 +378,8 @@ def child_processes():
     """Where child processes come from. On Linux, a fork server that imported torch and the
     pipeline once: a child starts in a fraction of a second instead of the seconds a new
     interpreter takes to import torch, and inherits nothing of this process (the server never
-    trains anything). Elsewhere a new interpreter each time ("spawn"): macOS's system libraries
-    are not safe to fork."""
+    trains, nor starts CUDA, which a forked process could not start again). Elsewhere a new
+    interpreter each time ("spawn"): macOS's system libraries are not safe to fork."""
     if not sys.platform.startswith("linux"):
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
