@@ -138,7 +138,9 @@ def test_workers_side_by_side_train_the_same_rows_as_one_after_another(
     rows = {}
     for workers in (1, 2):
         out = tmp_path / f"workers{workers}"
+        # references pretrained briefly: what is compared is the rows, not what they learn
         main(argv + QUICK_JUDGE + ["--out_dir", str(out), "--compare", "--seeds", "2",
+                                   "--pretrain_steps", "30", "--sae_steps", "20",
                                    "--pref_steps", "4", "--threads", "1", "--workers",
                                    str(workers)])
         timing = ("median_step_ms", "config.ExperimentConfig.workers")
