@@ -34,8 +34,8 @@ from experiments.stats import paired_difference
 from loading import load_gpt, load_trained_sae, save_policy
 from runtime import (
     Interrupted, UsageError, autocast, batch_indices, changed_settings, check_finite,
-    check_finite_model, learning_rate, load_checkpoint, log_line, read_json, synchronize,
-    write_json, write_text,
+    check_finite_model, learning_rate, load_checkpoint, log_line, process_is_alive, read_json,
+    synchronize, write_json, write_text,
 )
 
 
@@ -423,17 +423,9 @@ def run_in_child(function, *args):
 
 def exit_with_experiment(experiment: int) -> None:
     parent = os.getppid()  # the experiment, or the fork server it started
-    while os.getppid() == parent and process_exists(experiment):
+    while os.getppid() == parent and process_is_alive(experiment):
         time.sleep(0.1)  # an orphan is handed to another parent (init)
     os._exit(1)
-
-
-def process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process is there
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def train_in_child(tag: str, to_continue: str, function, *args):
