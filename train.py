@@ -346,6 +346,7 @@ class PreferenceLoss(NamedTuple):
     chosen_rewards: torch.Tensor  # (B,), detached
     rejected_rewards: torch.Tensor  # (B,), detached
     feature_mses: torch.Tensor | None  # D(y) of all 2B responses (FPO: part of its loss), or None
+    hidden: torch.Tensor  # the policy's residual stream read by the SAE, (2B, T, C), detached
 
 
 def preference_losses(
@@ -370,22 +371,21 @@ def preference_losses(
     reference_avg_logps = inputs.cache["avg_logps"][cached_rows].to(avg_logps.device)
     method = pref_cfg.method
     if method == "fpo":  # offline reference: avg_logp_ref and pooled_ref come from the cache
-        feature_mses = fpo.cached_feature_mse(
-            hidden, mask, inputs.sae.encode_topk, inputs.cache, rows, pref_cfg.fpo_k,
-            weights=torch.tensor(latent_weights(pref_cfg.fpo_latent_weights, inputs.sae.d_sae)),
-        )
+        feature_mses = batch_feature_mse(pref_cfg, hidden, batch, inputs)
         losses, chosen_rewards, rejected_rewards = fpo.fpo_loss(
             avg_logps[:B], avg_logps[B:],
             reference_avg_logps[:B], reference_avg_logps[B:],
             feature_mses[:B], feature_mses[B:],
             beta=pref_cfg.beta, alpha=pref_cfg.alpha, stop_gradient=pref_cfg.fpo_stop_grad,
         )
-        return PreferenceLoss(losses, chosen_rewards, rejected_rewards, feature_mses.detach())
+        return PreferenceLoss(
+            losses, chosen_rewards, rejected_rewards, feature_mses.detach(), hidden.detach()
+        )
     if method == "simpo":  # no reference at all
         losses, chosen_rewards, rejected_rewards = fpo.simpo_loss(
             avg_logps[:B], avg_logps[B:], beta=pref_cfg.beta, gamma=pref_cfg.gamma
         )
-        return PreferenceLoss(losses, chosen_rewards, rejected_rewards, None)
+        return PreferenceLoss(losses, chosen_rewards, rejected_rewards, None, hidden.detach())
     # The reference's summed log-probs: from FPO's cache, or online (with its logits for SeqKL).
     if method == "dpo_offline":
         reference_logps = inputs.cache["sum_logps"][cached_rows].to(sum_logps.device)
@@ -401,7 +401,7 @@ def preference_losses(
             reference_logps[:B], reference_logps[B:],
             beta=pref_cfg.beta,
         )
-        return PreferenceLoss(losses, chosen_rewards, rejected_rewards, None)
+        return PreferenceLoss(losses, chosen_rewards, rejected_rewards, None, hidden.detach())
     seq_kl = fpo.sequence_kl(  # SeqKL(y) = sum_t KL(pi_ref || pi_theta), (2B,)
         p_logits=reference_logits, q_logits=logits, response_mask=mask
     )
@@ -419,19 +419,26 @@ def preference_losses(
             seq_kl[:B], seq_kl[B:],
             beta=pref_cfg.beta, alpha=pref_cfg.alpha, version=1 if method == "tdpo1" else 2,
         )
-    return PreferenceLoss(losses, chosen_rewards, rejected_rewards, None)
+    return PreferenceLoss(losses, chosen_rewards, rejected_rewards, None, hidden.detach())
 
 
-@torch.no_grad()
-def policy_feature_mse(pref_cfg, sae_layer: int, policy: GPT, batch, inputs) -> torch.Tensor:
-    """D(y) of every response in a batch, for the methods whose loss does not compute it: the
-    same fpo.cached_feature_mse FPO trains with. Shape: (2B,)."""
-    rows, input_ids, mask = batch
-    _, hidden = policy(input_ids, hidden_layer=sae_layer)
+def batch_feature_mse(pref_cfg, hidden: torch.Tensor, batch, inputs) -> torch.Tensor:
+    """D(y) of every response in a batch, from the policy's residual stream `hidden` (2B, T, C)
+    and the offline cache (fpo.cached_feature_mse). Shape: (2B,)."""
+    rows, _, mask = batch
     return fpo.cached_feature_mse(
         hidden, mask, inputs.sae.encode_topk, inputs.cache, rows, pref_cfg.fpo_k,
         weights=torch.tensor(latent_weights(pref_cfg.fpo_latent_weights, inputs.sae.d_sae)),
     )
+
+
+@torch.no_grad()
+def measured_feature_mse(pref_cfg, result: PreferenceLoss, batch, inputs) -> torch.Tensor:
+    """D(y) of every response in the batch, for every method: FPO's from its loss; the other
+    methods', measured on the residual stream of the same forward (no second one). Shape: (2B,)."""
+    if result.feature_mses is not None:
+        return result.feature_mses
+    return batch_feature_mse(pref_cfg, result.hidden, batch, inputs)
 
 
 def train_preference(cfg: Config, device, seed: int, tag: str = "policy") -> dict:
@@ -480,7 +487,7 @@ def train_preference(cfg: Config, device, seed: int, tag: str = "policy") -> dic
             synchronize(device)
             # log: every step to the JSONL file, every log_every-th to the terminal as well
             ms_per_step = 1000 * (time.perf_counter() - step_started)
-            records.append(step_record(cfg, step, loss, result, ms_per_step, policy, batch, inputs))
+            records.append(step_record(cfg, step, loss, result, ms_per_step, batch, inputs))
             if step % cfg.run.log_every == 0 or step == steps - 1:
                 write_jsonl(log_path, records)
                 shown = {key: value for key, value in records[-1].items() if key != "step"}
@@ -507,11 +514,10 @@ def update(model: torch.nn.Module, optimizer, loss: torch.Tensor, grad_clip: flo
 
 
 def step_record(cfg: Config, step: int, loss, result: PreferenceLoss, ms_per_step: float,
-                policy: GPT, batch, inputs: PreferenceInputs) -> dict:
+                batch, inputs: PreferenceInputs) -> dict:
     """A training step's log record: the same keys in the JSONL log and on the terminal."""
-    feature_mses = result.feature_mses
-    if feature_mses is None:  # the other methods: the same D(y), outside the timed step
-        feature_mses = policy_feature_mse(cfg.prefer, cfg.sae.sae_layer, policy, batch, inputs)
+    # D(y) at the weights that computed this step's loss (other methods: outside the timing)
+    feature_mses = measured_feature_mse(cfg.prefer, result, batch, inputs)
     return {
         "step": step,
         "loss": loss.item(),
@@ -574,10 +580,7 @@ def held_out_accuracy(
         B = len(rows) // 2
         with autocast(device):
             result = preference_losses(pref_cfg, sae_layer, policy, batch, inputs, reference)
-            batch_mses = result.feature_mses
-            if batch_mses is None:  # FPO computed it for its loss; the other methods measure it
-                batch_mses = policy_feature_mse(pref_cfg, sae_layer, policy, batch, inputs)
-            feature_mses.append(batch_mses)
+            feature_mses.append(measured_feature_mse(pref_cfg, result, batch, inputs))
             logits, _ = policy(input_ids)
             reference_logps = inputs.cache["sum_logps"][rows.cpu()].to(device)
             implicit_reward = fpo.sequence_logps(logits, input_ids, mask)[0] - reference_logps

@@ -1,6 +1,6 @@
 """What every experiment shares: one reference pipeline per seed, made once; what a saved result
 was made from, so a rerun reuses it only when nothing changed; runs trained in a child process;
-the experiments' own training loop (snapshots along the way, the loop's memory); what each
+the experiments' own training loop (judged along the way, the loop's memory); what each
 experiment writes.
 
 A reference is one seed's whole pipeline: its own corpus, pretrained GPT, SAE, cache and pairs,
@@ -566,16 +566,17 @@ def prepared_reference(cfg: Config, seed: int, device) -> tuple[Config, dict]:
 
 
 # ----------------------------------------------------------------------------------------------
-# The experiments' training loop: train.py's step, with snapshots and a meter around it
+# The experiments' training loop: train.py's step, judged along the way, with a meter
 
 
 def train_policy(
-    cfg: Config, device, seed: int, tag: str, snapshot_every: int = 0, measure=None
+    cfg: Config, device, seed: int, tag: str, judge_every: int = 0, judge=None, measure=None
 ) -> dict:
     """Train one policy as train.train_preference does (the same models, batches and steps, so
     the same weights, bit for bit), without its resume and Ctrl-C bookkeeping, and with what the
     experiments measure along the way:
-    - snapshot_every > 0: the policy after every that many steps, as out_dir/<tag>_step<N>.pt;
+    - judge(step, policy) after every judge_every steps: the policy measured where it stands
+      (judged_in_place); training stops there when it returns False;
     - measure: a context manager around the loop alone (bench.LoopPeakMemory).
     Saves out_dir/<tag>.pt and <tag>_log.jsonl. Returns the median step time in seconds. An
     interrupted run is trained again from its first step by the next command."""
@@ -601,16 +602,27 @@ def train_policy(
             records.append(
                 timed_step(cfg, policy, optimizer, reference, inputs, batch, step, never_saved)
             )
-            # snapshot, and a progress line every log_every steps
-            if snapshot_every and (step + 1) % snapshot_every == 0:
-                save_policy(out / f"{tag}_step{step + 1}.pt", settings, inputs.made_from, policy)
+            # a progress line every log_every steps; judged every judge_every, maybe stopped
             if step % cfg.run.log_every == 0 or step == pref_cfg.pref_steps - 1:
                 shown = {key: value for key, value in records[-1].items() if key != "step"}
                 print(log_line("prefer", step, pref_cfg.pref_steps, started, **shown), flush=True)
+            if judge_every and (step + 1) % judge_every == 0:
+                if not judged_in_place(judge, step + 1, policy):
+                    break
     check_finite_model(policy, "prefer", "--pref_lr or --beta too high", probe=batch[1])
     save_policy(out / f"{tag}.pt", settings, inputs.made_from, policy)
     train.write_jsonl(out / f"{tag}_log.jsonl", records)
     return {"median_step_s": statistics.median(r["ms_per_step"] for r in records) / 1000}
+
+
+def judged_in_place(judge, step: int, policy: torch.nn.Module) -> bool:
+    """judge(step, policy) on the policy in training, in eval mode and without gradients, as
+    loading.load_policy would hand it over; training goes on (in train mode) when it says so."""
+    policy.eval()
+    with torch.no_grad():
+        go_on = judge(step, policy)
+    policy.train()
+    return go_on
 
 
 def timed_step(
@@ -636,7 +648,7 @@ def timed_step(
     train.update(policy, optimizer, loss, pref_cfg.grad_clip)
     synchronize(device)
     ms_per_step = 1000 * (time.perf_counter() - started)
-    return train.step_record(cfg, step, loss, result, ms_per_step, policy, batch, inputs)
+    return train.step_record(cfg, step, loss, result, ms_per_step, batch, inputs)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -497,16 +497,16 @@ def fpo_trajectory(ref_cfg: Config, device, settings: dict, reference, inputs) -
     saved = saved_run(out / f"{tag}.json", made_from, needs=TRAJECTORY_KEYS)
     if saved is not None:
         return {key: saved[key] for key in TRAJECTORY_KEYS}
-    train_policy(run_cfg, device, run_cfg.run.seed, tag, snapshot_every=every)
     trajectory = {key: [] for key in TRAJECTORY_KEYS}
-    for step in range(every, run_cfg.prefer.pref_steps + 1, every):
-        snapshot = f"{tag}_step{step}"
-        policy, _ = load_policy(run_cfg, snapshot, reference, inputs.made_from, device)
+
+    def measure(step: int, policy) -> bool:
         terms = held_out_bound_terms(policy, reference, inputs, run_cfg, device)
         trajectory["step"].append(step)
         trajectory["sequence_kl"].append(terms["sequence_kl"].mean().item())
         trajectory["feature_mse"].append(terms["feature_mse"].mean().item())
-        (out / f"{snapshot}.pt").unlink()
+        return True
+
+    train_policy(run_cfg, device, run_cfg.run.seed, tag, judge_every=every, judge=measure)
     write_json(out / f"{tag}.json",
                trajectory | {"made_from": made_from, "cpu_threads": torch.get_num_threads()})
     return trajectory

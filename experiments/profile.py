@@ -4,8 +4,9 @@ docs/cost.md tabulates.
     python -m cProfile -o control.prof -m experiments --control --seeds 1 --threads 1
     python -m experiments.profile control.prof [more.prof ...]
 
-Each part is the time spent inside its functions (none calls another part's), in seconds and as a
-share of the whole; "the rest" is start-up, imports, loading and checks. Runs in --workers
+Each part is the time spent inside its functions, less what they spend in other parts (the
+sweep's judging runs inside its training loop), in seconds and as a share of the whole; "the
+rest" is start-up, imports, loading and checks. Runs in --workers
 processes or in child processes are not seen by the parent's profile: profile with --workers 1,
 and read --compare's training as "runs in child processes".
 """
@@ -27,18 +28,25 @@ PARTS = {  # part: (file name, function name), ...
                                        ("paper.py", "training_accuracy")),
     "writing tables and figures": (("common.py", "write_outputs"),),
 }
+INSIDE = {  # part: functions it calls whose time belongs to other parts
+    "preference training": (("common.py", "judged_in_place"),),
+}
 
 
 def parts(path: str) -> tuple[float, dict[str, float]]:
     """The profile's total seconds and {part: seconds}, "the rest" last."""
     stats = pstats.Stats(path).stats  # {(file, line, function): (..., cumulative seconds, ...)}
     total = max(entry[3] for entry in stats.values())
-    seconds = {}
-    for part, functions in PARTS.items():
-        seconds[part] = sum(
+
+    def spent(functions) -> float:
+        return sum(
             entry[3] for (file, _, function), entry in stats.items()
             if any(file.endswith("/" + name) and function == wanted for name, wanted in functions)
         )
+
+    seconds = {
+        part: spent(functions) - spent(INSIDE.get(part, ())) for part, functions in PARTS.items()
+    }
     seconds["the rest"] = total - sum(seconds.values())
     return total, seconds
 

@@ -3,8 +3,8 @@ frontier and the over-optimisation curves.
 
 On each of --sweep_references references (seeds --sweep_seed, +1, ...; none of --compare's), every
 method trains at each setting of its grid for twice --pref_steps and is judged on the validation
-prompts at every third of --pref_steps. Writes sweep_picks.json (what --compare runs), sweep.md,
-frontier.svg, validity.svg and win_rate.svg.
+prompts at every third of --pref_steps, until its text falls below the validity floor. Writes
+sweep_picks.json (what --compare runs), sweep.md, frontier.svg, validity.svg and win_rate.svg.
 """
 
 import dataclasses
@@ -24,7 +24,6 @@ from experiments.common import (
     train_policy, with_method,
 )
 from experiments.settings import sweep_seeds
-from loading import load_policy
 from runtime import write_json, write_text
 
 # Every method gets the same budget: 3 learning rates x 3 values of its other knob = 9 runs on
@@ -94,7 +93,8 @@ def recipe(cfg: Config) -> dict:
 def sweep(cfg: Config, device) -> None:
     """On each of --sweep_references references (whole pipelines of their own seeds, none of
     --compare's), train every method at each setting of its grid for twice --pref_steps and judge
-    the validation prompts every third of --pref_steps. Pick per method the (setting, length)
+    the validation prompts every third of --pref_steps, stopping a run at its first point below
+    the validity floor. Pick per method the (setting, length)
     by the robust rule of pick_setting. Finished runs made from the same inputs are skipped on a
     rerun. Writes sweep_picks.json (what --compare runs, with the recipe it was tuned for),
     sweep.md and three SVGs."""
@@ -152,8 +152,10 @@ def sweep(cfg: Config, device) -> None:
 
 
 def sweep_run(ref_cfg: Config, device, made_from: dict, label: str, overrides: dict) -> dict:
-    """One grid run on one reference, judged at every third of --pref_steps up to twice it; a
-    finished one saved from the same inputs is read back instead."""
+    """One grid run on one reference, judged at every third of --pref_steps up to twice it, and
+    stopped at its first point below VALIDITY_FLOOR x the reference's valid rate: no later point
+    can be picked (fluent_points). A finished one saved from the same inputs is read back
+    instead."""
     out = Path(ref_cfg.run.out_dir)
     every = judged_every(ref_cfg.prefer.pref_steps)
     tag = sweep_tag(overrides)
@@ -162,34 +164,58 @@ def sweep_run(ref_cfg: Config, device, made_from: dict, label: str, overrides: d
     run_made_from = made_from | {"settings": stage_settings(run_cfg, "prefer")}
     saved = saved_run(path, run_made_from)
     if saved is not None:
-        return saved
+        return saved | {"points": fluent_points(saved["points"], saved["reference"])}
     seed = ref_cfg.run.seed
     print(f"sweep: seed {seed}, {label}, {overrides}", flush=True)
-    train_policy(run_cfg, device, seed, tag, snapshot_every=every)
     # Judged as train.evaluate_policy judges, without the held-out accuracy no pick reads, and
-    # with the reference and the pairs loaded once for all the run's snapshots.
+    # with the reference and the pairs loaded once for all the run's points.
     reference, inputs = frozen_reference(run_cfg, device)
     prompt_texts, judged = train.held_out_prompts(run_cfg, inputs)
     points = []
-    for step in range(every, run_cfg.prefer.pref_steps + 1, every):
-        snapshot = f"{tag}_step{step}"
-        policy, _ = load_policy(run_cfg, snapshot, reference, inputs.made_from, device)
+    judged_reference = {}
+
+    def judge(step: int, policy) -> bool:
         results = judge_against_reference(policy, reference, prompt_texts, judged, inputs.enc,
                                           run_cfg.eval, seed, device, reference_samples(run_cfg))
-        point = {key: report.nested(results, key_path) for key, key_path in POINT_KEYS.items()}
-        points.append({"step": step} | point)
-        (out / f"{snapshot}.pt").unlink()
+        point = {"step": step} | {key: report.nested(results, key_path)
+                                  for key, key_path in POINT_KEYS.items()}
+        points.append(point)
+        judged_reference.update(results["reference"])
+        if fell_below_floor(point, judged_reference):
+            print(f"sweep: {tag} stopped at step {step}: valid rate {point['valid_rate']:.3f}, "
+                  f"below {VALIDITY_FLOOR} x the reference's {judged_reference['valid_rate']:.3f}",
+                  flush=True)
+            return False
+        return True
+
+    train_policy(run_cfg, device, seed, tag, judge_every=every, judge=judge)
     run = {
         "label": label,
         "tag": tag,
         "overrides": overrides,
         "points": points,
-        "reference": results["reference"],
+        "reference": judged_reference,
         "made_from": run_made_from,
         "cpu_threads": torch.get_num_threads(),
     }
     write_json(path, run)
     return run
+
+
+def fluent_points(points: list[dict], reference: dict) -> list[dict]:
+    """A run's judged points up to and including its first below VALIDITY_FLOOR x the
+    reference's valid rate. Past that point the policy has fallen into invalid text; a pick needs
+    a point fluent on every reference, and one that stayed fluent all the way there, so the
+    sweep stops the run (and a run saved whole is read as if it had stopped)."""
+    for i, point in enumerate(points):
+        if fell_below_floor(point, reference):
+            return points[:i + 1]
+    return points
+
+
+def fell_below_floor(point: dict, reference: dict) -> bool:
+    """Whether a judged point's valid rate is below VALIDITY_FLOOR x the reference's."""
+    return point["valid_rate"] < VALIDITY_FLOOR * reference["valid_rate"]
 
 
 def pick_setting(runs_by_seed: dict[int, list[dict]], reference_valid: dict[int, float]) -> dict:
@@ -222,7 +248,8 @@ def pick_at_kl(
 
 
 def grid_points(runs_by_seed: dict[int, list[dict]]) -> list[dict]:
-    """Every (setting, length) of one method's runs, with its judged point on every reference."""
+    """Every (setting, length) of one method's runs judged on every reference (a run stopped
+    on one has no later points there), with its point on each."""
     candidates = {}
     for seed, runs in runs_by_seed.items():
         for run in runs:
@@ -233,7 +260,7 @@ def grid_points(runs_by_seed: dict[int, list[dict]]) -> list[dict]:
                     "run": run["tag"],
                 })
                 candidate["validation"][str(seed)] = point
-    return list(candidates.values())
+    return [c for c in candidates.values() if len(c["validation"]) == len(runs_by_seed)]
 
 
 def validity_margin(candidate: dict, reference_valid: dict[int, float]) -> float:
@@ -278,7 +305,8 @@ def grid_edges(settings: dict, method_grid: list[dict], every: int, pref_cfg) ->
 def write_sweep_charts(out: Path, grid_runs: dict, picks: dict) -> None:
     """frontier.svg: judge score against KL at every point of every grid run; validity.svg and
     win_rate.svg: along the picked setting's runs of each method. Each point is the mean over the
-    references with their range, and sweep_points.md holds every number drawn."""
+    references with their range, at the steps judged on all of them (a run stops below the
+    validity floor), and sweep_points.md holds every number drawn."""
     def across(runs: list[dict], key: str) -> list[tuple[int, tuple[float, float, float]]]:
         """(step, (mean, min, max)) of one setting's runs, one per reference, step by step."""
         return [

@@ -178,11 +178,9 @@ def test_all_padding_response_gives_finite_losses_and_metrics():
     inputs = train.PreferenceInputs(enc, sae, tokenized, [], cache, {})
     for method in config.METHODS:
         pref = train.PreferenceConfig(method=method, fpo_k=4)
-        losses, chosen, rejected, _ = train.preference_losses(
-            pref, -1, policy, batch, inputs, policy
-        )
-        assert all(torch.isfinite(t).all() for t in (losses, chosen, rejected)), method
-    assert torch.isfinite(train.policy_feature_mse(pref, -1, policy, batch, inputs)).all()
+        result = train.preference_losses(pref, -1, policy, batch, inputs, policy)
+        feature_mses = train.measured_feature_mse(pref, result, batch, inputs)
+        assert all(torch.isfinite(t).all() for t in (*result[:3], feature_mses)), method
     prompts = [t.prompt_ids for t in tokenized]
     # two empty samples
     stats = evaluate.score_samples(policy, policy, prompts, [[], []], eos, torch.device("cpu"))

@@ -151,6 +151,37 @@ def test_each_step_of_the_loop_is_adamw_on_fpo_s_clipped_gradient_at_the_warm_up
     assert abs(swapped - records[0]["loss"]) > 100 * 1e-5 * records[0]["loss"]
 
 
+@pytest.mark.parametrize("method", ["fpo", "simpo"])
+def test_the_logged_d_y_is_that_of_the_weights_that_took_the_step(
+    world, tmp_path, monkeypatch, method
+):
+    """Each step's logged D(y) is the batch's mean D(y) at the weights the step started from, by
+    hand: FPO's from its loss, and a method's that does not train on it (SimPO) from the same
+    forward, not from the weights after the update."""
+    reference, inputs, _ = world
+    start = drifted_copy(reference, seed=11)  # D(y) > 0
+    cfg = loop_config(tmp_path, steps=2, method=method, grad_clip=1e9)
+    steps = recorded_steps(monkeypatch)
+    trained, records = run_the_loop(world, cfg, monkeypatch, start)
+    eos = data.eos_id(inputs.enc)
+    weights = [step["weights"] for step in steps] + [[p.detach() for p in trained.parameters()]]
+    by_hand = []
+    for number in range(3):  # the weights before steps 0 and 1, and after step 1
+        policy = copy.deepcopy(start)
+        with torch.no_grad():
+            for p, w in zip(policy.parameters(), weights[number]):
+                p.copy_(w)
+        picks = batch_indices(len(inputs.train_pairs), B, seed=5, step=min(number, 1))
+        rows, input_ids, mask = data.pair_batch(inputs.train_pairs, picks, 0, eos, CPU)
+        with torch.no_grad():
+            _, hidden = policy(input_ids, hidden_layer=0)
+        pooled = fpo.pooled_features(inputs.sae.encode(hidden), mask)
+        reference_pooled = fpo.reference_pooled_features(inputs.cache, rows)
+        by_hand.append(fpo.feature_mse(pooled, reference_pooled, cfg.prefer.fpo_k).mean().item())
+    assert [record["feature_mse"] for record in records] == pytest.approx(by_hand[:2], rel=1e-5)
+    assert records[1]["feature_mse"] != pytest.approx(by_hand[2], rel=1e-3)  # not after it
+
+
 def test_the_warm_up_rises_linearly_to_the_peak_and_stays_there():
     """Step s of a warm-up of w steps trains at peak * (s + 1) / w: never 0, the peak first at
     step w - 1, and never above it."""

@@ -38,28 +38,41 @@ DEFAULTS = config.PreferenceConfig()
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["fpo", "tdpo2"])
 def test_the_experiments_loop_trains_train_py_s_policy_bit_for_bit(method, tiny_run, tmp_path):
-    """train_policy (with snapshots) and train.train_preference give the same weights and the
-    same log but for wall-clock time; the last snapshot is the policy itself."""
+    """train_policy (judged along the way) and train.train_preference give the same weights and
+    the same log but for wall-clock time; the judge sees the policy where it stands, in eval mode
+    and without gradients, and training stops where the judge says so."""
     reference = tiny_reference(tiny_run, tmp_path)
     argv = TINY + ["--out_dir", str(reference), "--pref_steps", "6", "--method", method]
     cfg = config.parse_args(argv)
     train.train_preference(cfg, CPU, seed=7, tag="core")
-    common.train_policy(cfg, CPU, seed=7, tag="lab", snapshot_every=3)
+    seen = {}  # step: the policy's weights the judge saw
+
+    def judge(step: int, policy) -> bool:
+        assert not policy.training and not torch.is_grad_enabled()
+        seen[step] = {name: tensor.clone() for name, tensor in policy.state_dict().items()}
+        return True
+
+    common.train_policy(cfg, CPU, seed=7, tag="lab", judge_every=3, judge=judge)
     core, lab = (torch.load(reference / f"{tag}.pt", weights_only=True) for tag in ("core", "lab"))
     assert core["config"] == lab["config"] and core["made_from"] == lab["made_from"]
     for name, tensor in core["state_dict"].items():
         assert torch.equal(tensor, lab["state_dict"][name]), name
-    last = torch.load(reference / "lab_step6.pt", weights_only=True)["state_dict"]
-    assert all(torch.equal(tensor, last[name]) for name, tensor in core["state_dict"].items())
-    assert sorted(path.name for path in reference.glob("lab_step*.pt")) == [
-        "lab_step3.pt", "lab_step6.pt"
-    ]
+    assert sorted(seen) == [3, 6]
+    assert all(torch.equal(tensor, seen[6][name]) for name, tensor in core["state_dict"].items())
+    assert not list(reference.glob("lab_step*.pt"))  # nothing is saved along the way
 
     def without_time(tag: str) -> list[dict]:
         lines = (reference / f"{tag}_log.jsonl").read_text().splitlines()
         return [{k: v for k, v in json.loads(line).items() if k != "ms_per_step"} for line in lines]
 
     assert without_time("lab") == without_time("core") and len(without_time("lab")) == 6
+    # Stopped at its first judged point: the weights and log of the first 3 steps.
+    common.train_policy(cfg, CPU, seed=7, tag="stopped", judge_every=3,
+                        judge=lambda step, policy: False)
+    stopped = torch.load(reference / "stopped.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(tensor, seen[3][name]) for name, tensor in stopped.items())
+    assert not all(torch.equal(tensor, seen[6][name]) for name, tensor in stopped.items())
+    assert without_time("stopped") == without_time("core")[:3]
 
 
 def test_loop_memory_sees_a_tensor_allocated_inside_and_not_one_from_before():
@@ -286,6 +299,32 @@ def test_bench_reports_every_method_and_the_ratios(tiny_run, tmp_path, capsys, m
 
 
 @pytest.mark.slow
+def test_a_sweep_run_stops_at_its_first_point_below_the_floor(tiny_run, tmp_path, monkeypatch):
+    """sweep_run stops training at the first judged point below the validity floor: its last
+    point and its saved policy are that step's; a rerun reads it back; a run saved whole is read
+    as if it had stopped. The tiny reference has no valid text to lose, so the floor here is a
+    stand-in: step 2 and on."""
+    reference = tiny_reference(tiny_run, tmp_path)
+    argv = tiny_run[1] + QUICK_JUDGE + ["--out_dir", str(reference), "--pref_steps", "3"]
+    cfg = config.parse_args(argv)  # judged every step, to step 6
+    monkeypatch.setattr(sweep, "fell_below_floor", lambda point, reference: point["step"] >= 2)
+    stopped = sweep.sweep_run(cfg, CPU, {}, "FPO", {"method": "fpo", "pref_lr": 1e-3})
+    assert [point["step"] for point in stopped["points"]] == [1, 2]
+    tag = stopped["tag"]
+    assert len((reference / f"{tag}_log.jsonl").read_text().splitlines()) == 2
+    evaluated = train.evaluate_policy(cfg, CPU, cfg.run.seed, tag)  # the policy at step 2
+    assert stopped["points"][-1]["judge_score"] == evaluated["policy"]["judge_score"]
+    monkeypatch.setattr(sweep, "fell_below_floor", lambda point, reference: False)
+    whole = sweep.sweep_run(cfg, CPU, {}, "FPO", {"method": "fpo", "pref_lr": 2e-3})
+    assert [point["step"] for point in whole["points"]] == [1, 2, 3, 4, 5, 6]
+    monkeypatch.setattr(train, "preference_models", fail_if_called("a saved run was trained"))
+    assert sweep.sweep_run(cfg, CPU, {}, "FPO", {"method": "fpo", "pref_lr": 1e-3}) == stopped
+    monkeypatch.setattr(sweep, "fell_below_floor", lambda point, reference: point["step"] >= 3)
+    read_back = sweep.sweep_run(cfg, CPU, {}, "FPO", {"method": "fpo", "pref_lr": 2e-3})
+    assert read_back["points"] == whole["points"][:3]
+
+
+@pytest.mark.slow
 def test_sweep_picks_each_method_over_its_references_resumes_and_feeds_compare(
     tiny_run, tmp_path, monkeypatch
 ):
@@ -313,12 +352,19 @@ def test_sweep_picks_each_method_over_its_references_resumes_and_feeds_compare(
         assert pick["settings"]["pref_lr"] in (1e-3, 3e-3)
         for reference in references:
             run = read(reference / f"{pick['run']}_results.json")
-            # every third of --pref_steps, to twice it
-            assert [point["step"] for point in run["points"]] == [2, 4, 6, 8, 10, 12]
             assert run["label"] == label.replace(" at TDPO-2's KL", "")
             assert pick["validation"][reference.name.removeprefix("ref_seed")] in run["points"]
-    assert not list(out_dir.glob("ref_seed*/sweep_*_step*.pt"))  # snapshots go once judged
-    # A point is what train.evaluate_policy reports for its snapshot: the last is the saved policy.
+    # Every third of --pref_steps, to twice it, or to the first point below the validity floor
+    # (test_a_sweep_run_stops_...: these tiny references have no valid text to lose).
+    for path in out_dir.glob("ref_seed*/sweep_*_results.json"):
+        run = read(path)
+        steps = [point["step"] for point in run["points"]]
+        assert steps == [2, 4, 6, 8, 10, 12][:len(steps)]
+        below = [sweep.fell_below_floor(point, run["reference"]) for point in run["points"]]
+        assert not any(below[:-1]) and (below[-1] or len(steps) == 6), path.name
+    assert not list(out_dir.glob("ref_seed*/sweep_*_step*.pt"))  # nothing saved along the way
+    # A point is what train.evaluate_policy reports for the policy there: the last is the
+    # saved policy.
     fpo_run = picks["FPO"]["run"]
     ref_cfg = config.parse_args(argv + ["--out_dir", str(references[0]), "--seed", "1000",
                                         "--eval_split", "validation"])

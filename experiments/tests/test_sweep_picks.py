@@ -101,3 +101,27 @@ def test_the_pick_is_the_best_worst_case_not_the_best_mean():
 
     runs = {1: [run("a", 0.95), run("b", 0.70)], 2: [run("a", 0.60), run("b", 0.70)]}
     assert sweep.pick_setting(runs, reference_valid={1: 1.0, 2: 1.0})["run"] == "b"
+
+
+def test_a_run_ends_at_its_first_point_below_the_floor_and_a_pick_needs_every_reference():
+    """The sweep stops a run at its first point below VALIDITY_FLOOR x its reference's valid rate
+    and reads a run saved whole the same way (fluent_points); a (setting, length) one reference
+    never reached cannot be picked, however well it does on the others."""
+    points = [{"step": step, "valid_rate": valid, "judge_score": 0.5}
+              for step, valid in ((50, 0.95), (100, 0.85), (150, 0.97))]
+    # The floor is 0.9 x 1.0: step 100 is the first below it; step 150 recovers, too late.
+    assert sweep.fluent_points(points, {"valid_rate": 1.0}) == points[:2]
+    # 0.9 x 0.9 = 0.81: every point is fluent.
+    assert sweep.fluent_points(points, {"valid_rate": 0.9}) == points
+
+    def run(tag, *points):
+        return {"tag": tag, "overrides": {"pref_lr": 1e-4},
+                "points": [{"step": s, "judge_score": j, "valid_rate": v} for s, j, v in points]}
+
+    runs = {1: [run("a", (50, 0.60, 1.0), (100, 0.99, 1.0)),
+                run("b", (50, 0.70, 1.0), (100, 0.80, 1.0))],
+            2: [run("a", (50, 0.60, 0.5)),  # stopped here
+                run("b", (50, 0.70, 1.0), (100, 0.75, 1.0))]}
+    pick = sweep.pick_setting(runs, reference_valid={1: 1.0, 2: 1.0})
+    assert pick["run"] == "b" and pick["settings"]["pref_steps"] == 100
+    assert [c["run"] for c in sweep.grid_points(runs)] == ["a", "b", "b"]
