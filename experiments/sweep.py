@@ -182,9 +182,9 @@ def sweep_run(ref_cfg: Config, device, made_from: dict, label: str, overrides: d
         points.append(point)
         judged_reference.update(results["reference"])
         if fell_below_floor(point, judged_reference):
-            print(f"sweep: {tag} stopped at step {step}: valid rate {point['valid_rate']:.3f}, "
-                  f"below {VALIDITY_FLOOR} x the reference's {judged_reference['valid_rate']:.3f}",
-                  flush=True)
+            print(f"sweep: {tag} fell below the validity floor at step {step} (valid rate "
+                  f"{point['valid_rate']:.3f}, the reference's {judged_reference['valid_rate']:.3f}"
+                  f" x {VALIDITY_FLOOR}): no later step is trained", flush=True)
             return False
         return True
 
