@@ -6,9 +6,9 @@ docs/cost.md tabulates.
 
 Each part is the time spent inside its functions, less what they spend in other parts (the
 sweep's judging runs inside its training loop), in seconds and as a share of the whole; "the
-rest" is start-up, imports, loading and checks. Runs in --workers
-processes or in child processes are not seen by the parent's profile: profile with --workers 1,
-and read --compare's training as "runs in child processes".
+rest" is start-up, imports, loading and checks. Runs in --workers processes or in child
+processes are not seen by the parent's profile: profile with --workers 1, and read --compare's
+training as "runs in child processes".
 """
 
 import pstats

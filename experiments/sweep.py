@@ -94,10 +94,10 @@ def sweep(cfg: Config, device) -> None:
     """On each of --sweep_references references (whole pipelines of their own seeds, none of
     --compare's), train every method at each setting of its grid for twice --pref_steps and judge
     the validation prompts every third of --pref_steps, stopping a run at its first point below
-    the validity floor. Pick per method the (setting, length)
-    by the robust rule of pick_setting. Finished runs made from the same inputs are skipped on a
-    rerun. Writes sweep_picks.json (what --compare runs, with the recipe it was tuned for),
-    sweep.md and three SVGs."""
+    the validity floor. Pick per method the (setting, length) by the robust rule of
+    pick_setting. Finished runs made from the same inputs are skipped on a rerun. Writes
+    sweep_picks.json (what --compare runs, with the recipe it was tuned for), sweep.md and three
+    SVGs."""
     out = Path(cfg.run.out_dir)
     every = judged_every(cfg.prefer.pref_steps)
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, eval_split="validation"))

@@ -34,7 +34,6 @@ def test_the_parts_add_up_to_the_profile_and_sampling_is_found(tmp_path):
     assert all(seconds[part] == 0 for part in others)
 
 
-
 @pytest.mark.slow
 def test_judging_inside_the_training_loop_counts_as_sampling_not_training(tiny_run, tmp_path):
     """The sweep judges inside train_policy's loop: that time is sampling, not training."""
