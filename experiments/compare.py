@@ -20,9 +20,9 @@ from config import METHODS, Config, PreferenceConfig, check_config, stage_settin
 from evaluate import encode_prompts, judge_stats, sample_responses, win_rate
 from experiments import figures, report
 from experiments.common import (
-    COMPARE_RESUME, compare_tag, frozen_reference, policy_unlike,
-    read_compare, reference_kept, reference_run, reference_samples,
-    references_and_runs, row_differences, saved_run, train_in_child, with_method, write_outputs,
+    COMPARE_RESUME, RERUN, compare_tag, frozen_reference, policy_unlike, read_compare,
+    reference_kept, reference_run, reference_samples, references_and_runs, row_differences,
+    run_all, saved_run, train_in_child, with_method, write_outputs,
 )
 from experiments.settings import LabConfig, compare_seeds
 from experiments.stats import bootstrap_mean
@@ -328,16 +328,17 @@ def head_to_head(cfg: LabConfig, device) -> None:
     temperatures = HEAD_TO_HEAD_TEMPERATURES
     print(f"\n== head to head: FPO against {', '.join(labels[1:])} at temperatures "
           f"{', '.join(map(str, temperatures))}, on {len(seeds)} references ==")
-    scores = {}  # (seed, temperature): {label: the judge's score per test prompt}
     started = time.time()
+    tasks = []  # one per reference and temperature, side by side with --workers
     for seed in seeds:
         ref_cfg = reference_run(cfg, seed, device, made_by=COMPARE_RESUME)
         rows = {row["label"]: row["made_from"] for row in compare_json["rows"]
                 if row["seed"] == seed}
-        for temperature in temperatures:
-            print(f"head to head: seed {seed}, temperature {temperature} | "
-                  f"{time.time() - started:.0f}s", flush=True)
-            scores[seed, temperature] = judged_scores(ref_cfg, device, rows, temperature)
+        tasks += [(f"head to head: seed {seed}, temperature {temperature}", judged_scores,
+                   ref_cfg, device, rows, temperature) for temperature in temperatures]
+    judged = run_all(cfg, tasks, RERUN)
+    # (seed, temperature): {label: the judge's score per test prompt}
+    scores = dict(zip([(seed, t) for seed in seeds for t in temperatures], judged, strict=True))
     results = head_to_head_rates(scores, labels[1:], seeds, temperatures)
     n_prompts = len(scores[seeds[0], temperatures[0]]["FPO"])
     table = report.head_to_head_table(results, temperatures, seeds, n_prompts)
@@ -377,6 +378,7 @@ def judged_scores(ref_cfg: Config, device, rows: dict, temperature: float) -> di
     saved = saved_run(path, made_from)
     if saved is not None:
         return saved["scores"]
+    print(f"head to head: seed {seed}, temperature {temperature}", flush=True)
     reference, inputs = frozen_reference(ref_cfg, device)
     prompt_texts, _ = train.held_out_prompts(ref_cfg, inputs)
     prompts = encode_prompts(prompt_texts, inputs.enc, reference.config.block_size)

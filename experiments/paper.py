@@ -429,25 +429,29 @@ def bound(cfg: LabConfig, device) -> None:
     labels = list(compare_json["settings"])
     seeds = sorted({row["seed"] for row in compare_json["rows"]})
     print(f"\n== bound: {len(labels)} policies on {len(seeds)} references ==")
-    terms = {label: [] for label in labels}  # label: per reference, bound_terms of every pair
-    constants = {}  # seed: M
-    trajectories = {}  # seed: FPO's steps, and its mean SeqKL(y) and D(y) at each
     started = time.time()
+    tasks = []  # per reference: the policies' terms, and FPO trained once more; --workers
     for seed in seeds:
         # the compare's settings (k, batch size, ...), not this command line's
         ref_cfg = with_method(reference_run(cfg, seed, device, made_by=COMPARE_RESUME),
                               compare_settings(compare_json, seed, "FPO"))
-        reference, inputs = frozen_reference(ref_cfg, device)
+        tasks += [
+            (f"bound: {len(labels)} policies on reference {seed}", policies_bound_terms,
+             ref_cfg, device, labels),
+            (f"bound: FPO trained once more on reference {seed}", fpo_trajectory, ref_cfg,
+             device, compare_json["settings"]["FPO"]),
+        ]
+    results = run_all(cfg, tasks, RERUN)
+    terms = {label: [] for label in labels}  # label: per reference, bound_terms of every pair
+    constants = {}  # seed: M
+    trajectories = {}  # seed: FPO's steps, and its mean SeqKL(y) and D(y) at each
+    for seed, (by_label, constant), trajectory in zip(
+        seeds, results[::2], results[1::2], strict=True
+    ):
         for label in labels:
-            print(f"bound: seed {seed}, {label} | {time.time() - started:.0f}s", flush=True)
-            tag = compare_tag(label, seed)
-            policy, _ = load_policy(ref_cfg, tag, reference, inputs.made_from, device)
-            terms[label].append(held_out_bound_terms(policy, reference, inputs, ref_cfg, device))
-        sigma = min(t[-1]["sigma"].min().item() for t in terms.values())
-        constants[seed] = bound_constant(reference, inputs.sae, sigma)
-        trajectories[seed] = fpo_trajectory(
-            ref_cfg, device, compare_json["settings"]["FPO"], reference, inputs
-        )
+            terms[label].append(by_label[label])
+        constants[seed] = constant
+        trajectories[seed] = trajectory
     means = {  # label: SeqKL(y) and D(y), mean over references and responses, 95% interval
         label: {name: bootstrap_mean([t[key].tolist() for t in by_seed])
                 for name, key in BOUND_MEANS.items()}
@@ -482,7 +486,21 @@ def trajectory_ranges(trajectories: dict[int, dict]) -> list[tuple[int, dict]]:
     ]
 
 
-def fpo_trajectory(ref_cfg: Config, device, settings: dict, reference, inputs) -> dict:
+def policies_bound_terms(ref_cfg: Config, device, labels: list[str]) -> tuple[dict, float]:
+    """({label: held_out_bound_terms of its compare policy}, M): one reference's part of the
+    bound, M from the smallest layer-norm scale any of its policies saw."""
+    reference, inputs = frozen_reference(ref_cfg, device)
+    terms = {}
+    for label in labels:
+        print(f"bound: seed {ref_cfg.run.seed}, {label}", flush=True)
+        tag = compare_tag(label, ref_cfg.run.seed)
+        policy, _ = load_policy(ref_cfg, tag, reference, inputs.made_from, device)
+        terms[label] = held_out_bound_terms(policy, reference, inputs, ref_cfg, device)
+    sigma = min(t["sigma"].min().item() for t in terms.values())
+    return terms, bound_constant(reference, inputs.sae, sigma)
+
+
+def fpo_trajectory(ref_cfg: Config, device, settings: dict) -> dict:
     """FPO trained at `settings` once more, judged by its mean SeqKL(y) and D(y) on the held-out
     responses at every fifth of its steps (the analogue of the paper's Fig. 4-right):
     {"step": [...], "sequence_kl": [...], "feature_mse": [...]}; read back from
@@ -497,6 +515,7 @@ def fpo_trajectory(ref_cfg: Config, device, settings: dict, reference, inputs) -
     saved = saved_run(out / f"{tag}.json", made_from, needs=TRAJECTORY_KEYS)
     if saved is not None:
         return {key: saved[key] for key in TRAJECTORY_KEYS}
+    reference, inputs = frozen_reference(ref_cfg, device)
     trajectory = {key: [] for key in TRAJECTORY_KEYS}
 
     def measure(step: int, policy) -> bool:

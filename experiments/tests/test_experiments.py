@@ -266,6 +266,15 @@ def test_head_to_head_and_bound_read_the_compare_policies(tiny_run, tmp_path, mo
     monkeypatch.setattr(train, "preference_models", fail_if_called("bound trained again"))
     main(argv + ["--bound"])
     assert (tmp_path / "bound.md").read_text() == bound
+    # Two workers (references and temperatures side by side) write the same tables.
+    monkeypatch.undo()
+    for made in [*(tmp_path / "ref_seed1337").glob("head_to_head_t*.json"),
+                 tmp_path / "ref_seed1337" / "bound_fpo_trajectory.json"]:
+        made.unlink()
+    main(argv + ["--head_to_head", "--workers", "2"])
+    assert (tmp_path / "head_to_head.md").read_text() == table
+    main(argv + ["--bound", "--workers", "2"])
+    assert (tmp_path / "bound.md").read_text() == bound
 
 
 @pytest.mark.slow
