@@ -151,6 +151,15 @@ def test_every_page_the_readme_links_exists():
         assert (README.parent / target).exists(), target
 
 
+def test_the_file_list_names_every_top_level_python_file_and_nothing_else():
+    listing = README.read_text().split("## The files\n")[1].split("```")[1]
+    listed = {line.split()[0] for line in listing.splitlines() if line.strip()}
+    on_disk = {path.name for path in README.parent.glob("*.py")}
+    assert {name for name in listed if name.endswith(".py")} == on_disk
+    for name in listed - on_disk:  # folders, without the trailing slash the list gives some
+        assert (README.parent / name.rstrip("/")).is_dir(), name
+
+
 @pytest.mark.slow
 def test_train_py_answers_help():
     done = run_script("train.py", "--help")
