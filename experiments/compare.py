@@ -329,16 +329,16 @@ def head_to_head(cfg: LabConfig, device) -> None:
     print(f"\n== head to head: FPO against {', '.join(labels[1:])} at temperatures "
           f"{', '.join(map(str, temperatures))}, on {len(seeds)} references ==")
     started = time.time()
-    tasks = []  # one per reference and temperature, side by side with --workers
+    tasks = {}  # (seed, temperature): its task, side by side with --workers
     for seed in seeds:
         ref_cfg = reference_run(cfg, seed, device, made_by=COMPARE_RESUME)
         rows = {row["label"]: row["made_from"] for row in compare_json["rows"]
                 if row["seed"] == seed}
-        tasks += [(f"head to head: seed {seed}, temperature {temperature}", judged_scores,
-                   ref_cfg, device, rows, temperature) for temperature in temperatures]
-    judged = run_all(cfg, tasks, RERUN)
+        for temperature in temperatures:
+            tasks[seed, temperature] = (f"head to head: seed {seed}, temperature {temperature}",
+                                        judged_scores, ref_cfg, device, rows, temperature)
     # (seed, temperature): {label: the judge's score per test prompt}
-    scores = dict(zip([(seed, t) for seed in seeds for t in temperatures], judged, strict=True))
+    scores = dict(zip(tasks, run_all(cfg, list(tasks.values()), RERUN), strict=True))
     results = head_to_head_rates(scores, labels[1:], seeds, temperatures)
     n_prompts = len(scores[seeds[0], temperatures[0]]["FPO"])
     table = report.head_to_head_table(results, temperatures, seeds, n_prompts)

@@ -430,28 +430,22 @@ def bound(cfg: LabConfig, device) -> None:
     seeds = sorted({row["seed"] for row in compare_json["rows"]})
     print(f"\n== bound: {len(labels)} policies on {len(seeds)} references ==")
     started = time.time()
-    tasks = []  # per reference: the policies' terms, and FPO trained once more; --workers
+    tasks = {}  # (seed, part): per reference, the policies' terms and FPO trained once more
     for seed in seeds:
         # the compare's settings (k, batch size, ...), not this command line's
         ref_cfg = with_method(reference_run(cfg, seed, device, made_by=COMPARE_RESUME),
                               compare_settings(compare_json, seed, "FPO"))
-        tasks += [
-            (f"bound: {len(labels)} policies on reference {seed}", policies_bound_terms,
-             ref_cfg, device, labels),
-            (f"bound: FPO trained once more on reference {seed}", fpo_trajectory, ref_cfg,
-             device, compare_json["settings"]["FPO"]),
-        ]
-    results = run_all(cfg, tasks, RERUN)
-    terms = {label: [] for label in labels}  # label: per reference, bound_terms of every pair
-    constants = {}  # seed: M
-    trajectories = {}  # seed: FPO's steps, and its mean SeqKL(y) and D(y) at each
-    for seed, (by_label, constant), trajectory in zip(
-        seeds, results[::2], results[1::2], strict=True
-    ):
-        for label in labels:
-            terms[label].append(by_label[label])
-        constants[seed] = constant
-        trajectories[seed] = trajectory
+        tasks[seed, "terms"] = (f"bound: {len(labels)} policies on reference {seed}",
+                                policies_bound_terms, ref_cfg, device, labels)
+        tasks[seed, "trajectory"] = (f"bound: FPO trained once more on reference {seed}",
+                                     fpo_trajectory, ref_cfg, device,
+                                     compare_json["settings"]["FPO"])
+    results = dict(zip(tasks, run_all(cfg, list(tasks.values()), RERUN), strict=True))
+    # label: per reference, bound_terms of every pair
+    terms = {label: [results[seed, "terms"][0][label] for seed in seeds] for label in labels}
+    constants = {seed: results[seed, "terms"][1] for seed in seeds}  # seed: M
+    # seed: FPO's steps, and its mean SeqKL(y) and D(y) at each
+    trajectories = {seed: results[seed, "trajectory"] for seed in seeds}
     means = {  # label: SeqKL(y) and D(y), mean over references and responses, 95% interval
         label: {name: bootstrap_mean([t[key].tolist() for t in by_seed])
                 for name, key in BOUND_MEANS.items()}

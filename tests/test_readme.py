@@ -156,7 +156,7 @@ def test_the_file_list_names_every_top_level_python_file_and_nothing_else():
     listed = {line.split()[0] for line in listing.splitlines() if line.strip()}
     on_disk = {path.name for path in README.parent.glob("*.py")}
     assert {name for name in listed if name.endswith(".py")} == on_disk
-    for name in listed - on_disk:  # folders, without the trailing slash the list gives some
+    for name in listed - on_disk:  # the rest are folders (some listed with a trailing /)
         assert (README.parent / name.rstrip("/")).is_dir(), name
 
 
